@@ -1,0 +1,150 @@
+"""Attention over the KV arena: the per-step metadata, the backend interface, the torch reference.
+
+The model calls ``backend.forward(layer, q, k, v, meta)`` once per layer per step. That one call
+writes the step's new K/V into the arena at ``meta.slot_mapping`` and returns causal attention of
+every new query token over its request's whole history (earlier chunks included). The batch is
+ragged: tokens of all requests are flattened, ``cu_seqlens_q`` marks where each request starts.
+The torch reference below is the CPU path and the oracle for the CUDA kernel (gpu/cuda_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from gpu.arena import KVArena
+
+
+@dataclass(frozen=True)
+class AttnMetadata:
+    """Where each request of the step sits, on the device and (for cheap loops) on the host.
+
+    B requests, T = sum(q_lens) new tokens. Request i owns tokens
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``, whose positions are ``seq_lens[i]-q_len_i .. seq_lens[i]-1``.
+    Its block table is ``block_tables[cu_blocks[i]:cu_blocks[i+1]]`` (flattened, no padding).
+    """
+
+    cu_seqlens_q: torch.Tensor  # (B+1,) int32, device
+    seq_lens: torch.Tensor  # (B,) int32, device: context length including this step's tokens
+    cu_blocks: torch.Tensor  # (B+1,) int32, device
+    block_tables: torch.Tensor  # (sum blocks,) int32, device
+    slot_mapping: torch.Tensor  # (T,) int64, device: arena slot of each new token
+    max_q_len: int
+    max_seq_len: int
+    q_lens_host: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
+    block_tables_host: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.q_lens_host))
+
+
+def build_metadata(
+    q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int, device
+) -> AttnMetadata:
+    """Build the step's metadata from host lists (one host-to-device copy per tensor)."""
+    assert len(q_lens) == len(seq_lens) == len(block_tables)
+    cu_q = [0]
+    cu_b = [0]
+    flat_blocks: list[int] = []
+    slots: list[int] = []
+    for q_len, seq_len, table in zip(q_lens, seq_lens, block_tables, strict=True):
+        assert 1 <= q_len <= seq_len <= len(table) * block_size, (q_len, seq_len, len(table))
+        cu_q.append(cu_q[-1] + q_len)
+        flat_blocks.extend(table)
+        cu_b.append(len(flat_blocks))
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+
+    def i32(x):
+        return torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)
+
+    return AttnMetadata(
+        cu_seqlens_q=i32(cu_q),
+        seq_lens=i32(seq_lens),
+        cu_blocks=i32(cu_b),
+        block_tables=i32(flat_blocks),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+        max_q_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        q_lens_host=tuple(q_lens),
+        seq_lens_host=tuple(seq_lens),
+        block_tables_host=tuple(tuple(t) for t in block_tables),
+    )
+
+
+class AttentionBackend(Protocol):
+    """One call per layer per step: write new K/V into the arena, attend over the history."""
+
+    name: str
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
+        """q: (T, Hq, D); k, v: (T, Hkv, D) of the new tokens. Returns (T, Hq, D), q's dtype."""
+        ...
+
+
+def write_kv(arena: KVArena, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter the step's new K/V (T, Hkv, D) into the arena slots of `layer`."""
+    k_cache, v_cache = arena.layer(layer)
+    bs = arena.block_size
+    blk = torch.div(slot_mapping, bs, rounding_mode="floor")
+    off = slot_mapping % bs
+    k_cache[blk, :, off] = k.to(k_cache.dtype)  # advanced indices around a slice: (T, Hkv, D)
+    v_cache[blk, :, off] = v.to(v_cache.dtype)
+
+
+def gather_history(arena: KVArena, layer: int, table, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (Hkv, seq_len, D) K and V of one request, read through its block table."""
+    k_cache, v_cache = arena.layer(layer)
+    idx = torch.as_tensor(table, dtype=torch.long, device=k_cache.device)
+    hkv, bs, d = k_cache.shape[1:]
+    k = k_cache[idx].permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :seq_len]
+    v = v_cache[idx].permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :seq_len]
+    return k, v
+
+
+def reference_attention(
+    q: torch.Tensor, k_hist: torch.Tensor, v_hist: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of q (q_len, Hq, D) over dense history (Hkv, S, D); the last q_len
+    history positions are the queries' own. Computed in float32 at least; returns (q_len, Hq, D)."""
+    q_len, hq, d = q.shape
+    hkv, s, _ = k_hist.shape
+    group = hq // hkv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc).permute(1, 0, 2).reshape(hkv, group * q_len, d)  # (Hkv, G*q_len, D)
+    scores = qf @ k_hist.to(acc).transpose(1, 2) * scale  # (Hkv, G*q_len, S)
+    q_pos = torch.arange(s - q_len, s, device=q.device).repeat(group)  # (G*q_len,)
+    mask = torch.arange(s, device=q.device)[None, :] > q_pos[:, None]
+    scores.masked_fill_(mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v_hist.to(acc)  # (Hkv, G*q_len, D)
+    return out.reshape(hq, q_len, d).permute(1, 0, 2).to(q.dtype)
+
+
+class TorchAttention:
+    """Reference backend: scatter K/V, then per request gather its blocks and attend densely."""
+
+    name = "torch"
+
+    def __init__(self, arena: KVArena, scale: float) -> None:
+        self.arena = arena
+        self.scale = scale
+
+    def forward(self, layer, q, k, v, meta: AttnMetadata) -> torch.Tensor:
+        write_kv(self.arena, layer, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        start = 0
+        for q_len, seq_len, table in zip(meta.q_lens_host, meta.seq_lens_host, meta.block_tables_host, strict=True):
+            k_hist, v_hist = gather_history(self.arena, layer, table, seq_len)
+            out[start : start + q_len] = reference_attention(q[start : start + q_len], k_hist, v_hist, self.scale)
+            start += q_len
+        return out

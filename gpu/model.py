@@ -1,0 +1,160 @@
+"""The attention-bearing forward pass of the Llama family (llama, mistral, qwen2, qwen3) in torch.
+
+Works on a ragged, flattened batch of T tokens from many requests; attention goes through an
+`AttentionBackend` over the KV arena. Weights use Hugging Face names and are fused at load time
+(q|k|v in one GEMM, gate|up in one GEMM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpu.attention import AttentionBackend, AttnMetadata
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts the forward pass needs, read from a Hugging Face config."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    max_position: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelSpec:
+        arch = config.model_type
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            arch=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            rms_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            max_position=config.max_position_embeddings,
+        )
+
+
+def rope_tables(config, max_position: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_position, head_dim), float32, from transformers' own rotary class,
+    so every rope_type it knows (default, llama3, yarn, ...) is computed the way HF computes it."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(config=config).to(device)
+    positions = torch.arange(max_position, device=device)[None]
+    cos, sin = rotary(torch.zeros((), dtype=torch.float32, device=device), positions)
+    return cos[0].float(), sin[0].float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as HF: normalise in float32, cast back, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D); cos/sin: (T, D) already gathered at each token's position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Transformer:
+    """Fused weights on one device plus the forward pass; holds no per-request state."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], hf_config, device, dtype) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+
+        def take(name: str) -> torch.Tensor:
+            if name not in w:
+                raise ValueError(f"weight {name!r} missing from the checkpoint")
+            return w.pop(name)
+
+        self.embed = take("model.embed_tokens.weight")  # (V, H)
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            layer = {
+                "ln1": take(p + "input_layernorm.weight"),
+                "ln2": take(p + "post_attention_layernorm.weight"),
+                # (Hq*D + 2*Hkv*D, H): one GEMM yields q, k and v
+                "qkv": torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                "o": take(p + "self_attn.o_proj.weight"),
+                # (2*I, H): one GEMM yields gate and up
+                "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                "down": take(p + "mlp.down_proj.weight"),
+            }
+            if spec.qkv_bias:
+                layer["qkv_bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            if spec.qk_norm:
+                layer["q_norm"] = take(p + "self_attn.q_norm.weight")
+                layer["k_norm"] = take(p + "self_attn.k_norm.weight")
+            self.layers.append(layer)
+        self.norm = take("model.norm.weight")
+        lm_head = w.pop("lm_head.weight", None)
+        self.lm_head = self.embed if spec.tie_word_embeddings or lm_head is None else lm_head
+        self.cos, self.sin = rope_tables(hf_config, spec.max_position, device)
+        self.scale = spec.head_dim**-0.5
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttnMetadata,
+        backend: AttentionBackend,
+        logit_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions: (T,); logit_rows: (S,) indices into T. Returns logits (S, V) float32."""
+        s = self.spec
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        cos = self.cos[positions].to(self.dtype)  # (T, D)
+        sin = self.sin[positions].to(self.dtype)
+        x = self.embed[input_ids]  # (T, H)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer["ln1"], s.rms_eps)
+            qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # (T, q_size + 2*kv_size)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(-1, s.num_heads, s.head_dim)  # (T, Hq, D)
+            k = k.view(-1, s.num_kv_heads, s.head_dim)  # (T, Hkv, D)
+            v = v.reshape(-1, s.num_kv_heads, s.head_dim)
+            if s.qk_norm:
+                q = rms_norm(q, layer["q_norm"], s.rms_eps)
+                k = rms_norm(k, layer["k_norm"], s.rms_eps)
+            q = apply_rope(q, cos, sin).contiguous()
+            k = apply_rope(k, cos, sin).contiguous()
+            attn = backend.forward(i, q, k, v.contiguous(), meta)  # (T, Hq, D)
+            x = x + F.linear(attn.reshape(-1, q_size), layer["o"])
+            h = rms_norm(x, layer["ln2"], s.rms_eps)
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        x = rms_norm(x[logit_rows], self.norm, s.rms_eps)  # only rows that sample
+        return F.linear(x, self.lm_head).float()  # (S, V)

@@ -1,0 +1,69 @@
+"""The model runner: turns one step's ragged batch into a forward pass and sampled tokens.
+
+Owns the model, the KV arena and the attention backend. Called from one worker thread at a time
+(the engine's step loop); it holds no per-request state between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu.arena import ArenaShape, KVArena
+from gpu.attention import TorchAttention, build_metadata
+from gpu.model import Transformer
+from gpu.sampler import SampleSpec, sample
+
+
+@dataclass(frozen=True)
+class SeqInput:
+    """One request's slice of a step: tokens at positions start_pos.. and its whole block table."""
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: SampleSpec | None  # None: a prefill chunk that does not reach the prompt's end
+
+
+def make_backend(name: str, arena: KVArena, scale: float):
+    if name == "torch":
+        return TorchAttention(arena, scale)
+    if name == "cuda":
+        from gpu.cuda_attention import CudaAttention  # needs CuPy; imported only on CUDA
+
+        return CudaAttention(arena, scale)
+    raise ValueError(f"unknown attention backend {name!r}; use 'torch' or 'cuda'")
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, attention: str) -> None:
+        s = model.spec
+        self.model = model
+        self.device = model.device
+        shape = ArenaShape(s.num_layers, num_blocks, s.num_kv_heads, block_size, s.head_dim)
+        self.arena = KVArena(shape, model.dtype, model.device)
+        self.backend = make_backend(attention, self.arena, model.scale)
+
+    def step(self, seqs: list[SeqInput]) -> list[int | None]:
+        """Run one forward pass over all `seqs`; return a sampled id per seq that samples."""
+        ids: list[int] = []
+        positions: list[int] = []
+        q_lens, seq_lens, rows, specs = [], [], [], []
+        for s in seqs:
+            ids += s.token_ids
+            positions += range(s.start_pos, s.start_pos + len(s.token_ids))
+            q_lens.append(len(s.token_ids))
+            seq_lens.append(s.start_pos + len(s.token_ids))
+            if s.sample is not None:
+                rows.append(len(ids) - 1)  # logits only at the request's last position
+                specs.append(s.sample)
+        dev = self.device
+        meta = build_metadata(q_lens, seq_lens, [s.block_table for s in seqs], self.arena.block_size, dev)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        row_idx = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+        logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx)
+        sampled = sample(logits, specs).tolist() if specs else []  # sync point: the step's one D2H copy
+        it = iter(sampled)
+        return [next(it) if s.sample is not None else None for s in seqs]

@@ -1,0 +1,33 @@
+"""Engine configuration: one frozen dataclass, validated on construction; argparse lives in __main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"  # "smollm2", a local HF folder, or "random:NAME"
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None: cuda if available, else cpu
+    attention: str | None = None  # None: "cuda" kernel on CUDA, "torch" reference on CPU
+    kv_memory: float = 0.5  # GiB if > 1, else the fraction of free device memory (CPU: of 4 GiB)
+    block_size: int = 16
+    max_batch_tokens: int = 512  # token budget of one step
+    max_running: int = 64  # cap on sequences in one step
+    max_waiting: int = 1024  # bounded inbox + waiting queue; beyond it submit() says "overloaded"
+    seed: int = 0  # seed of random:NAME weights
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must be given")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.attention not in (None, "torch", "cuda"):
+            raise ValueError(f"attention must be 'torch' or 'cuda', got {self.attention!r}")
+        if not self.kv_memory > 0:
+            raise ValueError("kv_memory must be > 0")
+        if self.block_size not in (8, 16, 32, 64, 128, 256):
+            raise ValueError("block_size must be one of 8, 16, 32, 64, 128, 256")
+        if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_waiting < 1:
+            raise ValueError("max_batch_tokens, max_running and max_waiting must be >= 1")

@@ -1,0 +1,345 @@
+"""The engine: request tasks meet the one step loop through channels.
+
+`open_engine(config)` loads the model, sizes the KV arena and starts the step loop in a nursery
+it owns. The step loop is the only code that touches the scheduler, the allocator and request
+state; each request's task holds just the two ends of its channels. The model step runs in a
+worker thread so websockets keep flowing while the device computes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence as SeqType
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+import torch
+import trio
+
+from gpu.models import LoadedModel, load_model
+from gpu.runner import ModelRunner, SeqInput
+from gpu.sampler import SampleSpec
+from streamer.allocator import AllocatorStats, BlockAllocator
+from streamer.config import EngineConfig
+from streamer.detok import Detokenizer
+from streamer.scheduler import Scheduler, Sequence, StepPlan
+from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent
+
+log = structlog.get_logger("streamer")
+CPU_KV_BASE_GIB = 4.0  # on the CPU a fractional --kv-memory is a fraction of this
+
+
+@dataclass(eq=False)
+class Request:
+    """What the step loop keeps per request beside the scheduler's `Sequence`."""
+
+    seq: Sequence
+    params: SamplingParams
+    outbox: trio.MemorySendChannel
+    detok: Detokenizer
+    t_arrival: float
+    label: str  # the client's id, for logs
+    t_scheduled: float | None = None
+    t_first: float | None = None
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request: Request
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    steps: int
+    kv: AllocatorStats
+
+
+class Generation:
+    """A request's stream of events. Use as ``async with gen: async for ev in gen``."""
+
+    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int, events: trio.MemoryReceiveChannel):
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._events = events
+        self._done = False
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        # The engine notices the closed channel and aborts the request, freeing its blocks.
+        self._events.close()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> TokenEvent | FinishEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._events.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if isinstance(event, FinishEvent):
+            self._done = True
+        return event
+
+    async def cancel(self) -> None:
+        """Ask the step loop to end this request; the stream then ends with 'cancelled'."""
+        await self.engine._inbox_send.send(_Cancel(self.request_id))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, runner: ModelRunner, num_blocks: int) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.max_context = loaded.model.spec.max_position
+        self.runner = runner
+        self.block_size = config.block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_tokens, config.max_running)
+        self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
+        self._requests: dict[str, Request] = {}  # owned by the step loop
+        self._limiter = trio.CapacityLimiter(1)
+        self._steps = 0
+        self._closing = False
+
+    # --- request side (any task) ---------------------------------------------------------------
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("invalid_request", "messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RequestError("invalid_request", "each message needs a string 'role' and 'content'")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as exc:  # a template that rejects the roles, say
+            raise RequestError("invalid_request", f"chat template failed: {exc}") from None
+        return list(ids)
+
+    def submit(self, prompt_ids: SeqType[int], params: SamplingParams, request_id: str | None = None) -> Generation:
+        """Queue a request; raises RequestError when it cannot be served."""
+        if self._closing:
+            raise RequestError("shutting_down", "the server is shutting down")
+        ids = list(prompt_ids)
+        if not ids:
+            raise RequestError("invalid_request", "the prompt is empty")
+        vocab = self.loaded.model.spec.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError("invalid_request", f"token ids must be integers in [0, {vocab})")
+        capacity = min(self.max_context, self.allocator.num_blocks * self.block_size)
+        if len(ids) >= capacity:
+            raise RequestError(
+                "prompt_too_long",
+                f"prompt has {len(ids)} tokens; this server takes at most {capacity - 1} "
+                f"(context {self.max_context}, KV arena {self.allocator.num_blocks * self.block_size} tokens)",
+            )
+        key = uuid.uuid4().hex  # engine-wide unique; clients' ids may repeat across connections
+        # Room for every event of the generation: the engine's send_nowait never blocks or drops.
+        max_tokens = min(params.max_tokens, capacity - len(ids))
+        send, recv = trio.open_memory_channel(max_tokens + 1)
+        seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids)
+        request = Request(seq, params, send, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
+                          request_id or key)
+        try:
+            self._inbox_send.send_nowait(_Submit(request))
+        except trio.WouldBlock:
+            raise RequestError("overloaded", "too many requests are waiting; try again later") from None
+        return Generation(self, key, len(ids), recv)
+
+    def generate(self, prompt: str | SeqType[int], params: SamplingParams | None = None, request_id=None):
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        return self.submit(ids, params or SamplingParams(), request_id)
+
+    def kv_statistics(self) -> AllocatorStats:
+        return self.allocator.statistics()
+
+    def statistics(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self._steps, self.allocator.statistics())
+
+    # --- the step loop (one task) --------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                self._handle(await self._inbox.receive())  # block when idle
+            while True:  # drain when busy
+                try:
+                    self._handle(self._inbox.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            self._reap_departed()
+            plan = self.scheduler.schedule()
+            if not plan.chunks:
+                await trio.sleep(0)
+                continue
+            await self._step(plan)
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, _Submit):
+            req = msg.request
+            self._requests[req.seq.request_id] = req
+            self.scheduler.add(req.seq)
+        elif isinstance(msg, _Cancel):
+            if msg.request_id in self._requests:
+                self._end(msg.request_id, "cancelled")
+
+    def _reap_departed(self) -> None:
+        """A request whose reader is gone (client left) is aborted and its blocks freed."""
+        for rid, req in list(self._requests.items()):
+            if req.outbox.statistics().open_receive_channels == 0:
+                self._end(rid, "cancelled")
+
+    async def _step(self, plan: StepPlan) -> None:
+        now = time.monotonic()
+        inputs = []
+        for c in plan.chunks:
+            req = self._requests[c.seq.request_id]
+            if req.t_scheduled is None:
+                req.t_scheduled = now
+            spec = None
+            if c.sample:
+                p = req.params
+                spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(c.seq.output_ids))
+            inputs.append(SeqInput(c.seq.token_ids(c.start, c.start + c.length), c.start, list(c.seq.block_table), spec))
+        try:
+            # Not abandoned on cancel: the arena is never left half-written.
+            sampled = await trio.to_thread.run_sync(self.runner.step, inputs, limiter=self._limiter)
+        except Exception as exc:
+            log.exception("step_failed", tokens=plan.num_tokens, requests=[c.seq.request_id for c in plan.chunks])
+            for c in plan.chunks:
+                if c.seq.request_id in self._requests:
+                    self._end(c.seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
+            return
+        self._steps += 1
+        now = time.monotonic()
+        for out in self.scheduler.update(plan, sampled):
+            req = self._requests.get(out.seq.request_id)
+            if req is None:
+                continue
+            if req.t_first is None:
+                req.t_first = now
+            text = req.detok.add(out.token_id)
+            reason = out.finish_reason
+            if req.detok.stopped and reason is None:
+                reason = "stop"
+                self.scheduler.finish(req.seq.request_id, reason)
+            if reason:
+                text += req.detok.finish()
+            self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
+            if reason:
+                self._end(req.seq.request_id, reason)
+
+    def _send(self, req: Request, event) -> None:
+        try:
+            req.outbox.send_nowait(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reader left; _reap_departed aborts the request next step
+        except trio.WouldBlock:  # cannot happen: the channel holds the whole generation
+            raise AssertionError("request outbox overflow") from None
+
+    def _end(self, request_id: str, reason: str, error: RequestError | None = None) -> None:
+        """Finish a request: free its blocks, send its FinishEvent, log its canonical line."""
+        self.scheduler.finish(request_id, reason)
+        req = self._requests.pop(request_id)
+        self._finish_early(req, reason, error)
+
+    def _finish_early(self, req: Request, reason: str, error: RequestError | None = None) -> None:
+        now = time.monotonic()
+        n = len(req.seq.output_ids)
+        ms = lambda t: round(((t or now) - req.t_arrival) * 1000, 3)  # noqa: E731
+        tpot = (now - req.t_first) * 1000 / (n - 1) if req.t_first and n > 1 else 0.0
+        timing = Timing(ms(req.t_scheduled), ms(req.t_first), ms(now), round(tpot, 3))
+        self._send(req, FinishEvent(reason, len(req.seq.prompt_ids), n, timing, error))
+        req.outbox.close()
+        log.info(
+            "request_finished", request_id=req.label, prompt_tokens=len(req.seq.prompt_ids),
+            completion_tokens=n, queue_ms=timing.queue_ms, ttft_ms=timing.ttft_ms, tpot_ms=timing.tpot_ms,
+            finish_reason=reason, preemptions=req.seq.num_preemptions, **({"error": error.code} if error else {}),
+        )
+
+    def _close_all(self, reason: str, error: RequestError) -> None:
+        self._closing = True
+        for rid in list(self._requests):
+            self._end(rid, reason, error)
+
+
+def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    attention = config.attention or ("cuda" if device.type == "cuda" else "torch")
+    if attention == "cuda" and device.type != "cuda":
+        raise ValueError("the cuda attention backend needs --device cuda")
+    return device, getattr(torch, dtype_name), attention
+
+
+def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
+    s = loaded.model.spec
+    per_block = s.num_layers * 2 * s.num_kv_heads * config.block_size * s.head_dim * dtype.itemsize
+    if config.kv_memory > 1:
+        nbytes = config.kv_memory * 2**30
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = config.kv_memory * free
+    else:
+        nbytes = config.kv_memory * CPU_KV_BASE_GIB * 2**30
+    blocks = int(nbytes // per_block)
+    if blocks < 1:
+        raise ValueError(f"--kv-memory {config.kv_memory} holds no KV block ({per_block} bytes each)")
+    return blocks
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """Load the model and size the arena (blocking; run it in a thread)."""
+    device, dtype, attention = resolve_device(config)
+    loaded = load_model(config.model, device, dtype, seed=config.seed)
+    num_blocks = kv_blocks(config, loaded, device, dtype)
+    runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention)
+    engine = Engine(config, loaded, runner, num_blocks)
+    warmup(engine)
+    return engine
+
+
+def warmup(engine: Engine) -> None:
+    """One tiny step so kernels are compiled and memory pools exist before the first request."""
+    runner = engine.runner
+    blocks = engine.allocator.allocate(1)
+    try:
+        runner.step([SeqInput([0], 0, blocks, SampleSpec())])
+        if hasattr(runner.backend, "warmup"):
+            runner.backend.warmup()
+    finally:
+        engine.allocator.free(blocks)
+
+
+@asynccontextmanager
+async def open_engine(config: EngineConfig):
+    engine = await trio.to_thread.run_sync(build_engine, config)
+    log.info("engine_ready", model=engine.model_name, kv_blocks=engine.allocator.num_blocks,
+             block_size=engine.block_size, kv_tokens=engine.allocator.num_blocks * engine.block_size,
+             device=str(engine.runner.device), attention=engine.runner.backend.name)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine.run)
+        try:
+            yield engine
+        finally:
+            engine._close_all("error", RequestError("shutting_down", "the engine stopped"))
+            nursery.cancel_scope.cancel()
+

@@ -1,0 +1,87 @@
+"""Values that cross the engine's edge: sampling parameters, request errors and stream events.
+
+Frozen dataclasses, validated in ``__post_init__``; the web layer builds them from client input
+and turns `RequestError` into error frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class RequestError(Exception):
+    """A request the engine refuses, with a stable machine-readable ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(msg: str):
+            raise RequestError("invalid_request", msg)
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad("max_tokens must be an integer >= 1")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                bad(f"{name} must be a finite number")
+        if self.temperature < 0:
+            bad("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p must be in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k must be an integer >= 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63):
+            bad("seed must be an integer in [0, 2**63)")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop must be a list of non-empty strings")
+        if len(self.stop) > 16:
+            bad("at most 16 stop strings")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos must be a boolean")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token; ``text`` is the new decoded text (may be "" mid-character)."""
+
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    tpot_ms: float
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The last event of every generation."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    timing: Timing
+    error: RequestError | None = field(default=None)
