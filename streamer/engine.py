@@ -60,6 +60,7 @@ class EngineStats:
     running: int
     waiting: int
     steps: int
+    preemptions: int
     kv: AllocatorStats
 
 
@@ -171,7 +172,7 @@ class Engine:
 
     def statistics(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self._steps, self.allocator.statistics())
+        return EngineStats(len(s.running), len(s.waiting), self._steps, s.num_preemptions, self.allocator.statistics())
 
     # --- the step loop (one task) --------------------------------------------------------------
     async def run(self) -> None:

@@ -84,6 +84,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # arrival order; preempted requests rejoin at the front
         self.running: list[Sequence] = []  # admission order
         self.requests: dict[str, Sequence] = {}
+        self.num_preemptions = 0
 
     # --- request table -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -195,6 +196,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

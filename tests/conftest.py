@@ -1,0 +1,51 @@
+"""Shared fixtures: the embedded model's folder, Hugging Face references, a fake runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from gpu.models import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+def hf_model(name: str, device="cpu", dtype=torch.float32):
+    """The same weights our engine loads for `name`, as a Hugging Face transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from gpu.models import ensure_smollm2, random_weights
+
+    if name == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(ensure_smollm2(), dtype=dtype).to(device).eval()
+    config, weights = random_weights(name.removeprefix("random:"), seed=0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> list[list[int]]:
+    """Greedy continuations from Hugging Face `generate`, one prompt at a time."""
+    outs = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=list(eos_ids) or None, pad_token_id=0, attention_mask=None,
+            )
+        outs.append(out[0, len(ids):].tolist())
+    return outs
