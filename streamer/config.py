@@ -12,6 +12,7 @@ class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
     attention: str | None = None  # None: "cuda" kernel on CUDA, "torch" reference on CPU
     kv_memory: float = 0.5  # GiB if > 1, else the fraction of free device memory (CPU: of 4 GiB)
+    kv_blocks: int | None = None  # exact number of KV blocks; overrides kv_memory when set
     block_size: int = 16
     max_batch_tokens: int = 512  # token budget of one step
     max_running: int = 64  # cap on sequences in one step
@@ -27,6 +28,8 @@ class EngineConfig:
             raise ValueError(f"attention must be 'torch' or 'cuda', got {self.attention!r}")
         if not self.kv_memory > 0:
             raise ValueError("kv_memory must be > 0")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ValueError("kv_blocks must be >= 1")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             raise ValueError("block_size must be one of 8, 16, 32, 64, 128, 256")
         if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_waiting < 1:

@@ -293,6 +293,8 @@ def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str
 
 def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
     s = loaded.model.spec
+    if config.kv_blocks is not None:
+        return config.kv_blocks
     per_block = s.num_layers * 2 * s.num_kv_heads * config.block_size * s.head_dim * dtype.itemsize
     if config.kv_memory > 1:
         nbytes = config.kv_memory * 2**30

@@ -42,10 +42,11 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> 
     """Greedy continuations from Hugging Face `generate`, one prompt at a time."""
     outs = []
     for ids in prompts:
+        input_ids = torch.tensor([ids], device=model.device)
         with torch.no_grad():
             out = model.generate(
-                torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=list(eos_ids) or None, pad_token_id=0, attention_mask=None,
+                input_ids, attention_mask=torch.ones_like(input_ids),  # explicit: id 0 is no padding here
+                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos_ids) or None, pad_token_id=0,
             )
         outs.append(out[0, len(ids):].tolist())
     return outs

@@ -1,0 +1,184 @@
+"""The engine through its public API on the tiny random model: streaming, cancel, disconnect,
+errors at the edge, sampling, stop strings, and a failing step. KV blocks always come back."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from streamer.config import EngineConfig
+from streamer.engine import open_engine
+from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent
+
+TINY = "random:tiny-qwen3"
+
+
+async def collect(gen) -> tuple[list[TokenEvent], FinishEvent]:
+    tokens, finish = [], None
+    async with gen:
+        async for ev in gen:
+            if isinstance(ev, TokenEvent):
+                tokens.append(ev)
+            else:
+                finish = ev
+    return tokens, finish
+
+
+async def wait_kv_free(engine):
+    with trio.fail_after(10):
+        while (kv := engine.kv_statistics()).free_blocks != kv.total_blocks:
+            await trio.sleep(0.01)
+
+
+@pytest.fixture
+async def engine():
+    async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_batch_tokens=64)) as eng:
+        yield eng
+
+
+async def test_stream_indices_usage_and_timing(engine):
+    with trio.fail_after(30):
+        tokens, done = await collect(engine.generate("hello", SamplingParams(max_tokens=12, ignore_eos=True)))
+    assert [t.index for t in tokens] == list(range(12))
+    assert done.finish_reason == "length" and done.completion_tokens == 12 and done.prompt_tokens == 5
+    assert 0 <= done.timing.queue_ms <= done.timing.ttft_ms <= done.timing.total_ms
+    await wait_kv_free(engine)
+
+
+async def test_cancel_mid_stream_frees_blocks(engine):
+    with trio.fail_after(30):
+        gen = engine.generate("cancel me", SamplingParams(max_tokens=1000, ignore_eos=True))
+        seen = 0
+        async with gen:
+            async for ev in gen:
+                if isinstance(ev, TokenEvent):
+                    seen += 1
+                    if seen == 3:
+                        await gen.cancel()
+                else:
+                    assert ev.finish_reason == "cancelled" and ev.completion_tokens >= 3
+        assert engine.kv_statistics().used_blocks == 0
+
+
+async def test_reader_leaving_aborts_request_and_frees_blocks(engine):
+    with trio.fail_after(30):
+        gen = engine.generate("bye", SamplingParams(max_tokens=1000, ignore_eos=True))
+        async with gen:
+            async for ev in gen:
+                break  # the client disconnects: leaving `async with` closes the stream
+        await wait_kv_free(engine)
+        assert engine.statistics().running == 0
+
+
+async def test_prompt_too_long_and_bad_ids_are_refused(engine):
+    capacity = min(engine.max_context, 64 * 16)
+    with pytest.raises(RequestError) as err:
+        engine.submit([1] * capacity, SamplingParams())
+    assert err.value.code == "prompt_too_long"
+    with pytest.raises(RequestError) as err:
+        engine.submit([], SamplingParams())
+    assert err.value.code == "invalid_request"
+    with pytest.raises(RequestError) as err:
+        engine.submit([10**9], SamplingParams())
+    assert err.value.code == "invalid_request"
+
+
+async def test_max_tokens_is_capped_by_capacity(engine):
+    capacity = min(engine.max_context, 64 * 16)
+    with trio.fail_after(60):
+        tokens, done = await collect(engine.submit([1] * (capacity - 3), SamplingParams(max_tokens=50, ignore_eos=True)))
+    assert done.finish_reason == "length" and len(tokens) == 3
+
+
+async def test_bad_sampling_params_raise_invalid_request():
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),
+                dict(temperature=float("nan")), dict(seed=-1), dict(stop=("",))):
+        with pytest.raises(RequestError) as err:
+            SamplingParams(**bad)
+        assert err.value.code == "invalid_request"
+
+
+async def test_overloaded_when_inbox_is_full():
+    async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_waiting=2)) as eng:
+        # The step loop gets no chance to drain the inbox between these synchronous submits.
+        gens = [eng.submit([1, 2], SamplingParams(max_tokens=2)) for _ in range(2)]
+        with pytest.raises(RequestError) as err:
+            eng.submit([1, 2], SamplingParams(max_tokens=2))
+        assert err.value.code == "overloaded"
+        with trio.fail_after(30):
+            for g in gens:
+                _, done = await collect(g)
+                assert done.finish_reason == "length"
+
+
+async def test_seeded_sampling_is_reproducible_and_concurrency_independent(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    with trio.fail_after(60):
+        alone, _ = await collect(engine.generate("seeded", params))
+        results = {}
+
+        async def run(i, p):
+            results[i] = [t.token_id for t in (await collect(engine.generate("seeded", p)))[0]]
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run, 0, params)
+            n.start_soon(run, 1, SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True))
+    assert results[0] == [t.token_id for t in alone]
+    assert results[1] != results[0]
+
+
+async def test_stop_string_ends_generation_and_is_not_sent(engine):
+    with trio.fail_after(30):
+        tokens, _ = await collect(engine.generate("x", SamplingParams(max_tokens=40, ignore_eos=True)))
+        text = "".join(t.text for t in tokens)
+        stop = text[5:8]
+        assert len(stop) == 3
+        tokens2, done = await collect(engine.generate("x", SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,))))
+    assert done.finish_reason == "stop"
+    assert "".join(t.text for t in tokens2) == text[: text.index(stop)]
+    await wait_kv_free(engine)
+
+
+async def test_failing_step_fails_its_requests_and_engine_keeps_serving(engine, monkeypatch):
+    real_step = engine.runner.step
+    calls = {"n": 0}
+
+    def flaky(inputs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real_step(inputs)
+
+    monkeypatch.setattr(engine.runner, "step", flaky)
+    with trio.fail_after(30):
+        _, done = await collect(engine.generate("boom", SamplingParams(max_tokens=4)))
+        assert done.finish_reason == "error" and done.error.code == "internal"
+        _, done = await collect(engine.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True)))
+        assert done.finish_reason == "length"
+    await wait_kv_free(engine)
+
+
+async def test_many_concurrent_requests_all_finish_and_share_steps(engine):
+    n = 24
+    finished = []
+
+    async def one(i):
+        _, done = await collect(engine.generate(f"prompt {i}", SamplingParams(max_tokens=8, ignore_eos=True)))
+        finished.append(done.finish_reason)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+    assert finished == ["length"] * n
+    assert engine.statistics().steps < n * 8  # continuous batching: far fewer steps than tokens
+    await wait_kv_free(engine)
+
+
+async def test_unknown_model_is_a_clear_error():
+    with pytest.raises((ValueError, FileNotFoundError), match="random:NAME|supported|unknown"):
+        async with open_engine(EngineConfig(model="/nonexistent/model")):
+            pass
+    with pytest.raises(ValueError, match="unknown random model"):
+        async with open_engine(EngineConfig(model="random:nope")):
+            pass
