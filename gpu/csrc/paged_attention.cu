@@ -1,0 +1,413 @@
+// Paged flash attention over the KV arena: ONE launch per layer per step for a ragged batch.
+// Owns: the fused new-K/V scatter, causal tiled attention (mma.sync, online softmax, fp32
+// accumulation) and the in-kernel flash-decoding combine. Loaded by gpu/cuda_attention.py.
+//
+// Compiled by NVRTC (or nvcc) per specialisation with -DATTN_BF16=0|1 -DHEAD_DIM=64|128
+// -DBLOCK_SIZE=n. Header-free on purpose: f16/bf16 are raw 16-bit words, converted with PTX.
+//
+// Grid: (x = q tile, y = kv head, z = KV split). A q tile is up to TQ = BM / G new tokens of one
+// request times the G q heads that share kv head y, so one K/V tile read from the arena serves
+// all G heads (GQA). Request r owns tiles [cu_q[r]/TQ + r, cu_q[r+1]/TQ + r + 1); spare tiles
+// exit at once. Two variants share the body:
+//   m64: BM = 64 rows, 4 warps stacked over rows    (prefill chunks, mixed batches)
+//   m16: BM = 16 rows, 4 warps side by side over keys (decode: q_len * G <= 16)
+// Positions before the step's first new token come from the arena through the block table;
+// the step's new positions come from the k/v inputs, so no block waits on another's write.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+constexpr int BN = 64;         // KV positions per tile
+constexpr int NTHREADS = 128;  // 4 warps
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills (keeps NaN garbage out of P*V).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+
+// c (16x8 f32) += a (16x16, row) * b (16x8, col)
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+  if constexpr (BF16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one 32-bit word of two 16-bit values, lo in the low half.
+template <bool BF16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r;
+  if constexpr (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+// L2-only loads for the split combine: other blocks wrote these in this very launch.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float x;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(x) : "l"(p));
+  return x;
+}
+__device__ __forceinline__ float4 ld_cg4(const float* p) {
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float shfl_max4(float x) {  // max over the 4 lanes sharing a row
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float shfl_sum4(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Byte offset of 16-byte chunk `ch` of row `row` in a [rows][D] 16-bit tile. XOR-swizzling the
+// chunk with row%8 makes the 8 row addresses of each ldmatrix phase hit distinct bank groups.
+template <int D>
+__device__ __forceinline__ u32 swz(int row, int ch) {
+  return (u32)(row * D + ((ch ^ (row & 7)) << 3)) * 2u;
+}
+
+template <bool BF16, int D, int BS, int WARPS_N>
+__device__ __forceinline__ void attention_tile(
+    u16* __restrict__ out, const u16* __restrict__ q, const u16* __restrict__ k_new,
+    const u16* __restrict__ v_new, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
+    const int* __restrict__ cu_seqlens_q, const int* __restrict__ seq_lens, const int* __restrict__ cu_blocks,
+    const int* __restrict__ block_tables, const long long* __restrict__ slot_mapping, float* __restrict__ ws_o,
+    float* __restrict__ ws_ml, int* __restrict__ counters, int num_seqs, int num_q_heads, int num_kv_heads,
+    float scale_log2) {
+  constexpr int WARPS_M = 4 / WARPS_N;
+  constexpr int BM = 16 * WARPS_M;  // rows = (token, q head of the group) pairs
+  constexpr int NW = BN / WARPS_N;  // key columns per warp
+  constexpr int NT = NW / 8;        // n8 score tiles per warp
+  constexpr int DC = D / 8;         // 16-byte chunks per row
+  constexpr int OS = D + 4;         // fp32 row stride of the epilogue buffer (padding vs bank conflicts)
+  static_assert(WARPS_N * BM * OS * 4 <= 4 * BN * D * 2, "epilogue buffer must fit in the K/V stages");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  u16* sQ = reinterpret_cast<u16*>(smem);  // (BM, D)
+  u16* sK = sQ + BM * D;                     // 2 stages of (BN, D)
+  u16* sV = sK + 2 * BN * D;                 // 2 stages of (BN, D)
+  float* sO = reinterpret_cast<float*>(sK);  // epilogue: (WARPS_N*BM, OS), reuses the stages
+  __shared__ float red_m[WARPS_N][BM], red_l[WARPS_N][BM];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+  const int bx = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+  const int G = num_q_heads / num_kv_heads;
+  const int TQ = BM / G;  // tokens per q tile
+
+  // Request owning tile bx: the largest r with cu_q[r]/TQ + r <= bx (strictly increasing in r).
+  int lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (cu_seqlens_q[mid] / TQ + mid <= bx) lo = mid;
+    else hi = mid - 1;
+  }
+  const int req = lo;
+  const int q_start = cu_seqlens_q[req];
+  const int q_len = cu_seqlens_q[req + 1] - q_start;
+  const int t0 = (bx - (q_start / TQ + req)) * TQ;  // first token of this tile within the request
+  if (t0 >= q_len) return;                            // spare tile
+  const int nq = min(TQ, q_len - t0);
+  const int ctx_start = seq_lens[req] - q_len;  // position of the step's first new token
+  const int kv_hi = ctx_start + t0 + nq;        // this tile attends to keys [0, kv_hi)
+  const int n_tiles = (kv_hi + BN - 1) / BN;
+  const int tps = (n_tiles + nsplit - 1) / nsplit;  // key tiles per split
+  const int n_active = (n_tiles + tps - 1) / tps;   // splits that own at least one tile
+  if (split >= n_active) return;
+  const int tile_lo = split * tps;
+  const int tile_hi = min(n_tiles, tile_lo + tps);
+  const int kv_end = min(kv_hi, tile_hi * BN);
+  const int* bt = block_tables + cu_blocks[req];
+  const long long head_off = (long long)kvh * BS * D;      // arena: (block, head, slot, d)
+  const long long blk_stride = (long long)num_kv_heads * BS * D;
+
+  // Fused scatter of this tile's new K/V into the arena (split 0 only, so each token once).
+  // Nothing in this launch reads these slots: new positions are read from k_new/v_new below.
+  if (split == 0) {
+    for (int c = tid; c < nq * DC; c += NTHREADS) {
+      const int tok = q_start + t0 + c / DC, ch = c % DC;
+      const long long slot = slot_mapping[tok];
+      const long long dst = (slot / BS) * blk_stride + head_off + (slot % BS) * D + ch * 8;
+      const long long src = ((long long)tok * num_kv_heads + kvh) * D + ch * 8;
+      *reinterpret_cast<uint4*>(k_cache + dst) = *reinterpret_cast<const uint4*>(k_new + src);
+      *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v_new + src);
+    }
+  }
+
+  // Q tile -> shared (zero rows past the tile's tokens).
+  for (int c = tid; c < BM * DC; c += NTHREADS) {
+    const int row = c / DC, ch = c % DC, tok = row / G;
+    const bool ok = row < TQ * G && tok < nq;
+    const u16* src = ok ? q + ((long long)(q_start + t0 + tok) * num_q_heads + kvh * G + row % G) * D + ch * 8 : q;
+    cp_async16(smem_addr(sQ) + swz<D>(row, ch), src, ok ? 16 : 0);
+  }
+  auto load_kv = [&](int tile, int stage) {
+    const u32 dk = smem_addr(sK + stage * BN * D), dv = smem_addr(sV + stage * BN * D);
+#pragma unroll 4  // full unroll hoists every address into registers (spills at D=128)
+    for (int i = 0; i < BN * DC / NTHREADS; ++i) {
+      const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
+      const u16 *sk = k_new, *sv = v_new;
+      int bytes = 16;
+      if (p >= kv_end) {
+        bytes = 0;
+      } else if (p >= ctx_start) {  // new token of this step: from the inputs
+        const long long o = ((long long)(q_start + p - ctx_start) * num_kv_heads + kvh) * D + ch * 8;
+        sk = k_new + o;
+        sv = v_new + o;
+      } else {  // history: through the block table
+        const long long o = (long long)bt[p / BS] * blk_stride + head_off + (long long)(p % BS) * D + ch * 8;
+        sk = k_cache + o;
+        sv = v_cache + o;
+      }
+      cp_async16(dk + swz<D>(row, ch), sk, bytes);
+      cp_async16(dv + swz<D>(row, ch), sv, bytes);
+    }
+  };
+  load_kv(tile_lo, 0);
+  cp_async_commit();  // group 0: Q + first K/V tile
+
+  // This thread's two rows: lane/4 and lane/4 + 8 of the warp's 16.
+  int qpos[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wm * 16 + (lane >> 2) + r * 8, tok = row / G;
+    qpos[r] = (row < TQ * G && tok < nq) ? ctx_start + t0 + tok : -1;
+  }
+  const int mask_from = min(kv_end, ctx_start + t0 + 1);  // tiles ending past this need masks
+
+  u32 qf[D / 16][4];
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
+
+  const int n_it = tile_hi - tile_lo;
+  for (int it = 0; it < n_it; ++it) {
+    const int stage = it & 1, tile = tile_lo + it;
+    if (it + 1 < n_it) {  // prefetch the next tile into the other stage
+      load_kv(tile + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // sync point: this stage's tile (and Q) visible to all warps
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int row = wm * 16 + (lane & 15), ch = kk * 2 + (lane >> 4);
+        ldsm_x4(smem_addr(sQ) + swz<D>(row, ch), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+      }
+    }
+    const u32 kb = smem_addr(sK + stage * BN * D), vb = smem_addr(sV + stage * BN * D);
+
+    // S = Q K^T for this warp's 16 rows x NW keys.
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int k2 = 0; k2 < D / 32; ++k2) {
+        u32 b0, b1, b2, b3;
+        const int row = wn * NW + j * 8 + (lane & 7), ch = k2 * 4 + (lane >> 3);
+        ldsm_x4(kb + swz<D>(row, ch), b0, b1, b2, b3);
+        mma16816<BF16>(s[j], qf[2 * k2], b0, b1);
+        mma16816<BF16>(s[j], qf[2 * k2 + 1], b2, b3);
+      }
+    }
+
+    // Online softmax in the log2 domain.
+    const int n0 = tile * BN + wn * NW;
+    const bool need_mask = (tile + 1) * BN > mask_from;
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * scale_log2;
+        if (need_mask) {
+          const int p = n0 + j * 8 + 2 * (lane & 3) + (e & 1);
+          if (p > qpos[e >> 1] || p >= kv_end) x = NEG_INF;
+        }
+        s[j][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float mu[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = shfl_max4(mx[r]);
+      mu[r] = mx[r] == NEG_INF ? 0.f : mx[r];  // fully masked row so far: avoid inf - inf
+      const float alpha = ex2(m_run[r] - mu[r]);
+      m_run[r] = mx[r];
+      l_run[r] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[n][2 * r] *= alpha;
+        acc[n][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = ex2(s[j][e] - mu[e >> 1]);
+        l_run[e >> 1] += s[j][e];
+      }
+    }
+
+    // O += P V; P's accumulator layout is exactly the A-fragment layout of the next mma.
+#pragma unroll
+    for (int kp = 0; kp < NW / 16; ++kp) {
+      u32 pa[4];
+      pa[0] = pack2<BF16>(s[2 * kp][0], s[2 * kp][1]);
+      pa[1] = pack2<BF16>(s[2 * kp][2], s[2 * kp][3]);
+      pa[2] = pack2<BF16>(s[2 * kp + 1][0], s[2 * kp + 1][1]);
+      pa[3] = pack2<BF16>(s[2 * kp + 1][2], s[2 * kp + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        u32 b0, b1, b2, b3;
+        const int row = wn * NW + kp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
+        ldsm_x4_t(vb + swz<D>(row, ch), b0, b1, b2, b3);
+        mma16816<BF16>(acc[2 * dp], pa, b0, b1);
+        mma16816<BF16>(acc[2 * dp + 1], pa, b2, b3);
+      }
+    }
+    __syncthreads();  // sync point: stage free before the next iteration's prefetch overwrites it
+  }
+
+  // Epilogue: merge the WARPS_N column-warps of each row through shared memory.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] = shfl_sum4(l_run[r]);
+    if ((lane & 3) == 0) {
+      const int row = wm * 16 + (lane >> 2) + r * 8;
+      red_m[wn][row] = m_run[r];
+      red_l[wn][row] = l_run[r];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wm * 16 + (lane >> 2) + r * 8;
+    float M = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) M = fmaxf(M, red_m[w][row]);
+    const float f = M == NEG_INF ? 0.f : ex2(m_run[r] - M);
+    float* dst = sO + (wn * BM + row) * OS + 2 * (lane & 3);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(dst + n * 8) = float2{acc[n][2 * r] * f, acc[n][2 * r + 1] * f};
+  }
+  __syncthreads();
+
+  const long long part0 = ((long long)bx * num_kv_heads + kvh) * nsplit;  // first partial of this tile
+  for (int e = tid; e < BM * D / 4; e += NTHREADS) {
+    const int row = e / (D / 4), c4 = e % (D / 4), tok = row / G;
+    if (row >= TQ * G || tok >= nq) continue;
+    float M = NEG_INF, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) M = fmaxf(M, red_m[w][row]);
+    float4 o = float4{0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) {
+      L += M == NEG_INF ? 0.f : red_l[w][row] * ex2(red_m[w][row] - M);
+      const float4 x = *reinterpret_cast<const float4*>(sO + (w * BM + row) * OS + c4 * 4);
+      o.x += x.x; o.y += x.y; o.z += x.z; o.w += x.w;
+    }
+    if (n_active == 1) {
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      const long long dst = ((long long)(q_start + t0 + tok) * num_q_heads + kvh * G + row % G) * D + c4 * 4;
+      *reinterpret_cast<uint2*>(out + dst) = uint2{pack2<BF16>(o.x * inv, o.y * inv), pack2<BF16>(o.z * inv, o.w * inv)};
+    } else {  // unnormalised partial of this split
+      const long long pb = (part0 + split) * BM + row;
+      *reinterpret_cast<float4*>(ws_o + pb * D + c4 * 4) = o;
+      if (c4 == 0) {
+        ws_ml[2 * pb] = M;
+        ws_ml[2 * pb + 1] = L;
+      }
+    }
+  }
+  if (n_active == 1) return;
+
+  // Flash-decoding combine inside this launch: the last split block of the tile to finish merges
+  // the partials (threadfence + counter, as in CUDA's threadFenceReduction sample), then re-arms
+  // the counter to 0 for the next launch (keeps CUDA-graph replays valid).
+  __threadfence();
+  __syncthreads();
+  int* counter = counters + (long long)bx * num_kv_heads + kvh;
+  if (tid == 0) s_last = atomicAdd(counter, 1) == n_active - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int e = tid; e < BM * D / 4; e += NTHREADS) {
+    const int row = e / (D / 4), c4 = e % (D / 4), tok = row / G;
+    if (row >= TQ * G || tok >= nq) continue;
+    float M = NEG_INF;
+    for (int sp = 0; sp < n_active; ++sp) M = fmaxf(M, ld_cg(ws_ml + 2 * ((part0 + sp) * BM + row)));
+    float L = 0.f;
+    float4 o = float4{0.f, 0.f, 0.f, 0.f};
+    for (int sp = 0; sp < n_active; ++sp) {
+      const long long pb = (part0 + sp) * BM + row;
+      const float w = ex2(ld_cg(ws_ml + 2 * pb) - M);  // M is finite: split 0 holds key 0
+      L += w * ld_cg(ws_ml + 2 * pb + 1);
+      const float4 x = ld_cg4(ws_o + pb * D + c4 * 4);
+      o.x += w * x.x; o.y += w * x.y; o.z += w * x.z; o.w += w * x.w;
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    const long long dst = ((long long)(q_start + t0 + tok) * num_q_heads + kvh * G + row % G) * D + c4 * 4;
+    *reinterpret_cast<uint2*>(out + dst) = uint2{pack2<BF16>(o.x * inv, o.y * inv), pack2<BF16>(o.z * inv, o.w * inv)};
+  }
+  if (tid == 0) *counter = 0;
+}
+
+#if defined(HEAD_DIM) && defined(BLOCK_SIZE) && defined(ATTN_BF16)
+#define ATTN_PARAMS                                                                                          \
+  u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, u16 *k_cache, u16 *v_cache,                    \
+      const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks, const int *block_tables,            \
+      const long long *slot_mapping, float *ws_o, float *ws_ml, int *counters, int num_seqs, int num_q_heads, \
+      int num_kv_heads, float scale_log2
+#define ATTN_ARGS                                                                                        \
+  out, q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, \
+      ws_o, ws_ml, counters, num_seqs, num_q_heads, num_kv_heads, scale_log2
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) paged_attention_m64(ATTN_PARAMS) {
+  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 1>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(NTHREADS) paged_attention_m16(ATTN_PARAMS) {
+  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 4>(ATTN_ARGS);
+}
+#endif

@@ -1,0 +1,163 @@
+"""CUDA attention backend: one CuPy RawKernel launch per layer per step over the KV arena.
+
+Owns the loader of gpu/csrc/paged_attention.cu (compiled per dtype, head_dim and block size, cached,
+compiled in `warmup()`) and the launch wrapper. CuPy is imported lazily so CPU-only CI can import this.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpu.arena import KVArena
+from gpu.attention import AttnMetadata
+
+_SRC = Path(__file__).parent / "csrc" / "paged_attention.cu"
+_BN = 64  # key positions per tile; must match BN in the .cu
+_THREADS = 128
+_WS_ROWS = 1 << 16  # partial-output rows of the flash-decoding workspace (32 MiB at D=128)
+_MAX_COUNTERS = 1 << 13  # (q tile, kv head) pairs that may split in one launch
+_MODULES: dict[tuple, dict[str, object]] = {}  # (cc, bf16, head_dim, block_size) -> {variant: RawKernel}
+
+
+def _smem_bytes(bm: int, head_dim: int) -> int:
+    return (bm * head_dim + 4 * _BN * head_dim) * 2  # Q tile + 2 stages of K and V tiles
+
+
+def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device) -> dict[str, object]:
+    """Compile (once per process and specialisation) and return {"m64": kernel, "m16": kernel}."""
+    import cupy
+
+    major, minor = torch.cuda.get_device_capability(device)
+    key = (major * 10 + minor, dtype == torch.bfloat16, head_dim, block_size)
+    if key in _MODULES:
+        return _MODULES[key]
+    options = (
+        "-std=c++17",
+        f"--gpu-architecture=sm_{key[0]}",
+        f"-DATTN_BF16={int(key[1])}",
+        f"-DHEAD_DIM={head_dim}",
+        f"-DBLOCK_SIZE={block_size}",
+    )
+    code = _SRC.read_text()
+    try:
+        kernels = _load(cupy.RawModule(code=code, options=options), head_dim)
+    except cupy.cuda.compiler.CompileException as exc:  # NVRTC without some builtin: try nvcc
+        warnings.warn(f"NVRTC failed on paged_attention.cu, retrying with nvcc: {exc}", stacklevel=2)
+        kernels = _load(cupy.RawModule(code=code, options=options, backend="nvcc"), head_dim)
+    _MODULES[key] = kernels
+    return kernels
+
+
+def _load(module, head_dim: int) -> dict[str, object]:
+    kernels = {}
+    for variant, bm in (("m64", 64), ("m16", 16)):
+        kern = module.get_function(f"paged_attention_{variant}")
+        kern.max_dynamic_shared_size_bytes = _smem_bytes(bm, head_dim)  # loads the module: compiles now
+        kernels[variant] = kern
+    return kernels
+
+
+class CudaAttention:
+    """Paged flash attention on CUDA; see docs/ATTENTION.md for the kernel design."""
+
+    name = "cuda"
+
+    def __init__(self, arena: KVArena, scale: float) -> None:
+        assert arena.kv.is_cuda, "CudaAttention needs the arena on a CUDA device"
+        assert arena.dtype in (torch.float16, torch.bfloat16), arena.dtype
+        assert arena.shape.head_dim in (64, 128), arena.shape.head_dim
+        self.arena = arena
+        self.scale = scale
+        self.launches = 0  # attention kernel launches so far (tests prove one per layer per step)
+        dev = arena.kv.device
+        self._device = dev
+        self._num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        d = arena.shape.head_dim
+        # Flash-decoding scratch, allocated once: partial (o, m, l) per split, and arrival counters that
+        # the kernel's last split block re-arms to zero (so CUDA-graph replays need no memset).
+        self._ws_o = torch.empty(_WS_ROWS * d, dtype=torch.float32, device=dev)
+        self._ws_ml = torch.empty(_WS_ROWS * 2, dtype=torch.float32, device=dev)
+        self._counters = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=dev)
+        self._streams: dict[int, object] = {}
+        self._plan_meta: tuple | None = None  # (meta, num_q_heads, plan) of the last step
+
+    def warmup(self) -> None:
+        """Compile this arena's specialisation now, so no request waits on NVRTC."""
+        s = self.arena.shape
+        _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device)
+
+    def launch_plan(self, meta: AttnMetadata, num_q_heads: int) -> tuple[str, int, int, int]:
+        """(variant, tokens per q tile, grid x, kv splits) for this step; computed once per step."""
+        if self._plan_meta is not None and self._plan_meta[0] is meta and self._plan_meta[1] == num_q_heads:
+            return self._plan_meta[2]
+        hkv = self.arena.shape.num_kv_heads
+        group = num_q_heads // hkv
+        variant, bm = ("m16", 16) if meta.max_q_len * group <= 16 else ("m64", 64)
+        tq = bm // group
+        grid_x = meta.num_tokens // tq + meta.num_seqs  # bound on q tiles; the kernel skips spare ones
+        blocks = hkv * sum(-(-q // tq) for q in meta.q_lens_host)
+        splits = 1
+        # Few blocks (decode of few requests, short chunks on long context): split the key range so
+        # about three waves of blocks cover the SMs, each split >= 4 key tiles.
+        if blocks < 2 * self._num_sms and grid_x * hkv <= _MAX_COUNTERS:
+            splits = min(
+                math.ceil(3 * self._num_sms / blocks),
+                max(1, math.ceil(meta.max_seq_len / _BN) // 4),
+                64,
+                _WS_ROWS // (grid_x * hkv * bm),
+            )
+            splits = max(1, splits)
+        plan = (variant, tq, grid_x, splits)
+        self._plan_meta = (meta, num_q_heads, plan)
+        return plan
+
+    def _stream(self):
+        import cupy
+
+        ptr = torch.cuda.current_stream(self._device).cuda_stream
+        if ptr not in self._streams:
+            self._streams[ptr] = cupy.cuda.ExternalStream(ptr)
+        return self._streams[ptr]
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: (T, Hq, D); k, v: (T, Hkv, D). Writes k, v at meta.slot_mapping of `layer`, returns (T, Hq, D).
+
+        `out`, if given, receives the result (tests poison it first). No host sync, no allocation
+        besides `out`: capturable in a CUDA graph."""
+        s = self.arena.shape
+        t, hq, d = q.shape
+        hkv = s.num_kv_heads
+        assert d == s.head_dim and hq % hkv == 0 and hq // hkv <= 64, (q.shape, hkv)
+        assert k.shape == v.shape == (t, hkv, d), (k.shape, v.shape)
+        assert q.dtype == k.dtype == v.dtype == self.arena.dtype, (q.dtype, k.dtype, self.arena.dtype)
+        for x in (q, k, v):
+            assert x.is_contiguous() and x.data_ptr() % 16 == 0 and x.device == self._device
+        assert t == meta.num_tokens and 0 <= layer < s.num_layers
+        assert meta.slot_mapping.dtype == torch.int64 and meta.cu_seqlens_q.dtype == torch.int32
+        if out is None:
+            out = torch.empty_like(q)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+
+        variant, _tq, grid_x, splits = self.launch_plan(meta, hq)
+        kern = _kernels(self.arena.dtype, d, s.block_size, self._device)[variant]
+        k_cache, v_cache = self.arena.layer(layer)
+        bm = 16 if variant == "m16" else 64
+        args = (
+            *(np.uint64(x.data_ptr()) for x in (out, q, k, v, k_cache, v_cache)),
+            *(np.uint64(x.data_ptr()) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
+            *(np.uint64(x.data_ptr()) for x in (meta.block_tables, meta.slot_mapping)),
+            *(np.uint64(x.data_ptr()) for x in (self._ws_o, self._ws_ml, self._counters)),
+            np.int32(meta.num_seqs), np.int32(hq), np.int32(hkv), np.float32(self.scale * math.log2(math.e)),
+        )
+        with self._stream():  # launch on torch's current stream (also the capture stream in a graph)
+            kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=_smem_bytes(bm, d))
+        self.launches += 1
+        return out

@@ -1,0 +1,233 @@
+"""CudaAttention against the float64 torch reference on fresh random inputs; graph capture; launch count.
+
+Needs CUDA and CuPy (skipped otherwise). Every test draws a new seed and prints it on failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from gpu.arena import ArenaShape, KVArena
+from gpu.attention import build_metadata, gather_history, reference_attention, write_kv
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None, reason="needs CUDA and cupy"
+    ),
+]
+
+BOUND = {torch.float16: 1e-3, torch.bfloat16: 1e-2}  # ||out - ref|| / ||ref|| per request
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (q_lens, seq_lens) per scenario; unaligned lengths on purpose.
+CASES = {
+    "decode": ([1] * 8, [1, 17, 255, 256, 257, 1000, 4097, 16384]),
+    "decode_batch": ([1] * 200, None),  # seq_lens drawn U[1, 3000]: enough blocks that nothing splits
+    "prefill": ([1, 17, 255, 257, 700], [1, 17, 255, 257, 700]),
+    "prefill_cached": ([17, 257, 64, 512, 1], [300, 1000, 4099, 2000, 40]),
+    "mixed": ([1, 1, 300, 1, 17, 129, 1], [5000, 1, 300, 16, 600, 2000, 257]),
+}
+
+
+def _new_seed() -> int:
+    seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return seed
+
+
+def _arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers=1, spare=0):
+    nb = sum(-(-s // block_size) + spare for s in seq_lens) + 3
+    arena = KVArena(ArenaShape(num_layers, nb, hkv, block_size, head_dim), dtype, "cuda")
+    arena.kv.normal_()  # random history: zeros would hide wrong indexing
+    perm = torch.randperm(nb).tolist()
+    tables, at = [], 0
+    for s in seq_lens:
+        n = -(-s // block_size) + spare
+        tables.append(perm[at : at + n])
+        at += n
+    return arena, tables
+
+
+def _clone(arena: KVArena) -> KVArena:
+    ref = KVArena(arena.shape, arena.dtype, arena.kv.device)
+    ref.kv.copy_(arena.kv)
+    return ref
+
+
+def _reference(ref: KVArena, layer, q, k, v, meta, scale) -> list[torch.Tensor]:
+    """float64 per-request outputs; also applies the step's K/V write to `ref`."""
+    write_kv(ref, layer, k, v, meta.slot_mapping)
+    outs, start = [], 0
+    for q_len, seq_len, table in zip(meta.q_lens_host, meta.seq_lens_host, meta.block_tables_host, strict=True):
+        kh, vh = gather_history(ref, layer, table, seq_len)
+        outs.append(reference_attention(q[start : start + q_len].double(), kh.double(), vh.double(), scale))
+        start += q_len
+    return outs
+
+
+def _check(out, refs, meta, dtype, seed, what=""):
+    assert not out.isnan().any(), f"unwritten (NaN) output elements {what} seed={seed}"
+    start, worst = 0, 0.0
+    for i, (q_len, ref) in enumerate(zip(meta.q_lens_host, refs, strict=True)):
+        got = out[start : start + q_len].double()
+        err = ((got - ref).norm() / ref.norm()).item()
+        worst = max(worst, err)
+        assert err < BOUND[dtype], (
+            f"{what} request {i} q_len={q_len} seq_len={meta.seq_lens_host[i]}: rel err {err:.2e} seed={seed}"
+        )
+        start += q_len
+    return worst
+
+
+def _run_case(dtype, head_dim, block_size, hq, hkv, q_lens, seq_lens, seed, what=""):
+    from gpu.cuda_attention import CudaAttention
+
+    arena, tables = _arena(dtype, head_dim, block_size, hkv, seq_lens)
+    ref_arena = _clone(arena)
+    meta = build_metadata(q_lens, seq_lens, tables, block_size, "cuda")
+    t = meta.num_tokens
+    q = torch.randn(t, hq, head_dim, device="cuda").to(dtype)
+    k = torch.randn(t, hkv, head_dim, device="cuda").to(dtype)
+    v = torch.randn(t, hkv, head_dim, device="cuda").to(dtype)
+    scale = head_dim**-0.5
+    backend = CudaAttention(arena, scale)
+    out = torch.full_like(q, float("nan"))  # poison: an unwritten element fails
+    backend.forward(0, q, k, v, meta, out=out)
+    refs = _reference(ref_arena, 0, q, k, v, meta, scale)
+    torch.cuda.synchronize()
+    assert torch.equal(arena.kv, ref_arena.kv), f"arena differs after the K/V write {what} seed={seed}"
+    return _check(out, refs, meta, dtype, seed, what)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_matches_reference(dtype, head_dim, block_size, case):
+    seed = _new_seed()
+    q_lens, seq_lens = CASES[case]
+    if seq_lens is None:
+        seq_lens = [random.randint(1, 3000) for _ in q_lens]
+    hkv = random.choice([1, 2, 4])
+    group = random.choice([1, 2, 4, 7, 8])
+    what = f"{dtype}/d{head_dim}/bs{block_size}/{case}/hq{hkv * group}/hkv{hkv}"
+    err = _run_case(DTYPES[dtype], head_dim, block_size, hkv * group, hkv, q_lens, seq_lens, seed, what)
+    print(f"{what}: worst rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 32])
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_gqa_ratios(group, case):
+    seed = _new_seed()
+    q_lens, seq_lens = CASES[case]
+    hkv = 2 if group < 32 else 1
+    what = f"gqa{group}/{case}"
+    _run_case(torch.bfloat16, 128, 16, hkv * group, hkv, q_lens, seq_lens, seed, what)
+
+
+def test_small_mixed_for_sanitizer():
+    """Small mixed batch through both kernel variants and the split path (run under compute-sanitizer)."""
+    seed = _new_seed()
+    _run_case(torch.float16, 64, 16, 8, 2, [1, 5, 1, 40], [70, 5, 300, 90], seed, "small-mixed")
+    _run_case(torch.bfloat16, 128, 16, 8, 2, [1, 1, 1], [33, 700, 129], seed, "small-decode")
+
+
+def test_chunked_prefill_then_decode_steps():
+    """Several steps through one arena: history read back is what the kernel itself wrote earlier."""
+    from gpu.cuda_attention import CudaAttention
+
+    seed = _new_seed()
+    dtype, d, bs, hq, hkv, layers = torch.bfloat16, 128, 16, 14, 2, 2
+    final = [700, 300]
+    arena, tables = _arena(dtype, d, bs, hkv, final, num_layers=layers)
+    ref_arena = _clone(arena)
+    backend = CudaAttention(arena, d**-0.5)
+    # request 0: chunks of 400 and 290, then decodes; request 1: one chunk of 297, then decodes
+    steps = [([400], [400], [0]), ([290, 297], [690, 297], [0, 1])] + [
+        ([1, 1], [690 + i, 297 + i], [0, 1]) for i in range(1, 4)
+    ]
+    for q_lens, seq_lens, reqs in steps:
+        meta = build_metadata(q_lens, seq_lens, [tables[r] for r in reqs], bs, "cuda")
+        for layer in range(layers):
+            t = meta.num_tokens
+            q = torch.randn(t, hq, d, device="cuda").to(dtype)
+            k = torch.randn(t, hkv, d, device="cuda").to(dtype)
+            v = torch.randn(t, hkv, d, device="cuda").to(dtype)
+            out = backend.forward(layer, q, k, v, meta, out=torch.full_like(q, float("nan")))
+            refs = _reference(ref_arena, layer, q, k, v, meta, d**-0.5)
+            _check(out, refs, meta, dtype, seed, f"step {q_lens}/{seq_lens} layer {layer}")
+    torch.cuda.synchronize()
+    assert torch.equal(arena.kv, ref_arena.kv), f"seed={seed}"
+
+
+def test_cuda_graph_capture_and_replay():
+    """Capture one decode step (with KV splits, so the in-kernel combine runs), replay it on new steps."""
+    from gpu.cuda_attention import CudaAttention
+
+    seed = _new_seed()
+    dtype, d, bs, hq, hkv = torch.float16, 128, 16, 32, 8
+    seq0 = [3000, 1500, 17, 4000]
+    arena, tables = _arena(dtype, d, bs, hkv, [s + 8 for s in seq0])
+    ref_arena = _clone(arena)
+    backend = CudaAttention(arena, d**-0.5)
+    backend.warmup()
+    meta = build_metadata([1] * 4, seq0, tables, bs, "cuda")  # static: replays rewrite its tensors
+    q = torch.randn(4, hq, d, device="cuda").to(dtype)
+    k = torch.randn(4, hkv, d, device="cuda").to(dtype)
+    v = torch.randn(4, hkv, d, device="cuda").to(dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up step on a side stream, as torch recommends
+        backend.forward(0, q, k, v, meta)
+    torch.cuda.current_stream().wait_stream(side)
+    _reference(ref_arena, 0, q, k, v, meta, d**-0.5)  # keep the reference arena in step
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(0, q, k, v, meta)
+    for step in range(1, 4):
+        new = build_metadata([1] * 4, [s + step for s in seq0], tables, bs, "cuda")
+        meta.seq_lens.copy_(new.seq_lens)
+        meta.slot_mapping.copy_(new.slot_mapping)
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        k.copy_(torch.randn_like(k, dtype=torch.float32))
+        v.copy_(torch.randn_like(v, dtype=torch.float32))
+        out.fill_(float("nan"))
+        graph.replay()
+        refs = _reference(ref_arena, 0, q, k, v, new, d**-0.5)
+        _check(out, refs, new, dtype, seed, f"graph replay {step}")
+    torch.cuda.synchronize()
+    assert torch.equal(arena.kv, ref_arena.kv), f"seed={seed}"
+
+
+def test_one_launch_per_layer_per_step():
+    """A mixed batch (prefill chunks + decodes) costs exactly one kernel launch per layer, all told."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpu.cuda_attention import CudaAttention
+
+    _new_seed()
+    dtype, d, bs, hq, hkv, layers = torch.bfloat16, 64, 16, 14, 2, 3
+    q_lens, seq_lens = CASES["mixed"]
+    arena, tables = _arena(dtype, d, bs, hkv, seq_lens, num_layers=layers)
+    backend = CudaAttention(arena, d**-0.5)
+    backend.warmup()
+    meta = build_metadata(q_lens, seq_lens, tables, bs, "cuda")
+    t = meta.num_tokens
+    q = torch.randn(t, hq, d, device="cuda").to(dtype)
+    k = torch.randn(t, hkv, d, device="cuda").to(dtype)
+    v = torch.randn(t, hkv, d, device="cuda").to(dtype)
+    torch.cuda.synchronize()
+    before = backend.launches
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for layer in range(layers):
+            backend.forward(layer, q, k, v, meta)
+        torch.cuda.synchronize()
+    assert backend.launches - before == layers
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == layers and all("paged_attention" in n for n in kernels), kernels
