@@ -24,6 +24,7 @@ from gpu.sampler import SampleSpec
 from streamer.allocator import AllocatorStats, BlockAllocator
 from streamer.config import EngineConfig
 from streamer.detok import Detokenizer
+from streamer.metrics import Metrics, StepRecord
 from streamer.scheduler import Scheduler, Sequence, StepPlan
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent
 
@@ -43,6 +44,7 @@ class Request:
     label: str  # the client's id, for logs
     t_scheduled: float | None = None
     t_first: float | None = None
+    t_last: float | None = None  # last token sent
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class Engine:
         self._limiter = trio.CapacityLimiter(1)
         self._steps = 0
         self._closing = False
+        self._last_step_end: float | None = None  # None while idle
+        self.metrics = Metrics()
 
     # --- request side (any task) ---------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -178,6 +182,7 @@ class Engine:
     async def run(self) -> None:
         while True:
             if not self.scheduler.has_work():
+                self._last_step_end = None
                 self._handle(await self._inbox.receive())  # block when idle
             while True:  # drain when busy
                 try:
@@ -207,12 +212,13 @@ class Engine:
                 self._end(rid, "cancelled")
 
     async def _step(self, plan: StepPlan) -> None:
-        now = time.monotonic()
+        t_start = time.monotonic()
         inputs = []
         for c in plan.chunks:
             req = self._requests[c.seq.request_id]
             if req.t_scheduled is None:
-                req.t_scheduled = now
+                req.t_scheduled = t_start
+                self.metrics.observe("queue", t_start - req.t_arrival, t_start)
             spec = None
             if c.sample:
                 p = req.params
@@ -229,12 +235,16 @@ class Engine:
             return
         self._steps += 1
         now = time.monotonic()
-        for out in self.scheduler.update(plan, sampled):
+        outputs = self.scheduler.update(plan, sampled)
+        for out in outputs:
             req = self._requests.get(out.seq.request_id)
             if req is None:
                 continue
             if req.t_first is None:
                 req.t_first = now
+                self.metrics.observe("ttft", now - req.t_arrival, now)
+            self.metrics.token(now - req.t_last if req.t_last else None, now)
+            req.t_last = now
             text = req.detok.add(out.token_id)
             reason = out.finish_reason
             if req.detok.stopped and reason is None:
@@ -245,6 +255,16 @@ class Engine:
             self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
             if reason:
                 self._end(req.seq.request_id, reason)
+        self._record_step(plan, t_start, now, len(outputs))
+
+    def _record_step(self, plan: StepPlan, t_start: float, t_end: float, generated: int) -> None:
+        decode = sum(c.length for c in plan.chunks if c.length == 1 and c.sample)
+        kv = self.allocator.statistics()
+        gap = t_start - self._last_step_end if self._last_step_end is not None else 0.0
+        self._last_step_end = t_end
+        rec = StepRecord(t_end, t_end - t_start, gap, plan.num_tokens - decode, decode, generated,
+                         len(self.scheduler.running), len(self.scheduler.waiting), kv.used_blocks, kv.free_blocks)
+        self.metrics.step(rec, len(plan.preempted))
 
     def _send(self, req: Request, event) -> None:
         try:
@@ -268,6 +288,8 @@ class Engine:
         timing = Timing(ms(req.t_scheduled), ms(req.t_first), ms(now), round(tpot, 3))
         self._send(req, FinishEvent(reason, len(req.seq.prompt_ids), n, timing, error))
         req.outbox.close()
+        self.metrics.observe("e2e", now - req.t_arrival, now)
+        self.metrics.finished_request(reason, len(req.seq.prompt_ids), error.code if error else None)
         log.info(
             "request_finished", request_id=req.label, prompt_tokens=len(req.seq.prompt_ids),
             completion_tokens=n, queue_ms=timing.queue_ms, ttft_ms=timing.ttft_ms, tpot_ms=timing.tpot_ms,

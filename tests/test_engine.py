@@ -182,3 +182,21 @@ async def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown random model"):
         async with open_engine(EngineConfig(model="random:nope")):
             pass
+
+
+async def test_metrics_measure_every_token_gap_and_finish(engine):
+    from prometheus_client import generate_latest
+
+    with trio.fail_after(30):
+        for _ in range(3):
+            await collect(engine.generate("metrics", SamplingParams(max_tokens=5, ignore_eos=True)))
+    snap = engine.metrics.snapshot()
+    assert snap["since_start"]["ttft"]["count"] == 3
+    assert snap["since_start"]["itl"]["count"] == 3 * 4  # every gap, not a mean
+    assert snap["since_start"]["e2e"]["count"] == 3 and snap["window"]["e2e"]["count"] == 3
+    assert snap["since_start"]["ttft"]["p50_ms"] <= snap["since_start"]["e2e"]["p99_ms"]
+    assert snap["tokens_generated"] == 15 and snap["kv_used_blocks"] == 0
+    text = generate_latest(engine.metrics.registry).decode()
+    assert 'streamer_requests_total{finish_reason="length"} 3.0' in text
+    assert "streamer_inter_token_latency_seconds_bucket" in text
+    assert "streamer_generated_tokens_total 15.0" in text

@@ -1,0 +1,159 @@
+"""Latency and load metrics, measured at the source: the step loop reports, web handlers read.
+
+Prometheus series (prometheus-client) for scraping, and HDR histograms (hdrhistogram) for live
+P50/P95/P99 since start and over a sliding window. Only the step-loop task records; readers run
+on the same trio thread, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from hdrh.histogram import HdrHistogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Log-spaced from 1 ms to 60 s, about 12 buckets a decade: P99 readable at millisecond resolution.
+LATENCY_BUCKETS = tuple(round(0.001 * 10 ** (i / 12), 6) for i in range(0, 12 * 4 + 10)) + (float("inf"),)
+SERIES = ("ttft", "itl", "e2e", "queue")
+MAX_US = 3_600_000_000  # one hour in microseconds
+
+
+def _hdr() -> HdrHistogram:
+    return HdrHistogram(1, MAX_US, 3)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step did."""
+
+    t_end: float
+    seconds: float  # wall time of the model step
+    idle_gap: float  # time the device sat idle before this step while work was pending
+    prefill_tokens: int
+    decode_tokens: int
+    generated: int  # tokens sampled and sent
+    running: int
+    waiting: int
+    kv_used: int
+    kv_free: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+
+class Window:
+    """HDR histograms in time slices; the window is the merge of the slices still young enough."""
+
+    def __init__(self, seconds: float = 60.0, slices: int = 6) -> None:
+        self.slice_s = seconds / slices
+        self.slices: deque[tuple[float, dict[str, HdrHistogram]]] = deque(maxlen=slices)
+
+    def record(self, series: str, seconds: float, now: float) -> None:
+        start = now - now % self.slice_s
+        if not self.slices or self.slices[-1][0] != start:
+            self.slices.append((start, {s: _hdr() for s in SERIES}))
+        self.slices[-1][1][series].record_value(max(1, min(MAX_US, int(seconds * 1e6))))
+
+    def merged(self, series: str, now: float) -> HdrHistogram:
+        out = _hdr()
+        for start, hists in self.slices:
+            if start > now - self.slice_s * self.slices.maxlen:
+                out.add(hists[series])
+        return out
+
+
+def percentiles(h: HdrHistogram) -> dict[str, float | int]:
+    if h.get_total_count() == 0:
+        return {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    ms = lambda v: round(v / 1000, 3)  # noqa: E731
+    return {"count": h.get_total_count(), "p50_ms": ms(h.get_value_at_percentile(50)),
+            "p95_ms": ms(h.get_value_at_percentile(95)), "p99_ms": ms(h.get_value_at_percentile(99)),
+            "max_ms": ms(h.get_max_value())}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, window_s: float = 60.0) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        hist = lambda name, doc: Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=r)  # noqa: E731
+        self.prom = {
+            "ttft": hist("streamer_time_to_first_token_seconds", "Arrival to first token"),
+            "itl": hist("streamer_inter_token_latency_seconds", "Gap between consecutive tokens of a request"),
+            "e2e": hist("streamer_request_latency_seconds", "Arrival to finish"),
+            "queue": hist("streamer_queue_time_seconds", "Arrival to first scheduled"),
+        }
+        self.requests = Counter("streamer_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.errors = Counter("streamer_errors", "Errors by code", ["code"], registry=r)
+        self.tokens = Counter("streamer_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("streamer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.preemptions = Counter("streamer_preemptions", "Requests preempted (KV freed, recomputed later)", registry=r)
+        self.running = Gauge("streamer_running_requests", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("streamer_waiting_requests", "Requests waiting for admission", registry=r)
+        self.kv_used = Gauge("streamer_kv_used_blocks", "KV blocks in use", registry=r)
+        self.kv_free = Gauge("streamer_kv_free_blocks", "KV blocks free", registry=r)
+        self.batch_tokens = Gauge("streamer_batch_tokens", "Tokens in the last step", registry=r)
+        self.step_seconds = Histogram("streamer_step_seconds", "Model step wall time", buckets=LATENCY_BUCKETS, registry=r)
+        self.t_start = time.monotonic()
+        self.total = {s: _hdr() for s in SERIES}
+        self.window = Window(window_s)
+        self.steps: deque[StepRecord] = deque(maxlen=512)
+        self.generated = 0
+        self.finished = 0
+
+    def observe(self, series: str, seconds: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.prom[series].observe(seconds)
+        self.total[series].record_value(max(1, min(MAX_US, int(seconds * 1e6))))
+        self.window.record(series, seconds, now)
+
+    def token(self, gap: float | None, now: float) -> None:
+        """A token was emitted; `gap` is the time since the request's previous token (None: first)."""
+        self.tokens.inc()
+        self.generated += 1
+        if gap is not None:
+            self.observe("itl", gap, now)
+
+    def finished_request(self, reason: str, prompt_tokens: int, error_code: str | None = None) -> None:
+        self.finished += 1
+        self.requests.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        if error_code:
+            self.error(error_code)
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def step(self, rec: StepRecord, preempted: int) -> None:
+        self.steps.append(rec)
+        self.step_seconds.observe(rec.seconds)
+        self.preemptions.inc(preempted)
+        self.running.set(rec.running)
+        self.waiting.set(rec.waiting)
+        self.kv_used.set(rec.kv_used)
+        self.kv_free.set(rec.kv_free)
+        self.batch_tokens.set(rec.tokens)
+
+    def snapshot(self, now: float | None = None) -> dict:
+        """Live figures for /stats and the dashboard."""
+        now = time.monotonic() if now is None else now
+        recent = [s for s in self.steps if s.t_end > now - 10]
+        span = (now - recent[0].t_end + recent[0].seconds) if recent else 0.0
+        last = self.steps[-1] if self.steps else None
+        return {
+            "uptime_s": round(now - self.t_start, 3),
+            "window_s": self.window.slice_s * self.window.slices.maxlen,
+            "window": {s: percentiles(self.window.merged(s, now)) for s in ("ttft", "itl", "e2e", "queue")},
+            "since_start": {s: percentiles(self.total[s]) for s in ("ttft", "itl", "e2e", "queue")},
+            "throughput_tok_s": round(sum(s.generated for s in recent) / span, 2) if span else 0.0,
+            "tokens_generated": self.generated,
+            "requests_finished": self.finished,
+            "running": last.running if last else 0,
+            "waiting": last.waiting if last else 0,
+            "kv_used_blocks": last.kv_used if last else 0,
+            "kv_free_blocks": last.kv_free if last else None,
+            "batch_tokens": last.tokens if last else 0,
+            "step_ms": round(last.seconds * 1000, 3) if last else None,
+        }
