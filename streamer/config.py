@@ -18,6 +18,7 @@ class EngineConfig:
     max_running: int = 64  # cap on sequences in one step
     max_waiting: int = 1024  # bounded inbox + waiting queue; beyond it submit() says "overloaded"
     seed: int = 0  # seed of random:NAME weights
+    static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -32,5 +33,7 @@ class EngineConfig:
             raise ValueError("kv_blocks must be >= 1")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             raise ValueError("block_size must be one of 8, 16, 32, 64, 128, 256")
+        if self.static_batch is not None and self.static_batch < 1:
+            raise ValueError("static_batch must be >= 1")
         if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_waiting < 1:
             raise ValueError("max_batch_tokens, max_running and max_waiting must be >= 1")

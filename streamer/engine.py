@@ -112,7 +112,8 @@ class Engine:
         self.runner = runner
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_tokens, config.max_running)
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_tokens, config.max_running,
+                                   config.static_batch)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         self._requests: dict[str, Request] = {}  # owned by the step loop
         self._limiter = trio.CapacityLimiter(1)

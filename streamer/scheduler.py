@@ -76,8 +76,14 @@ class TokenOutput:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_tokens: int, max_running: int) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, block_size: int, max_batch_tokens: int, max_running: int,
+        static_batch: int | None = None,
+    ) -> None:
         self.allocator = allocator
+        # Static batching (a baseline for benchmarks): admit up to `static_batch` requests together,
+        # only once the previous batch has completely finished.
+        self.static_batch = static_batch
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
@@ -115,6 +121,11 @@ class Scheduler:
         chunks: list[Chunk] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
+        if self.static_batch and not self.running:
+            while self.waiting and len(self.running) < self.static_batch:
+                seq = self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)  # blocks come as its prefill chunks are scheduled
 
         # Running requests: decodes (one token to catch up) first, then unfinished prefills.
         for decode_pass in (True, False):
@@ -134,7 +145,8 @@ class Scheduler:
                 budget -= length
 
         # Waiting requests, strictly in order: admit nothing new once blocks or budget run out.
-        while self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted
+               and not self.static_batch):
             seq = self.waiting[0]
             length = min(seq.num_tokens - seq.num_computed, budget)
             need = self._blocks_needed(seq, seq.num_computed + length)

@@ -126,3 +126,18 @@ def test_update_drops_results_of_requests_finished_during_the_step():
     s.finish("a", "cancelled")  # e.g. the client left while the step ran
     assert s.update(plan, [5]) == []
     assert alloc.num_free == alloc.num_blocks
+
+
+def test_static_batching_admits_together_and_waits_for_the_whole_batch():
+    alloc = BlockAllocator(64)
+    s = Scheduler(alloc, BS, 64, 8, static_batch=2)
+    s.add(seq("a", 2, max_tokens=1))
+    s.add(seq("b", 2, max_tokens=4))
+    s.add(seq("c", 2, max_tokens=1))
+    plan = run_step(s)
+    assert [c.seq.request_id for c in plan.chunks] == ["a", "b"]  # a finishes here
+    for _ in range(3):
+        plan = run_step(s)
+        assert [c.seq.request_id for c in plan.chunks] == ["b"]  # c waits although a slot is free
+    plan = run_step(s)
+    assert [c.seq.request_id for c in plan.chunks] == ["c"]
