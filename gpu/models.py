@@ -60,7 +60,7 @@ def random_model_names() -> list[str]:
 def load_model(name: str, device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
     """Resolve ``name`` and load it onto ``device`` in ``dtype``."""
     if name.startswith("random:"):
-        config, weights = random_weights(name.removeprefix("random:"), seed)
+        config, weights = random_weights(name.removeprefix("random:"), seed, device, dtype)
         tokenizer = byte_tokenizer()
     else:
         folder = ensure_smollm2() if name == "smollm2" else Path(name)
@@ -93,6 +93,23 @@ def read_hf_folder(folder: Path):
         weights.update(load_file(f))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return config, weights, tokenizer
+
+
+def load_hf_model(name: str, device="cpu", dtype: torch.dtype = torch.float32):
+    """The very weights `load_model(name)` serves, as a Hugging Face transformers model: the
+    reference for correctness tests and the peer in benchmarks."""
+    from transformers import AutoModelForCausalLM
+
+    if not name.startswith("random:"):
+        folder = ensure_smollm2() if name == "smollm2" else Path(name)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    config, weights = random_weights(name.removeprefix("random:"), 0, device, dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.eval()
 
 
 def ensure_smollm2() -> Path:
@@ -149,19 +166,20 @@ def random_config(name: str):
                                 rms_norm_eps=1e-6, **shapes)
 
 
-def random_weights(name: str, seed: int):
-    """Seeded random weights with real shapes (HF names) for benchmarks and tests."""
+def random_weights(name: str, seed: int, device="cpu", dtype: torch.dtype = torch.float32):
+    """Seeded random weights with real shapes (HF names) for benchmarks and tests, drawn on
+    `device` (same seed and device: same weights)."""
     config = random_config(name)
     spec = ModelSpec.from_hf_config(config)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
 
     def normal(*shape, std):
-        return torch.randn(*shape, generator=gen) * std
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
 
     # Small embeddings next to O(1) layer outputs: tied models then do not just repeat their input.
-    w = {"model.embed_tokens.weight": normal(spec.vocab_size, h, std=0.1), "model.norm.weight": torch.ones(h)}
+    w = {"model.embed_tokens.weight": normal(spec.vocab_size, h, std=0.1), "model.norm.weight": torch.ones(h, device=device, dtype=dtype)}
     if not spec.tie_word_embeddings:
         w["lm_head.weight"] = normal(spec.vocab_size, h, std=h**-0.5)
     for n in range(spec.num_layers):

@@ -24,18 +24,9 @@ def smollm2_dir():
 
 def hf_model(name: str, device="cpu", dtype=torch.float32):
     """The same weights our engine loads for `name`, as a Hugging Face transformers model."""
-    from transformers import AutoModelForCausalLM
+    from gpu.models import load_hf_model
 
-    from gpu.models import ensure_smollm2, random_weights
-
-    if name == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(ensure_smollm2(), dtype=dtype).to(device).eval()
-    config, weights = random_weights(name.removeprefix("random:"), seed=0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.to(device).eval()
+    return load_hf_model(name, device, dtype)
 
 
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> list[list[int]]:
