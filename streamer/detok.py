@@ -13,6 +13,9 @@ REPLACEMENT = "\ufffd"
 class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust backend decodes exactly as `tokenizer.decode(ids,
+        # skip_special_tokens=True, clean_up_tokenization_spaces=False)`, without the Python layers.
+        self._backend = getattr(tokenizer, "_tokenizer", None)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         # Decode windows start a few tokens back so word-boundary rules (leading spaces) apply.
@@ -25,6 +28,8 @@ class Detokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:

@@ -7,12 +7,14 @@ on the same trio thread, so no locks are needed.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from hdrh.histogram import HdrHistogram
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 # Log-spaced from 1 ms to 60 s, about 12 buckets a decade: P99 readable at millisecond resolution.
 LATENCY_BUCKETS = tuple(round(0.001 * 10 ** (i / 12), 6) for i in range(0, 12 * 4 + 10)) + (float("inf"),)
@@ -74,11 +76,36 @@ def percentiles(h: HdrHistogram) -> dict[str, float | int]:
             "max_ms": ms(h.get_max_value())}
 
 
+class LatencyHistogram:
+    """A Prometheus histogram observed once per token, so it must be cheap: a bisect and a list
+    increment, exported through prometheus-client's collector interface at scrape time."""
+
+    def __init__(self, name: str, doc: str, registry: CollectorRegistry) -> None:
+        self.name, self.doc = name, doc
+        self.bounds = list(LATENCY_BUCKETS[:-1])
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def collect(self):
+        cumulative, buckets = 0, []
+        for bound, count in zip([*self.bounds, float("inf")], self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family = HistogramMetricFamily(self.name, self.doc)
+        family.add_metric([], buckets, self.sum)
+        yield family
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, window_s: float = 60.0) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        hist = lambda name, doc: Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=r)  # noqa: E731
+        hist = lambda name, doc: LatencyHistogram(name, doc, r)  # noqa: E731
         self.prom = {
             "ttft": hist("streamer_time_to_first_token_seconds", "Arrival to first token"),
             "itl": hist("streamer_inter_token_latency_seconds", "Gap between consecutive tokens of a request"),
@@ -111,7 +138,6 @@ class Metrics:
 
     def token(self, gap: float | None, now: float) -> None:
         """A token was emitted; `gap` is the time since the request's previous token (None: first)."""
-        self.tokens.inc()
         self.generated += 1
         if gap is not None:
             self.observe("itl", gap, now)
@@ -128,6 +154,7 @@ class Metrics:
 
     def step(self, rec: StepRecord, preempted: int) -> None:
         self.steps.append(rec)
+        self.tokens.inc(rec.generated)
         self.step_seconds.observe(rec.seconds)
         self.preemptions.inc(preempted)
         self.running.set(rec.running)
