@@ -17,6 +17,7 @@ class EngineConfig:
     max_batch_tokens: int = 512  # token budget of one step
     max_running: int = 64  # cap on sequences in one step
     max_waiting: int = 1024  # bounded inbox + waiting queue; beyond it submit() says "overloaded"
+    max_buffered_events: int = 1024  # per request; a client further behind is aborted ("slow_consumer")
     seed: int = 0  # seed of random:NAME weights
     static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
 
@@ -37,3 +38,5 @@ class EngineConfig:
             raise ValueError("static_batch must be >= 1")
         if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_waiting < 1:
             raise ValueError("max_batch_tokens, max_running and max_waiting must be >= 1")
+        if self.max_buffered_events < 2:
+            raise ValueError("max_buffered_events must be >= 2")

@@ -8,6 +8,7 @@ worker thread so websockets keep flowing while the device computes.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Sequence as SeqType
@@ -99,7 +100,7 @@ class Generation:
 
     async def cancel(self) -> None:
         """Ask the step loop to end this request; the stream then ends with 'cancelled'."""
-        await self.engine._inbox_send.send(_Cancel(self.request_id))
+        self.engine._control_send.send_nowait(_Cancel(self.request_id))
 
 
 class Engine:
@@ -115,6 +116,9 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_tokens, config.max_running,
                                    config.static_batch)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
+        # Cancels never wait behind a full inbox. Unbounded in type only: each live request
+        # cancels at most once, so it holds at most as many messages as there are requests.
+        self._control_send, self._control = trio.open_memory_channel(math.inf)
         self._requests: dict[str, Request] = {}  # owned by the step loop
         self._limiter = trio.CapacityLimiter(1)
         self._steps = 0
@@ -158,7 +162,7 @@ class Engine:
         key = uuid.uuid4().hex  # engine-wide unique; clients' ids may repeat across connections
         # Room for every event of the generation: the engine's send_nowait never blocks or drops.
         max_tokens = min(params.max_tokens, capacity - len(ids))
-        send, recv = trio.open_memory_channel(max_tokens + 1)
+        send, recv = trio.open_memory_channel(min(max_tokens + 1, self.config.max_buffered_events))
         seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids)
         request = Request(seq, params, send, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
                           request_id or key)
@@ -185,17 +189,24 @@ class Engine:
             if not self.scheduler.has_work():
                 self._last_step_end = None
                 self._handle(await self._inbox.receive())  # block when idle
-            while True:  # drain when busy
-                try:
-                    self._handle(self._inbox.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            self._drain(self._control, math.inf)
+            # Drain when busy, but only up to max_waiting: past it the inbox fills and submit()
+            # answers "overloaded" at once instead of growing an unbounded queue.
+            self._drain(self._inbox, self.config.max_waiting - len(self.scheduler.waiting))
             self._reap_departed()
             plan = self.scheduler.schedule()
             if not plan.chunks:
                 await trio.sleep(0)
                 continue
             await self._step(plan)
+
+    def _drain(self, channel: trio.MemoryReceiveChannel, limit: float) -> None:
+        while limit > 0:
+            try:
+                self._handle(channel.receive_nowait())
+            except trio.WouldBlock:
+                return
+            limit -= 1
 
     def _handle(self, msg) -> None:
         if isinstance(msg, _Submit):
@@ -255,7 +266,7 @@ class Engine:
                 text += req.detok.finish()
             self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
             if reason:
-                self._end(req.seq.request_id, reason)
+                self._end(req.seq.request_id, reason)  # a no-op if _send already ended it
         self._record_step(plan, t_start, now, len(outputs))
 
     def _record_step(self, plan: StepPlan, t_start: float, t_end: float, generated: int) -> None:
@@ -268,18 +279,23 @@ class Engine:
         self.metrics.step(rec, len(plan.preempted))
 
     def _send(self, req: Request, event) -> None:
+        """Never blocks: the engine does not wait for any client."""
+        outbox = req.outbox
+        if isinstance(event, TokenEvent) and outbox.statistics().current_buffer_used >= outbox.statistics().max_buffer_size - 1:
+            # The client stopped reading: keep the last slot for the error, abort, free the KV.
+            self._end(req.seq.request_id, "error", RequestError("slow_consumer", "the client stopped reading its tokens"))
+            return
         try:
-            req.outbox.send_nowait(event)
+            outbox.send_nowait(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the reader left; _reap_departed aborts the request next step
-        except trio.WouldBlock:  # cannot happen: the channel holds the whole generation
-            raise AssertionError("request outbox overflow") from None
 
     def _end(self, request_id: str, reason: str, error: RequestError | None = None) -> None:
         """Finish a request: free its blocks, send its FinishEvent, log its canonical line."""
         self.scheduler.finish(request_id, reason)
-        req = self._requests.pop(request_id)
-        self._finish_early(req, reason, error)
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self._finish_early(req, reason, error)
 
     def _finish_early(self, req: Request, reason: str, error: RequestError | None = None) -> None:
         now = time.monotonic()

@@ -64,7 +64,7 @@ async def test_reader_leaving_aborts_request_and_frees_blocks(engine):
     with trio.fail_after(30):
         gen = engine.generate("bye", SamplingParams(max_tokens=1000, ignore_eos=True))
         async with gen:
-            async for ev in gen:
+            async for _ in gen:
                 break  # the client disconnects: leaving `async with` closes the stream
         await wait_kv_free(engine)
         assert engine.statistics().running == 0
@@ -200,3 +200,38 @@ async def test_metrics_measure_every_token_gap_and_finish(engine):
     assert 'streamer_requests_total{finish_reason="length"} 3.0' in text
     assert "streamer_inter_token_latency_seconds_bucket" in text
     assert "streamer_generated_tokens_total 15.0" in text
+
+
+async def test_client_that_stops_reading_is_aborted_as_slow_consumer():
+    async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_buffered_events=8)) as eng:
+        gen = eng.generate("never read", SamplingParams(max_tokens=500, ignore_eos=True))
+        async with gen:
+            with trio.fail_after(30):
+                while eng.metrics.finished == 0:  # the client reads nothing meanwhile
+                    await trio.sleep(0.01)
+            assert eng.kv_statistics().used_blocks == 0
+            events = [ev async for ev in gen]
+        assert all(isinstance(e, TokenEvent) for e in events[:-1]) and len(events) == 8
+        assert events[-1].finish_reason == "error" and events[-1].error.code == "slow_consumer"
+
+
+async def test_waiting_queue_is_bounded_and_cancel_is_never_stuck_behind_it():
+    async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_waiting=4, max_running=1)) as eng:
+        with trio.fail_after(30):
+            long = eng.generate("hog", SamplingParams(max_tokens=10_000 // 16, ignore_eos=True))
+            async with long:
+                await long.__anext__()  # running
+                queued, refused = [], 0
+                for _ in range(20):
+                    try:
+                        queued.append(eng.submit([1, 2], SamplingParams(max_tokens=1)))
+                    except RequestError as err:
+                        assert err.code == "overloaded"
+                        refused += 1
+                    await trio.sleep(0.01)  # let the step loop drain what it may
+                assert 0 < len(queued) <= 2 * 4 and refused == 20 - len(queued)
+                await long.cancel()
+                assert [ev async for ev in long][-1].finish_reason == "cancelled"
+            for g in queued:
+                _, done = await collect(g)
+                assert done.finish_reason == "length"
