@@ -17,23 +17,37 @@ from gpu.arena import KVArena
 from gpu.attention import AttnMetadata
 
 _SRC = Path(__file__).parent / "csrc" / "paged_attention.cu"
-_BN = 64  # key positions per tile; must match BN in the .cu
 _THREADS = 128
 _WS_ROWS = 1 << 16  # partial-output rows of the flash-decoding workspace (32 MiB at D=128)
 _MAX_COUNTERS = 1 << 13  # (q tile, kv head) pairs that may split in one launch
-_MODULES: dict[tuple, dict[str, object]] = {}  # (cc, bf16, head_dim, block_size) -> {variant: RawKernel}
+_M64_MIN_BLOCKS = 3  # resident m64 blocks per SM the compiler must allow (tuning knob, see bench)
+_M16_STAGES = {64: 2, 128: 3}  # cp.async stages of the decode kernel per head_dim (tuning knob)
+# (cc, bf16, head_dim, block_size, m64 min blocks, m16 stages) -> {variant: (RawKernel, blocks per SM)}
+_MODULES: dict[tuple, dict[str, tuple[object, int]]] = {}
 
 
-def _smem_bytes(bm: int, head_dim: int) -> int:
-    return (bm * head_dim + 4 * _BN * head_dim) * 2  # Q tile + 2 stages of K and V tiles
+_BN = 64  # key positions per tile (BN in the .cu)
 
 
-def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device) -> dict[str, object]:
-    """Compile (once per process and specialisation) and return {"m64": kernel, "m16": kernel}."""
+def _smem_bytes(variant: str, head_dim: int) -> int:
+    """Dynamic shared memory: STAGES x (K and V tiles); Q lives in registers. Mirrors the .cu."""
+    stages = 2 if variant == "m64" else _M16_STAGES[head_dim]
+    return stages * 2 * _BN * head_dim * 2
+
+
+def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device) -> dict[str, tuple]:
+    """Compile once per process and specialisation; {"m64"|"m16": (kernel, resident blocks per SM)}."""
     import cupy
 
     major, minor = torch.cuda.get_device_capability(device)
-    key = (major * 10 + minor, dtype == torch.bfloat16, head_dim, block_size)
+    key = (
+        major * 10 + minor,
+        dtype == torch.bfloat16,
+        head_dim,
+        block_size,
+        _M64_MIN_BLOCKS,
+        _M16_STAGES[head_dim],
+    )
     if key in _MODULES:
         return _MODULES[key]
     options = (
@@ -42,6 +56,8 @@ def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.d
         f"-DATTN_BF16={int(key[1])}",
         f"-DHEAD_DIM={head_dim}",
         f"-DBLOCK_SIZE={block_size}",
+        f"-DM64_MIN_BLOCKS={_M64_MIN_BLOCKS}",
+        f"-DM16_STAGES={_M16_STAGES[head_dim]}",
     )
     code = _SRC.read_text()
     try:
@@ -53,13 +69,37 @@ def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.d
     return kernels
 
 
-def _load(module, head_dim: int) -> dict[str, object]:
+def _load(module, head_dim: int) -> dict[str, tuple]:
+    import cupy
+
     kernels = {}
-    for variant, bm in (("m64", 64), ("m16", 16)):
+    for variant in ("m64", "m16"):
         kern = module.get_function(f"paged_attention_{variant}")
-        kern.max_dynamic_shared_size_bytes = _smem_bytes(bm, head_dim)  # loads the module: compiles now
-        kernels[variant] = kern
+        smem = _smem_bytes(variant, head_dim)
+        kern.max_dynamic_shared_size_bytes = smem  # loads the module: compiles now
+        try:
+            resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                kern.kernel.ptr, _THREADS, smem
+            )
+        except Exception as exc:  # only the split heuristic needs it
+            warnings.warn(f"occupancy query failed ({exc}); assuming 2 blocks per SM", stacklevel=2)
+            resident = 2
+        kernels[variant] = (kern, max(1, int(resident)))
     return kernels
+
+
+def _num_splits(blocks: int, slots: int, max_splits: int) -> int:
+    """Fewest KV splits whose grid fills its last wave of `slots` resident blocks >= 90% as well as the
+    best split count would: a grid of 1.3 waves runs its tail on a third of the GPU."""
+    if blocks >= 4 * slots or max_splits <= 1:
+        return 1
+
+    def fill(s: int) -> float:
+        n = blocks * s
+        return n / (slots * math.ceil(n / slots))
+
+    best = max(fill(s) for s in range(1, max_splits + 1))
+    return next(s for s in range(1, max_splits + 1) if fill(s) >= 0.9 * best)
 
 
 class CudaAttention:
@@ -101,17 +141,15 @@ class CudaAttention:
         tq = bm // group
         grid_x = meta.num_tokens // tq + meta.num_seqs  # bound on q tiles; the kernel skips spare ones
         blocks = hkv * sum(-(-q // tq) for q in meta.q_lens_host)
-        splits = 1
-        # Few blocks (decode of few requests, short chunks on long context): split the key range so
-        # about three waves of blocks cover the SMs, each split >= 4 key tiles.
-        if blocks < 2 * self._num_sms and grid_x * hkv <= _MAX_COUNTERS:
-            splits = min(
-                math.ceil(3 * self._num_sms / blocks),
-                max(1, math.ceil(meta.max_seq_len / _BN) // 4),
-                64,
-                _WS_ROWS // (grid_x * hkv * bm),
-            )
-            splits = max(1, splits)
+        s = self.arena.shape
+        resident = _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device)[variant][1]
+        # Split the key range (flash-decoding) when the grid is a few waves or less: each split keeps
+        # >= 4 key tiles, and the workspace and counters bound the count.
+        tiles = math.ceil(meta.max_seq_len / _BN)
+        max_splits = min(64, tiles // 4, _WS_ROWS // (grid_x * hkv * bm))
+        if grid_x * hkv > _MAX_COUNTERS:
+            max_splits = 1
+        splits = _num_splits(blocks, resident * self._num_sms, max_splits)
         plan = (variant, tq, grid_x, splits)
         self._plan_meta = (meta, num_q_heads, plan)
         return plan
@@ -125,7 +163,12 @@ class CudaAttention:
         return self._streams[ptr]
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttnMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: (T, Hq, D); k, v: (T, Hkv, D). Writes k, v at meta.slot_mapping of `layer`, returns (T, Hq, D).
@@ -147,17 +190,19 @@ class CudaAttention:
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
 
         variant, _tq, grid_x, splits = self.launch_plan(meta, hq)
-        kern = _kernels(self.arena.dtype, d, s.block_size, self._device)[variant]
+        kern = _kernels(self.arena.dtype, d, s.block_size, self._device)[variant][0]
         k_cache, v_cache = self.arena.layer(layer)
-        bm = 16 if variant == "m16" else 64
         args = (
             *(np.uint64(x.data_ptr()) for x in (out, q, k, v, k_cache, v_cache)),
             *(np.uint64(x.data_ptr()) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
             *(np.uint64(x.data_ptr()) for x in (meta.block_tables, meta.slot_mapping)),
             *(np.uint64(x.data_ptr()) for x in (self._ws_o, self._ws_ml, self._counters)),
-            np.int32(meta.num_seqs), np.int32(hq), np.int32(hkv), np.float32(self.scale * math.log2(math.e)),
+            np.int32(meta.num_seqs),
+            np.int32(hq),
+            np.int32(hkv),
+            np.float32(self.scale * math.log2(math.e)),
         )
         with self._stream():  # launch on torch's current stream (also the capture stream in a graph)
-            kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=_smem_bytes(bm, d))
+            kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=_smem_bytes(variant, d))
         self.launches += 1
         return out

@@ -17,7 +17,8 @@ from gpu.attention import build_metadata, gather_history, reference_attention, w
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None, reason="needs CUDA and cupy"
+        not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None,
+        reason="needs CUDA and cupy",
     ),
 ]
 
@@ -64,7 +65,9 @@ def _reference(ref: KVArena, layer, q, k, v, meta, scale) -> list[torch.Tensor]:
     """float64 per-request outputs; also applies the step's K/V write to `ref`."""
     write_kv(ref, layer, k, v, meta.slot_mapping)
     outs, start = [], 0
-    for q_len, seq_len, table in zip(meta.q_lens_host, meta.seq_lens_host, meta.block_tables_host, strict=True):
+    for q_len, seq_len, table in zip(
+        meta.q_lens_host, meta.seq_lens_host, meta.block_tables_host, strict=True
+    ):
         kh, vh = gather_history(ref, layer, table, seq_len)
         outs.append(reference_attention(q[start : start + q_len].double(), kh.double(), vh.double(), scale))
         start += q_len
@@ -102,7 +105,7 @@ def _run_case(dtype, head_dim, block_size, hq, hkv, q_lens, seq_lens, seed, what
     refs = _reference(ref_arena, 0, q, k, v, meta, scale)
     torch.cuda.synchronize()
     assert torch.equal(arena.kv, ref_arena.kv), f"arena differs after the K/V write {what} seed={seed}"
-    return _check(out, refs, meta, dtype, seed, what)
+    return _check(out, refs, meta, dtype, seed, what), backend.launch_plan(meta, hq)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -117,8 +120,8 @@ def test_matches_reference(dtype, head_dim, block_size, case):
     hkv = random.choice([1, 2, 4])
     group = random.choice([1, 2, 4, 7, 8])
     what = f"{dtype}/d{head_dim}/bs{block_size}/{case}/hq{hkv * group}/hkv{hkv}"
-    err = _run_case(DTYPES[dtype], head_dim, block_size, hkv * group, hkv, q_lens, seq_lens, seed, what)
-    print(f"{what}: worst rel err {err:.2e}")
+    err, plan = _run_case(DTYPES[dtype], head_dim, block_size, hkv * group, hkv, q_lens, seq_lens, seed, what)
+    print(f"{what}: worst rel err {err:.2e}, plan {plan}")
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 32])
@@ -132,10 +135,14 @@ def test_gqa_ratios(group, case):
 
 
 def test_small_mixed_for_sanitizer():
-    """Small mixed batch through both kernel variants and the split path (run under compute-sanitizer)."""
+    """Small batches through both kernel variants, split and unsplit (also run under compute-sanitizer)."""
     seed = _new_seed()
-    _run_case(torch.float16, 64, 16, 8, 2, [1, 5, 1, 40], [70, 5, 300, 90], seed, "small-mixed")
-    _run_case(torch.bfloat16, 128, 16, 8, 2, [1, 1, 1], [33, 700, 129], seed, "small-decode")
+    _, plan = _run_case(torch.float16, 64, 16, 8, 2, [1, 5, 1, 40], [70, 5, 300, 90], seed, "small-mixed")
+    assert plan[0] == "m64" and plan[3] == 1, plan  # one split: output written directly
+    _, plan = _run_case(torch.bfloat16, 128, 16, 8, 2, [1, 1, 1], [33, 700, 129], seed, "small-decode")
+    assert plan[0] == "m16" and plan[3] > 1, plan  # split keys: partials + in-kernel combine
+    _, plan = _run_case(torch.float16, 128, 256, 32, 8, [1] * 5, [1, 17, 100, 255, 3], seed, "short-decode")
+    assert plan[0] == "m16" and plan[3] == 1, plan  # decode kernel writing its output directly
 
 
 def test_chunked_prefill_then_decode_steps():
@@ -190,6 +197,7 @@ def test_cuda_graph_capture_and_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = backend.forward(0, q, k, v, meta)
+    assert backend.launch_plan(meta, hq)[3] > 1  # the captured launch splits keys and combines in-kernel
     for step in range(1, 4):
         new = build_metadata([1] * 4, [s + step for s in seq0], tables, bs, "cuda")
         meta.seq_lens.copy_(new.seq_lens)
@@ -205,6 +213,7 @@ def test_cuda_graph_capture_and_replay():
     assert torch.equal(arena.kv, ref_arena.kv), f"seed={seed}"
 
 
+@pytest.mark.filterwarnings("ignore:.*Profiler clears events")
 def test_one_launch_per_layer_per_step():
     """A mixed batch (prefill chunks + decodes) costs exactly one kernel launch per layer, all told."""
     from torch.profiler import ProfilerActivity, profile

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import gpu.cuda_attention
 from gpu.arena import ArenaShape, KVArena
 from gpu.attention import build_metadata
 from gpu.cuda_attention import CudaAttention
@@ -61,7 +62,7 @@ def bench_ms(calls, reps: int = 15) -> float:
 
 def ceilings() -> tuple[float, float]:
     """(device-to-device copy GB/s counting read + write, bf16 8192^3 matmul TFLOP/s)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
     y = torch.empty_like(x)
     copy_ms = bench_ms([lambda: y.copy_(x)])
     a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
@@ -137,7 +138,10 @@ def decode_rows(copy_gbs, batches, contexts):
                 peer = bench_ms(sdpa_calls((b, hkv, hq // hkv, d), (b, hkv, ctx, d), False, copies))
                 torch.cuda.empty_cache()
                 rows.append((model, b, ctx, ours, moved / ours / 1e6, copy_gbs, peer, splits))
-                print(f"decode {model} B={b} ctx={ctx}: {ours * 1e3:.1f} us vs sdpa {peer * 1e3:.1f} us", flush=True)
+                print(
+                    f"decode {model} B={b} ctx={ctx}: {ours * 1e3:.1f} us vs sdpa {peer * 1e3:.1f} us",
+                    flush=True,
+                )
     return rows
 
 
@@ -194,17 +198,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--out", help="also write the markdown table here")
+    ap.add_argument("--only", choices=["decode", "prefill"], help="one half of the table")
+    ap.add_argument("--m64-min-blocks", type=int, help="override the prefill kernel's launch bound")
+    ap.add_argument("--m16-stages", type=int, help="override the decode kernel's pipeline depth")
+    ap.add_argument("--block-size", type=int, default=16, help="arena block size (tokens)")
     args = ap.parse_args()
+    globals()["BLOCK"] = args.block_size
+    if args.m64_min_blocks:
+        gpu.cuda_attention._M64_MIN_BLOCKS = args.m64_min_blocks
+    if args.m16_stages:
+        gpu.cuda_attention._M16_STAGES = {64: args.m16_stages, 128: args.m16_stages}
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
+    warm = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    for _ in range(200):  # ~0.3 s of matmuls so clocks settle before the ceilings are measured
+        warm @ warm
+    del warm
     copy_gbs, mm_tflops = ceilings()
     print(f"{dev}: copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+
+    batches, contexts, chunks = [1, 16, 64, 256], [512, 2048, 8192, 32768], [512, 2048, 8192]
     if args.quick:
-        dec = decode_rows(copy_gbs, [1, 64], [2048, 32768])
-        pre = prefill_rows([2048])
-    else:
-        dec = decode_rows(copy_gbs, [1, 16, 64, 256], [512, 2048, 8192, 32768])
-        pre = prefill_rows([512, 2048, 8192])
+        batches, contexts, chunks = [1, 64], [2048, 32768], [2048]
+    dec = [] if args.only == "prefill" else decode_rows(copy_gbs, batches, contexts)
+    pre = [] if args.only == "decode" else prefill_rows(chunks)
+    for key, kernels in gpu.cuda_attention._MODULES.items():
+        print(f"module {key}: resident blocks/SM", {v: r for v, (_k, r) in kernels.items()})
     table = render(dev, copy_gbs, mm_tflops, dec, pre)
     print(table)
     if args.out:

@@ -9,8 +9,9 @@
 // request times the G q heads that share kv head y, so one K/V tile read from the arena serves
 // all G heads (GQA). Request r owns tiles [cu_q[r]/TQ + r, cu_q[r+1]/TQ + r + 1); spare tiles
 // exit at once. Two variants share the body:
-//   m64: BM = 64 rows, 4 warps stacked over rows    (prefill chunks, mixed batches)
-//   m16: BM = 16 rows, 4 warps side by side over keys (decode: q_len * G <= 16)
+//   m64: BM = 64 rows, 4 warps stacked over rows    (prefill chunks, mixed batches), 2 stages
+//   m16: BM = 16 rows, 4 warps side by side over keys (decode: q_len * G <= 16); memory-bound,
+//        so a deeper cp.async pipeline (M16_STAGES tiles) keeps more bytes in flight
 // Positions before the step's first new token come from the arena through the block table;
 // the step's new positions come from the k/v inputs, so no block waits on another's write.
 
@@ -98,7 +99,7 @@ __device__ __forceinline__ u32 swz(int row, int ch) {
   return (u32)(row * D + ((ch ^ (row & 7)) << 3)) * 2u;
 }
 
-template <bool BF16, int D, int BS, int WARPS_N>
+template <bool BF16, int D, int BS, int WARPS_N, int STAGES>  // STAGES: K/V tiles in shared memory
 __device__ __forceinline__ void attention_tile(
     u16* __restrict__ out, const u16* __restrict__ q, const u16* __restrict__ k_new,
     const u16* __restrict__ v_new, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
@@ -112,13 +113,14 @@ __device__ __forceinline__ void attention_tile(
   constexpr int NT = NW / 8;        // n8 score tiles per warp
   constexpr int DC = D / 8;         // 16-byte chunks per row
   constexpr int OS = D + 4;         // fp32 row stride of the epilogue buffer (padding vs bank conflicts)
-  static_assert(WARPS_N * BM * OS * 4 <= 4 * BN * D * 2, "epilogue buffer must fit in the K/V stages");
+  static_assert(WARPS_N * BM * OS * 4 <= STAGES * 2 * BN * D * 2, "epilogue buffer must fit in the stages");
+  static_assert(STAGES >= 2 && BN <= NTHREADS && (BN * DC) % NTHREADS == 0, "tile shape");
 
   extern __shared__ __align__(16) unsigned char smem[];
-  u16* sQ = reinterpret_cast<u16*>(smem);  // (BM, D)
-  u16* sK = sQ + BM * D;                     // 2 stages of (BN, D)
-  u16* sV = sK + 2 * BN * D;                 // 2 stages of (BN, D)
+  u16* sK = reinterpret_cast<u16*>(smem);    // STAGES x (BN, D)
+  u16* sV = sK + STAGES * BN * D;            // STAGES x (BN, D)
   float* sO = reinterpret_cast<float*>(sK);  // epilogue: (WARPS_N*BM, OS), reuses the stages
+  __shared__ long long s_off[STAGES][BN];    // per stage: element offset of each key row's source
   __shared__ float red_m[WARPS_N][BM], red_l[WARPS_N][BM];
   __shared__ int s_last;
 
@@ -138,8 +140,10 @@ __device__ __forceinline__ void attention_tile(
   const int req = lo;
   const int q_start = cu_seqlens_q[req];
   const int q_len = cu_seqlens_q[req + 1] - q_start;
-  const int t0 = (bx - (q_start / TQ + req)) * TQ;  // first token of this tile within the request
-  if (t0 >= q_len) return;                            // spare tile
+  const int req_tiles = (q_len + TQ - 1) / TQ;
+  const int local = bx - (q_start / TQ + req);
+  if (local >= req_tiles) return;             // spare tile
+  const int t0 = (req_tiles - 1 - local) * TQ;  // last (longest) q tiles first: shorter causal tail
   const int nq = min(TQ, q_len - t0);
   const int ctx_start = seq_lens[req] - q_len;  // position of the step's first new token
   const int kv_hi = ctx_start + t0 + nq;        // this tile attends to keys [0, kv_hi)
@@ -167,48 +171,63 @@ __device__ __forceinline__ void attention_tile(
     }
   }
 
-  // Q tile -> shared (zero rows past the tile's tokens).
-  for (int c = tid; c < BM * DC; c += NTHREADS) {
-    const int row = c / DC, ch = c % DC, tok = row / G;
-    const bool ok = row < TQ * G && tok < nq;
-    const u16* src = ok ? q + ((long long)(q_start + t0 + tok) * num_q_heads + kvh * G + row % G) * D + ch * 8 : q;
-    cp_async16(smem_addr(sQ) + swz<D>(row, ch), src, ok ? 16 : 0);
-  }
+  // Element offset of key row `row` of `tile`, into k_cache/v_cache (history, through the block
+  // table) or k_new/v_new (this step's tokens). Computed a tile before its loads are issued, by
+  // threads < BN, and kept in s_off: the block-table load's latency never delays a cp.async.
+  auto row_off = [&](int tile, int row) -> long long {
+    const int p = tile * BN + row;
+    if (p >= kv_end) return 0;  // zero-filled row
+    if (p >= ctx_start) return ((long long)(q_start + p - ctx_start) * num_kv_heads + kvh) * D;
+    return (long long)bt[p / BS] * blk_stride + head_off + (long long)(p % BS) * D;
+  };
   auto load_kv = [&](int tile, int stage) {
     const u32 dk = smem_addr(sK + stage * BN * D), dv = smem_addr(sV + stage * BN * D);
-#pragma unroll 4  // full unroll hoists every address into registers (spills at D=128)
+#pragma unroll 4
     for (int i = 0; i < BN * DC / NTHREADS; ++i) {
       const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
-      const u16 *sk = k_new, *sv = v_new;
-      int bytes = 16;
-      if (p >= kv_end) {
-        bytes = 0;
-      } else if (p >= ctx_start) {  // new token of this step: from the inputs
-        const long long o = ((long long)(q_start + p - ctx_start) * num_kv_heads + kvh) * D + ch * 8;
-        sk = k_new + o;
-        sv = v_new + o;
-      } else {  // history: through the block table
-        const long long o = (long long)bt[p / BS] * blk_stride + head_off + (long long)(p % BS) * D + ch * 8;
-        sk = k_cache + o;
-        sv = v_cache + o;
-      }
-      cp_async16(dk + swz<D>(row, ch), sk, bytes);
-      cp_async16(dv + swz<D>(row, ch), sv, bytes);
+      const long long o = s_off[stage][row] + ch * 8;
+      const bool hist = p < ctx_start;
+      const int bytes = p < kv_end ? 16 : 0;
+      cp_async16(dk + swz<D>(row, ch), (hist ? k_cache : k_new) + o, bytes);
+      cp_async16(dv + swz<D>(row, ch), (hist ? v_cache : v_new) + o, bytes);
     }
   };
-  load_kv(tile_lo, 0);
-  cp_async_commit();  // group 0: Q + first K/V tile
+  // Pipeline: tile i lives in stage i % STAGES and is cp.async group i (empty groups past the end
+  // keep the count uniform); STAGES - 1 tiles are in flight while one is computed.
+  if (tid < BN) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st)
+      if (tile_lo + st < tile_hi) s_off[st][tid] = row_off(tile_lo + st, tid);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (tile_lo + st < tile_hi) load_kv(tile_lo + st, st);
+    cp_async_commit();
+  }
 
-  // This thread's two rows: lane/4 and lane/4 + 8 of the warp's 16.
+  // This thread's two rows: lane/4 and lane/4 + 8 of the warp's 16. Q goes straight from global
+  // memory into mma A fragments (read once per block; keeps shared memory for K/V stages).
   int qpos[2];
+  const u16* qrow[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = wm * 16 + (lane >> 2) + r * 8, tok = row / G;
-    qpos[r] = (row < TQ * G && tok < nq) ? ctx_start + t0 + tok : -1;
+    const bool ok = row < TQ * G && tok < nq;
+    qpos[r] = ok ? ctx_start + t0 + tok : -1;
+    qrow[r] = ok ? q + ((long long)(q_start + t0 + tok) * num_q_heads + kvh * G + row % G) * D : nullptr;
+  }
+  u32 qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {  // A fragment: h&1 picks row g / g+8, h>>1 the k half
+      const u16* r = qrow[h & 1];
+      qf[kk][h] = r ? *reinterpret_cast<const u32*>(r + kk * 16 + (h >> 1) * 8 + 2 * (lane & 3)) : 0u;
+    }
   }
   const int mask_from = min(kv_end, ctx_start + t0 + 1);  // tiles ending past this need masks
 
-  u32 qf[D / 16][4];
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -216,22 +235,15 @@ __device__ __forceinline__ void attention_tile(
 
   const int n_it = tile_hi - tile_lo;
   for (int it = 0; it < n_it; ++it) {
-    const int stage = it & 1, tile = tile_lo + it;
-    if (it + 1 < n_it) {  // prefetch the next tile into the other stage
-      load_kv(tile + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // sync point: this stage's tile (and Q) visible to all warps
-    if (it == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int row = wm * 16 + (lane & 15), ch = kk * 2 + (lane >> 4);
-        ldsm_x4(smem_addr(sQ) + swz<D>(row, ch), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
-      }
-    }
+    const int stage = it % STAGES, tile = tile_lo + it;
+    if (it + STAGES - 1 < n_it) load_kv(tile + STAGES - 1, (it + STAGES - 1) % STAGES);  // that stage
+    cp_async_commit();  // was computed last iteration (closing barrier) and its s_off filled then
+    // Row offsets of tile+STAGES go to s_off[stage] (tile's own loads were issued long ago). Loaded
+    // here, stored after the compute below, so the block-table latency hides behind it.
+    const bool next_off = tid < BN && tile + STAGES < tile_hi;
+    const long long off_next = next_off ? row_off(tile + STAGES, tid) : 0;
+    cp_async_wait<STAGES - 1>();  // group `it` (this tile) has landed, for this thread
+    __syncthreads();  // sync point: this stage's tile visible to all warps
     const u32 kb = smem_addr(sK + stage * BN * D), vb = smem_addr(sV + stage * BN * D);
 
     // S = Q K^T for this warp's 16 rows x NW keys.
@@ -306,9 +318,11 @@ __device__ __forceinline__ void attention_tile(
         mma16816<BF16>(acc[2 * dp + 1], pa, b2, b3);
       }
     }
+    if (next_off) s_off[stage][tid] = off_next;
     __syncthreads();  // sync point: stage free before the next iteration's prefetch overwrites it
   }
 
+  cp_async_wait<0>();  // only empty groups remain; the stages become the epilogue buffer
   // Epilogue: merge the WARPS_N column-warps of each row through shared memory.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -404,10 +418,22 @@ __device__ __forceinline__ void attention_tile(
   out, q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, \
       ws_o, ws_ml, counters, num_seqs, num_q_heads, num_kv_heads, scale_log2
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) paged_attention_m64(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 1>(ATTN_ARGS);
+// M64_MIN_BLOCKS=3 caps registers at 168 so three prefill blocks share an SM at D=128 (a few
+// spills; without it ptxas takes ~172 registers and two blocks fit). D=64 fits three unbounded.
+#if defined(M64_MIN_BLOCKS) && M64_MIN_BLOCKS > 1 && HEAD_DIM > 64
+#define M64_BOUNDS __launch_bounds__(NTHREADS, M64_MIN_BLOCKS)
+#else
+#define M64_BOUNDS __launch_bounds__(NTHREADS)
+#endif
+extern "C" __global__ void M64_BOUNDS paged_attention_m64(ATTN_PARAMS) {
+  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
 }
+// Decode is memory-bound: 3 stages (96 KB, 2 blocks/SM) measured best at D=128, 2 stages (32 KB,
+// 4+ blocks/SM) at D=64. The loader passes -DM16_STAGES (the bench can vary it).
+#ifndef M16_STAGES
+#define M16_STAGES (HEAD_DIM == 64 ? 2 : 3)
+#endif
 extern "C" __global__ void __launch_bounds__(NTHREADS) paged_attention_m16(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 4>(ATTN_ARGS);
+  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
 }
 #endif
