@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from gpu.arena import KVArena
@@ -49,31 +50,30 @@ class AttnMetadata:
 def build_metadata(
     q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int, device
 ) -> AttnMetadata:
-    """Build the step's metadata from host lists (one host-to-device copy per tensor)."""
-    assert len(q_lens) == len(seq_lens) == len(block_tables)
-    cu_q = [0]
-    cu_b = [0]
-    flat_blocks: list[int] = []
-    slots: list[int] = []
-    for q_len, seq_len, table in zip(q_lens, seq_lens, block_tables, strict=True):
-        assert 1 <= q_len <= seq_len <= len(table) * block_size, (q_len, seq_len, len(table))
-        cu_q.append(cu_q[-1] + q_len)
-        flat_blocks.extend(table)
-        cu_b.append(len(flat_blocks))
-        for pos in range(seq_len - q_len, seq_len):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-
-    def i32(x):
-        return torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)
-
+    """Build the step's metadata from host lists: numpy on the host, two host-to-device copies."""
+    assert len(q_lens) == len(seq_lens) == len(block_tables) > 0
+    q = np.asarray(q_lens, dtype=np.int64)
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    nblocks = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=len(block_tables))
+    assert (q >= 1).all() and (q <= lens).all() and (lens <= nblocks * block_size).all(), (q_lens, seq_lens)
+    cu_q = np.concatenate(([0], np.cumsum(q)))
+    cu_b = np.concatenate(([0], np.cumsum(nblocks)))
+    flat = np.fromiter((b for t in block_tables for b in t), dtype=np.int64, count=int(cu_b[-1]))
+    # Position of every new token, and the arena slot its K/V goes to.
+    seq_of_token = np.repeat(np.arange(len(q)), q)
+    pos = np.arange(int(cu_q[-1])) - cu_q[seq_of_token] + (lens - q)[seq_of_token]
+    slots = flat[cu_b[seq_of_token] + pos // block_size] * block_size + pos % block_size
+    packed = torch.from_numpy(np.concatenate((cu_q, lens, cu_b, flat)).astype(np.int32)).to(device, non_blocking=True)
+    b = len(q)
+    cu_seqlens_q, seq_lens_t, cu_blocks, tables = packed.split([b + 1, b, b + 1, len(flat)])
     return AttnMetadata(
-        cu_seqlens_q=i32(cu_q),
-        seq_lens=i32(seq_lens),
-        cu_blocks=i32(cu_b),
-        block_tables=i32(flat_blocks),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
-        max_q_len=max(q_lens),
-        max_seq_len=max(seq_lens),
+        cu_seqlens_q=cu_seqlens_q,
+        seq_lens=seq_lens_t,
+        cu_blocks=cu_blocks,
+        block_tables=tables,
+        slot_mapping=torch.from_numpy(slots).to(device, non_blocking=True),
+        max_q_len=int(q.max()),
+        max_seq_len=int(lens.max()),
         q_lens_host=tuple(q_lens),
         seq_lens_host=tuple(seq_lens),
         block_tables_host=tuple(tuple(t) for t in block_tables),
