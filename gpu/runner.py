@@ -37,16 +37,32 @@ def make_backend(name: str, arena: KVArena, scale: float):
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, attention: str) -> None:
+    def __init__(
+        self, model: Transformer, num_blocks: int, block_size: int, attention: str,
+        graph_batch: int = 0, capture: bool = True,
+    ) -> None:
+        """`num_blocks` usable KV blocks (ids 0..num_blocks-1); one more, the scratch block, takes
+        the writes of padding rows. `graph_batch` > 0: decode steps of up to that many requests
+        run from static buffers, replayed as CUDA graphs when `capture`."""
         s = model.spec
         self.model = model
         self.device = model.device
-        shape = ArenaShape(s.num_layers, num_blocks, s.num_kv_heads, block_size, s.head_dim)
+        shape = ArenaShape(s.num_layers, num_blocks + 1, s.num_kv_heads, block_size, s.head_dim)
         self.arena = KVArena(shape, model.dtype, model.device)
         self.backend = make_backend(attention, self.arena, model.scale)
+        self.graphs = None
+        if graph_batch:
+            from gpu.graphs import DecodeGraphs
+
+            per_seq = -(-min(s.max_position, num_blocks * block_size) // block_size)
+            self.graphs = DecodeGraphs(model, self.backend, block_size, num_blocks, graph_batch, per_seq, capture)
 
     def step(self, seqs: list[SeqInput]) -> list[int | None]:
         """Run one forward pass over all `seqs`; return a sampled id per seq that samples."""
+        g = self.graphs
+        if g is not None and len(seqs) <= g.bmax and all(len(s.token_ids) == 1 and s.sample for s in seqs):
+            logits = g.logits([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs])
+            return sample(logits, [s.sample for s in seqs]).tolist()  # sync point: the step's one D2H copy
         ids: list[int] = []
         positions: list[int] = []
         q_lens, seq_lens, rows, specs = [], [], [], []

@@ -353,7 +353,9 @@ def build_engine(config: EngineConfig) -> Engine:
     device, dtype, attention = resolve_device(config)
     loaded = load_model(config.model, device, dtype, seed=config.seed)
     num_blocks = kv_blocks(config, loaded, device, dtype)
-    runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention)
+    graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
+    runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
+                         graph_batch=min(config.max_running, 512) if graphs else 0)
     engine = Engine(config, loaded, runner, num_blocks)
     warmup(engine)
     return engine

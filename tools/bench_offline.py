@@ -275,9 +275,13 @@ def main() -> None:
             ratio = rate / (ref[1] / ref[0]) if ref else float("nan")
             pct = 100 * floor / wall if system in ("engine", "static") and len(items) else float("nan")
             rows.append((name, system, toks, wall, rate, peak, ratio, pct))
+            print(f"RESULT {name} {system}: {toks} tokens in {wall:.2f} s = {rate:,.0f} tok/s, peak {peak:.1f} GiB, "
+                  f"{ratio:.2f}x HF CB, {pct:.0f}% of floor", flush=True)
         if not args.no_decode_step and device.type == "cuda":
             free_gpu()
             steps.append((name, *decode_step(name, args, bw)))
+            print(f"RESULT {name} decode step b256 ctx800: {steps[-1][1] * 1e3:.2f} ms, floor {steps[-1][2] * 1e3:.2f} ms",
+                  flush=True)
         print(f"{name}: floor {floor:.2f} s ({sum(i.output_len for i in items) / floor:,.0f} tok/s)", file=sys.stderr)
 
     print(f"\n{card}, bf16 = {dtype == torch.bfloat16}, copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
