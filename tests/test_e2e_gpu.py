@@ -86,7 +86,7 @@ def test_decode_graph_replay_matches_eager_forward():
     from gpu.runner import SeqInput
     from gpu.sampler import SampleSpec
 
-    engine = build_engine(EngineConfig(model=MODEL, kv_blocks=512, max_running=64))
+    engine = build_engine(EngineConfig(model=MODEL, kv_blocks=2048, max_running=64))
     runner, graphs = engine.runner, engine.runner.graphs
     assert graphs is not None and 64 in graphs.graphs
     rng = random.Random()

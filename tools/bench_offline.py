@@ -201,7 +201,7 @@ def decode_step(name: str, args, bw: float) -> tuple[float, float]:
     from streamer.engine import build_engine
 
     ctx, batch = 800, 256
-    engine = build_engine(EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory))
+    engine = build_engine(EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory, max_running=batch))
     per = -(-(ctx + 1) // engine.block_size)
     seqs = [SeqInput([1000 + i], ctx, engine.allocator.allocate(per), SampleSpec()) for i in range(batch)]
     for _ in range(3):
