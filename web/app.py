@@ -1,0 +1,50 @@
+"""The quart-trio application: `GET /` chat page, `GET /healthz`, and the /v1/stream websocket.
+
+`create_app(engine)` is called by web/server.py (and tests); routes hold no state of their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quart import send_from_directory, websocket
+from quart_trio import QuartTrio
+
+from web.ws import Connection
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(engine: Any) -> QuartTrio:
+    app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
+    # Revalidate the page and its scripts on every load (cheap: ETag), so a browser never pairs
+    # a stale app.js with a newer server; quart's default caches them for 12 hours.
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 0
+
+    @app.get("/")
+    async def index():
+        return await send_from_directory(STATIC, "index.html")
+
+    @app.get("/healthz")
+    async def healthz():
+        kv = engine.kv_statistics()
+        return {
+            "status": "ok",
+            "model": engine.model_name,
+            "max_context": engine.max_context,
+            "kv": {
+                "total_blocks": kv.total_blocks,
+                "free_blocks": kv.free_blocks,
+                "used_blocks": kv.used_blocks,
+            },
+        }
+
+    @app.websocket("/v1/stream")
+    async def stream():
+        # Accept before reading so the handshake never waits on the first client frame.
+        await websocket.accept()
+        ws = websocket._get_current_object()  # the plain object: Connection knows nothing of quart
+        await Connection(engine, ws.send).run(ws.receive)
+
+    return app

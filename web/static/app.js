@@ -1,0 +1,169 @@
+// Chat page client: one websocket to /v1/stream, one answer streaming at a time,
+// the conversation kept here and sent whole as "messages" so the server applies the chat template.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  ws: null,
+  history: [],   // [{role, content}] of finished turns
+  live: null,    // the answer now streaming: {id, text, body, stats, started}
+  nextId: 1,
+  retryMs: 500,
+};
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = new WebSocket(scheme + location.host + "/v1/stream");
+  ws.onopen = () => {
+    state.retryMs = 500;
+    $("conn").classList.add("up");
+    refreshHealth();
+    updateButtons();
+  };
+  ws.onclose = () => {
+    $("conn").classList.remove("up");
+    state.ws = null;
+    if (state.live) endLive("connection lost; the partial answer was kept");
+    updateButtons();
+    // Reconnect with backoff so a restarted server is picked up without a page reload.
+    setTimeout(connect, state.retryMs);
+    state.retryMs = Math.min(state.retryMs * 2, 8000);
+  };
+  ws.onmessage = (event) => onFrame(JSON.parse(event.data));
+  state.ws = ws;
+}
+
+function onFrame(frame) {
+  const live = state.live;
+  if (frame.type === "error" && (frame.id === null || !live || frame.id !== live.id)) {
+    note(`${frame.code}: ${frame.message}`, true);
+    return;
+  }
+  if (!live || frame.id !== live.id) return;  // a late frame of an answer already ended here
+  if (frame.type === "token") {
+    live.text += frame.text;
+    live.body.textContent = live.text;
+    scrollDown();
+  } else if (frame.type === "done") {
+    state.history.push({ role: "assistant", content: live.text });
+    live.stats.textContent = describe(frame);
+    endLive(null);
+    refreshHealth();
+  } else if (frame.type === "error") {
+    // The turn failed: drop the question from the history so the next one is not built on it.
+    state.history.pop();
+    endLive(`${frame.code}: ${frame.message}`);
+  }
+}
+
+function describe(done) {
+  const t = done.timing, n = done.usage.completion_tokens;
+  const parts = [done.finish_reason, `${n} tokens`];
+  if (t.ttft_ms !== null) parts.push(`TTFT ${Math.round(t.ttft_ms)} ms`);
+  // Decode speed excludes the first token, whose time is prefill (TTFT).
+  if (n > 1 && t.total_ms > t.ttft_ms) {
+    parts.push(`${((n - 1) / ((t.total_ms - t.ttft_ms) / 1000)).toFixed(1)} tok/s`);
+  }
+  if (t.queue_ms !== null && t.queue_ms >= 1) parts.push(`queued ${Math.round(t.queue_ms)} ms`);
+  return parts.join(" · ");
+}
+
+function send() {
+  const text = $("input").value.trim();
+  if (!text || state.live || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  $("input").value = "";
+  const hint = document.querySelector(".hint");
+  if (hint) hint.remove();
+  bubble("user", text);
+  state.history.push({ role: "user", content: text });
+
+  const system = $("system").value.trim();
+  const messages = (system ? [{ role: "system", content: system }] : []).concat(state.history);
+  const id = `chat-${state.nextId++}`;
+  const body = bubble("assistant", "");
+  body.classList.add("live");
+  const stats = document.createElement("span");
+  stats.className = "stats";
+  body.after(stats);
+  state.live = { id, text: "", body, stats };
+  state.ws.send(JSON.stringify({
+    type: "generate", id, messages,
+    max_tokens: intOr($("max_tokens").value, 256),
+    temperature: numOr($("temperature").value, 0),
+    top_p: numOr($("top_p").value, 1),
+  }));
+  updateButtons();
+}
+
+function stop() {
+  if (state.live && state.ws) state.ws.send(JSON.stringify({ type: "cancel", id: state.live.id }));
+}
+
+function endLive(error) {
+  const live = state.live;
+  live.body.classList.remove("live");
+  if (error) {
+    live.stats.textContent = error;
+    live.stats.classList.add("error");
+  }
+  state.live = null;
+  updateButtons();
+  $("input").focus();
+}
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  div.textContent = text;
+  $("log").append(div);
+  scrollDown();
+  return div;
+}
+
+function note(text, isError) {
+  const p = document.createElement("p");
+  p.className = isError ? "muted error" : "muted";
+  p.textContent = text;
+  $("log").append(p);
+  scrollDown();
+}
+
+function scrollDown() {
+  const log = $("log");
+  log.scrollTop = log.scrollHeight;
+}
+
+function updateButtons() {
+  const open = state.ws && state.ws.readyState === WebSocket.OPEN;
+  $("send").disabled = !open || state.live !== null;
+  $("stop").disabled = !open || state.live === null;
+}
+
+async function refreshHealth() {
+  try {
+    const h = await (await fetch("/healthz")).json();
+    $("model").textContent = `${h.model} · context ${h.max_context}`;
+    $("kv").textContent = `KV ${h.kv.used_blocks}/${h.kv.total_blocks} blocks`;
+  } catch (err) {
+    $("model").textContent = "health check failed";
+  }
+}
+
+const intOr = (v, d) => (Number.isInteger(Number(v)) && v !== "" ? Number(v) : d);
+const numOr = (v, d) => (v !== "" && Number.isFinite(Number(v)) ? Number(v) : d);
+
+$("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+});
+$("stop").addEventListener("click", stop);
+$("clear").addEventListener("click", () => {
+  if (state.live) {
+    stop();
+    endLive(null);  // its late frames no longer match a live id and are dropped
+  }
+  state.history = [];
+  $("log").replaceChildren();
+  note("New chat.", false);
+});
+connect();

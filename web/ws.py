@@ -1,0 +1,144 @@
+"""One /v1/stream websocket connection: a reader loop, one task per generation, one writer task.
+
+`Connection` owns the connection's table of live generations; only its own tasks touch it.
+web/app.py creates one per socket and hands it the socket's receive and send functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import trio
+
+from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
+from web.protocol import Cancel, Generate, ProtocolError, done_frame, error_frame, parse_frame, token_frame
+
+log = structlog.get_logger(__name__)
+
+# Frames queued for the writer. Small on purpose: a slow client then blocks its own generation
+# tasks (and only them) instead of growing an unbounded buffer in the server.
+SEND_BUFFER = 32
+# Live generations one socket may hold; more is answered "overloaded" before reaching the engine.
+MAX_LIVE_PER_CONNECTION = 256
+
+_connection_numbers = itertools.count(1)
+
+Frame = dict[str, Any]
+
+
+class Connection:
+    def __init__(self, engine: Any, send_text: Callable[[str], Awaitable[None]]) -> None:
+        self.engine = engine
+        self.number = next(_connection_numbers)
+        self._send_text = send_text
+        self._frames, self._frames_out = trio.open_memory_channel[Frame](SEND_BUFFER)
+        self._live: dict[str, Any] = {}  # client id -> Generation, until its done frame is queued
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, receive: Callable[[], Awaitable[str | bytes | None]]) -> None:
+        """Serve the socket until the client leaves; leaving cancels every generation it started."""
+        log.debug("ws_open", conn=self.number)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_frames)
+                while True:
+                    try:
+                        data = await receive()
+                    except trio.EndOfChannel:  # test harnesses close their channel to hang up
+                        break
+                    await self._dispatch(data)
+                nursery.cancel_scope.cancel()
+        finally:
+            log.debug("ws_close", conn=self.number, live=len(self._live))
+
+    async def _dispatch(self, data: str | bytes | None) -> None:
+        try:
+            command = parse_frame(data)
+            if isinstance(command, Cancel):
+                await self._cancel(command)
+            else:
+                self._start(command)
+        except ProtocolError as exc:
+            await self._frames.send(error_frame(exc.request_id, exc.code, exc.message))
+
+    def _start(self, command: Generate) -> None:
+        cid = command.id
+        if cid in self._live:
+            raise ProtocolError("duplicate_id", f"id {cid!r} is still generating on this connection", cid)
+        if len(self._live) >= MAX_LIVE_PER_CONNECTION:
+            raise ProtocolError("overloaded", f"at most {MAX_LIVE_PER_CONNECTION} live generations per connection", cid)
+        try:
+            # Tokenising on the event loop: the tokenizer is fast native code and prompts are
+            # bounded by the websocket message size, so a worker thread would cost more than it saves.
+            if command.messages is not None:
+                ids = self.engine.encode_chat(command.messages)
+            else:
+                ids = self.engine.encode_prompt(command.prompt)
+            # The engine's id must be unique server-wide; client ids are only unique per socket.
+            gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}")
+        except RequestError as exc:
+            raise ProtocolError(exc.code, exc.message, cid) from None
+        self._live[cid] = gen
+        assert self._nursery is not None
+        self._nursery.start_soon(self._stream, cid, gen, len(ids))
+
+    async def _cancel(self, command: Cancel) -> None:
+        gen = self._live.get(command.id)
+        if gen is None:
+            raise ProtocolError("unknown_id", f"no live generation with id {command.id!r}", command.id)
+        # The generation's own task sends the done frame (finish_reason "cancelled") when the
+        # engine confirms; cancelling twice before that is harmless since engine aborts are idempotent.
+        await gen.cancel()
+
+    async def _stream(self, cid: str, gen: Any, prompt_tokens: int) -> None:
+        """Forward one generation's events as frames; exactly one done frame ends every accepted id."""
+        completion = 0
+        try:
+            # Leaving this block, normally or by cancellation (client gone), closes the request's
+            # outbox, which is the engine's signal to abort the request and free its KV blocks.
+            async with gen:
+                async for ev in gen:
+                    if isinstance(ev, TokenEvent):
+                        completion += 1
+                        await self._frames.send(token_frame(cid, ev))
+                    elif isinstance(ev, FinishEvent):
+                        await self._finish(cid, ev)
+                        return
+            raise RuntimeError("generation ended without a finish event")
+        except Exception as exc:
+            # An engine bug must not take the other generations on this socket down with it,
+            # and the client gets a code, never a traceback.
+            log.exception("ws_generation_failed", conn=self.number, id=cid)
+            nan = math.nan
+            ev = FinishEvent("error", prompt_tokens, completion, Timing(nan, nan, nan, nan),
+                             RequestError("internal", f"internal error: {type(exc).__name__}"))
+            if cid in self._live:
+                await self._finish(cid, ev)
+
+    async def _finish(self, cid: str, ev: FinishEvent) -> None:
+        # Free the id before queueing done: a client may reuse it as soon as it reads the frame.
+        del self._live[cid]
+        if ev.finish_reason == "error":
+            err = ev.error
+            code = err.code if isinstance(err, RequestError) else "internal"
+            message = err.message if isinstance(err, RequestError) else "internal error"
+            await self._frames.send(error_frame(cid, code, message))
+        await self._frames.send(done_frame(cid, ev))
+
+    async def _write_frames(self) -> None:
+        """The only task that writes to the socket, so frames never interleave."""
+        async with self._frames_out:
+            async for frame in self._frames_out:
+                try:
+                    await self._send_text(json.dumps(frame, ensure_ascii=False))
+                except Exception as exc:  # the peer is gone: nothing left to stream to
+                    log.debug("ws_send_failed", conn=self.number, error=repr(exc))
+                    assert self._nursery is not None
+                    self._nursery.cancel_scope.cancel()
+                    return
