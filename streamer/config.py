@@ -19,6 +19,7 @@ class EngineConfig:
     max_waiting: int = 1024  # bounded inbox + waiting queue; beyond it submit() says "overloaded"
     max_buffered_events: int = 1024  # per request; a client further behind is aborted ("slow_consumer")
     seed: int = 0  # seed of random:NAME weights
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs (CUDA only)
     static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
 

@@ -117,6 +117,9 @@ class Metrics:
         self.tokens = Counter("streamer_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("streamer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.preemptions = Counter("streamer_preemptions", "Requests preempted (KV freed, recomputed later)", registry=r)
+        self.prefix_hits = Counter("streamer_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                   registry=r)
+        self._prefix_hits_seen = 0
         self.running = Gauge("streamer_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("streamer_waiting_requests", "Requests waiting for admission", registry=r)
         self.kv_used = Gauge("streamer_kv_used_blocks", "KV blocks in use", registry=r)
@@ -152,8 +155,10 @@ class Metrics:
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
 
-    def step(self, rec: StepRecord, preempted: int) -> None:
+    def step(self, rec: StepRecord, preempted: int, prefix_hit_tokens: int = 0) -> None:
         self.steps.append(rec)
+        self.prefix_hits.inc(prefix_hit_tokens - self._prefix_hits_seen)
+        self._prefix_hits_seen = prefix_hit_tokens
         self.tokens.inc(rec.generated)
         self.step_seconds.observe(rec.seconds)
         self.preemptions.inc(preempted)

@@ -10,6 +10,7 @@ arrival order. `schedule() -> StepPlan`, then `update(plan, sampled) -> [TokenOu
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full computed blocks
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
 
     @property
     def num_tokens(self) -> int:
@@ -80,9 +83,11 @@ class TokenOutput:
 class Scheduler:
     def __init__(
         self, allocator: BlockAllocator, block_size: int, max_batch_tokens: int, max_running: int,
-        static_batch: int | None = None,
+        static_batch: int | None = None, prefix_caching: bool = False,
     ) -> None:
         self.allocator = allocator
+        self.prefix_caching = prefix_caching
+        self.prefix_hit_tokens = 0
         # Static batching (a baseline for benchmarks): admit up to `static_batch` requests together,
         # only once the previous batch has completely finished.
         self.static_batch = static_batch
@@ -150,9 +155,13 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted
                and not self.static_batch):
             seq = self.waiting[0]
+            if self.prefix_caching and not seq.block_table:
+                self._reuse_prefix(seq)
             length = min(seq.num_tokens - seq.num_computed, budget)
             need = self._blocks_needed(seq, seq.num_computed + length)
             if not self.allocator.can_allocate(need):
+                self._release(seq)  # give back any cached prefix it took; retried next step
+                seq.num_computed = 0
                 break
             seq.block_table += self.allocator.allocate(need)
             self.waiting.popleft()
@@ -171,6 +180,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # finished (cancelled) while the step ran: its result is dropped
             seq.num_computed = chunk.start + chunk.length
+            if self.prefix_caching:
+                self._register_full_blocks(seq)
             if not chunk.sample:
                 continue
             assert token is not None
@@ -216,3 +227,36 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        seq.block_hashes = []
+
+    # --- prefix cache ------------------------------------------------------------------------
+    def _block_hash(self, seq: Sequence, i: int, parent: int) -> int:
+        """Hash of block i's tokens chained onto its prefix's hash (blake2b: no practical collisions)."""
+        tokens = seq.token_ids(i * self.block_size, (i + 1) * self.block_size)
+        h = hashlib.blake2b(parent.to_bytes(16, "little"), digest_size=16)
+        h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+        return int.from_bytes(h.digest(), "little")
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Take the cached blocks of seq's longest cached prefix. The last known token is always
+        recomputed (it yields the logits), so a reused block is never written again."""
+        assert seq.num_computed == 0 and not seq.block_table
+        parent = 0
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            h = self._block_hash(seq, i, parent)
+            found = self.allocator.lookup([h])
+            if not found:
+                break
+            seq.block_table += found
+            seq.block_hashes.append(h)
+            parent = h
+        seq.num_computed = len(seq.block_table) * self.block_size
+        if seq.num_computed and seq.num_preemptions == 0:
+            seq.cached_tokens = seq.num_computed
+            self.prefix_hit_tokens += seq.num_computed
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        for i in range(len(seq.block_hashes), seq.num_computed // self.block_size):
+            h = self._block_hash(seq, i, seq.block_hashes[-1] if seq.block_hashes else 0)
+            self.allocator.register(seq.block_table[i], h)
+            seq.block_hashes.append(h)

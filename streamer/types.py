@@ -70,10 +70,13 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class Timing:
-    queue_ms: float
-    ttft_ms: float
+    """Milliseconds since the engine accepted the request; None where it never happened
+    (a request cancelled while queued has no queue_ms, one with no token no ttft_ms)."""
+
+    queue_ms: float | None
+    ttft_ms: float | None
     total_ms: float
-    tpot_ms: float
+    tpot_ms: float | None
 
 
 @dataclass(frozen=True)
