@@ -1,4 +1,5 @@
-"""The quart-trio application: `GET /` chat page, `GET /healthz`, and the /v1/stream websocket.
+"""The quart-trio application: `GET /` chat page, `GET /healthz`, and the /v1/stream websocket;
+observability routes come from web/observe.py, the OpenAI-compatible ones from web/openai_api.py.
 
 `create_app(engine)` is called by web/server.py (and tests); routes hold no state of their own.
 """
@@ -11,6 +12,7 @@ from typing import Any
 from quart import send_from_directory, websocket
 from quart_trio import QuartTrio
 
+from web import observe, openai_api
 from web.ws import Connection
 
 STATIC = Path(__file__).parent / "static"
@@ -47,4 +49,6 @@ def create_app(engine: Any) -> QuartTrio:
         ws = websocket._get_current_object()  # the plain object: Connection knows nothing of quart
         await Connection(engine, ws.send).run(ws.receive)
 
+    observe.register(app, engine)
+    openai_api.register(app, engine)
     return app

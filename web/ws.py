@@ -65,6 +65,9 @@ class Connection:
             else:
                 self._start(command)
         except ProtocolError as exc:
+            # Errors after a generation started are counted by the engine; these never reach it.
+            if (metrics := getattr(self.engine, "metrics", None)) is not None:
+                metrics.error(exc.code)
             await self._frames.send(error_frame(exc.request_id, exc.code, exc.message))
 
     def _start(self, command: Generate) -> None:

@@ -1,5 +1,6 @@
 // Chat page client: one websocket to /v1/stream, one answer streaming at a time,
 // the conversation kept here and sent whole as "messages" so the server applies the chat template.
+// "Launch N parallel chats" fires N independent one-question generations on the same socket.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,6 +8,7 @@ const state = {
   ws: null,
   history: [],   // [{role, content}] of finished turns
   live: null,    // the answer now streaming: {id, text, body, stats, started}
+  parallel: new Map(),  // id -> {text, body, stats} of the parallel chats still streaming
   nextId: 1,
   retryMs: 500,
 };
@@ -24,6 +26,7 @@ function connect() {
     $("conn").classList.remove("up");
     state.ws = null;
     if (state.live) endLive("connection lost; the partial answer was kept");
+    for (const id of [...state.parallel.keys()]) endParallel(id, "connection lost");
     updateButtons();
     // Reconnect with backoff so a restarted server is picked up without a page reload.
     setTimeout(connect, state.retryMs);
@@ -34,6 +37,7 @@ function connect() {
 }
 
 function onFrame(frame) {
+  if (state.parallel.has(frame.id)) return onParallelFrame(frame);
   const live = state.live;
   if (frame.type === "error" && (frame.id === null || !live || frame.id !== live.id)) {
     note(`${frame.code}: ${frame.message}`, true);
@@ -88,15 +92,87 @@ function send() {
   state.live = { id, text: "", body, stats };
   state.ws.send(JSON.stringify({
     type: "generate", id, messages,
-    max_tokens: intOr($("max_tokens").value, 256),
-    temperature: numOr($("temperature").value, 0),
-    top_p: numOr($("top_p").value, 1),
+    ...settings(),
   }));
   updateButtons();
 }
 
 function stop() {
-  if (state.live && state.ws) state.ws.send(JSON.stringify({ type: "cancel", id: state.live.id }));
+  if (!state.ws) return;
+  if (state.live) state.ws.send(JSON.stringify({ type: "cancel", id: state.live.id }));
+  for (const id of state.parallel.keys()) state.ws.send(JSON.stringify({ type: "cancel", id }));
+}
+
+const QUESTIONS = [
+  "Write a haiku about the sea.", "What is the capital of France?", "Explain photosynthesis briefly.",
+  "Give me three tips for learning to cook.", "Why is the sky blue?", "Tell me a short story about a cat.",
+  "What is a prime number?", "Name three planets and one fact about each.",
+];
+
+function settings() {
+  return {
+    max_tokens: intOr($("max_tokens").value, 256),
+    temperature: numOr($("temperature").value, 0),
+    top_p: numOr($("top_p").value, 1),
+  };
+}
+
+function launchParallel() {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  const n = Math.min(64, Math.max(1, intOr($("parallel").value, 4)));
+  const hint = document.querySelector(".hint");
+  if (hint) hint.remove();
+  const lanes = document.createElement("div");
+  lanes.className = "lanes";
+  $("log").append(lanes);
+  const system = $("system").value.trim();
+  const batch = state.nextId++;
+  for (let i = 0; i < n; i++) {
+    const id = `par-${batch}-${i + 1}`, question = QUESTIONS[i % QUESTIONS.length];
+    const card = document.createElement("div");
+    card.className = "lane";
+    card.dataset.id = id;
+    const q = document.createElement("div");
+    q.className = "question";
+    q.textContent = `#${i + 1} ${question}`;
+    const body = document.createElement("div");
+    body.className = "msg assistant live";
+    const stats = document.createElement("span");
+    stats.className = "stats";
+    card.append(q, body, stats);
+    lanes.append(card);
+    state.parallel.set(id, { text: "", body, stats });
+    const messages = (system ? [{ role: "system", content: system }] : []).concat(
+      [{ role: "user", content: question }]);
+    state.ws.send(JSON.stringify({ type: "generate", id, messages, ...settings() }));
+  }
+  scrollDown();
+  updateButtons();
+}
+
+function onParallelFrame(frame) {
+  const lane = state.parallel.get(frame.id);
+  if (frame.type === "token") {
+    lane.text += frame.text;
+    lane.body.textContent = lane.text;
+  } else if (frame.type === "done") {
+    lane.stats.textContent = describe(frame);
+    lane.body.parentElement.classList.add(`done-${frame.finish_reason}`);
+    endParallel(frame.id, null);
+  } else if (frame.type === "error") {
+    endParallel(frame.id, `${frame.code}: ${frame.message}`);
+  }
+}
+
+function endParallel(id, error) {
+  const lane = state.parallel.get(id);
+  lane.body.classList.remove("live");
+  if (error) {
+    lane.stats.textContent = error;
+    lane.stats.classList.add("error");
+  }
+  state.parallel.delete(id);
+  updateButtons();
 }
 
 function endLive(error) {
@@ -136,7 +212,8 @@ function scrollDown() {
 function updateButtons() {
   const open = state.ws && state.ws.readyState === WebSocket.OPEN;
   $("send").disabled = !open || state.live !== null;
-  $("stop").disabled = !open || state.live === null;
+  $("stop").disabled = !open || (state.live === null && state.parallel.size === 0);
+  $("launch").disabled = !open;
 }
 
 async function refreshHealth() {
@@ -157,11 +234,14 @@ $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
 });
 $("stop").addEventListener("click", stop);
+$("launch").addEventListener("click", launchParallel);
 $("clear").addEventListener("click", () => {
   if (state.live) {
     stop();
     endLive(null);  // its late frames no longer match a live id and are dropped
   }
+  stop();  // cancels the parallel chats still streaming
+  for (const id of [...state.parallel.keys()]) endParallel(id, null);
   state.history = [];
   $("log").replaceChildren();
   note("New chat.", false);

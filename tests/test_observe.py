@@ -1,0 +1,101 @@
+"""Observability over a real server (random:tiny-qwen3 on 127.0.0.1 port 0): /metrics, /stats,
+the /v1/stats push websocket and the dashboard page with its vendored chart library.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from streamer.config import EngineConfig
+from streamer.engine import open_engine
+from web.server import serve
+
+TIMEOUT = 30
+CONFIG = EngineConfig(model="random:tiny-qwen3", kv_memory=0.05, max_batch_tokens=256, max_running=8, max_waiting=8)
+
+
+@pytest.fixture
+async def server():
+    async with open_engine(CONFIG) as engine, trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, engine, "127.0.0.1", 0)
+        yield engine, binds[0]
+        nursery.cancel_scope.cancel()
+
+
+async def generate(ws_url: str, n: int, max_tokens: int) -> None:
+    """n generations on one socket, plus one bad frame; returns when all are done."""
+    async with open_websocket_url(ws_url) as ws:
+        for i in range(n):
+            await ws.send_message(json.dumps({"type": "generate", "id": str(i), "prompt": f"count {i}",
+                                              "max_tokens": max_tokens, "ignore_eos": True}))
+        await ws.send_message("not json")
+        done = errors = 0
+        while done < n or errors < 1:
+            frame = json.loads(await ws.get_message())
+            done += frame["type"] == "done"
+            errors += frame["type"] == "error"
+
+
+async def test_metrics_and_stats_after_traffic(server):
+    engine, url = server
+    with trio.fail_after(TIMEOUT):
+        await generate(url.replace("http://", "ws://") + "/v1/stream", n=3, max_tokens=10)
+        async with httpx.AsyncClient(base_url=url) as http:
+            prom = await http.get("/metrics")
+            stats = (await http.get("/stats")).json()
+    assert prom.status_code == 200 and prom.headers["content-type"].startswith("text/plain")
+    text = prom.text
+    for series in ("ttft", "itl", "e2e", "queue"):
+        name = engine.metrics.prom[series].name
+        assert f'{name}_bucket{{le="0.001"}}' in text and f"{name}_count" in text
+    assert 'streamer_requests_total{finish_reason="length"} 3.0' in text
+    assert 'streamer_errors_total{code="invalid_json"} 1.0' in text  # counted at the websocket edge
+    assert "streamer_generated_tokens_total 30.0" in text
+    assert stats["model"] == engine.model_name
+    assert stats["since_start"]["ttft"]["count"] == 3 and stats["since_start"]["itl"]["count"] == 27
+    assert stats["window"]["e2e"]["count"] == 3
+    p = stats["since_start"]["itl"]
+    assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] <= p["max_ms"]
+    assert stats["tokens_generated"] == 30 and stats["requests_finished"] == 3
+    assert stats["running"] == stats["waiting"] == 0
+    kv = stats["kv"]
+    assert kv["used_blocks"] == 0 and kv["free_blocks"] == kv["total_blocks"] > 0 and kv["usage"] == 0
+
+
+async def test_stats_websocket_pushes_live_figures(server):
+    engine, url = server
+    ws_url = url.replace("http://", "ws://")
+    with trio.fail_after(TIMEOUT):
+        async with open_websocket_url(ws_url + "/v1/stats?interval_ms=100") as ws:
+            first = json.loads(await ws.get_message())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(generate, ws_url + "/v1/stream", 2, 40)
+                seen_running = 0
+                while True:  # the pushes show the batch while it runs, then the finished counts
+                    snap = json.loads(await ws.get_message())
+                    seen_running = max(seen_running, snap["running"])
+                    if snap["requests_finished"] == 2:
+                        break
+    assert first["requests_finished"] == 0 and first["uptime_s"] < snap["uptime_s"]
+    assert seen_running >= 1
+    assert snap["tokens_generated"] == 80
+
+
+async def test_dashboard_page_and_vendored_chart_library(server):
+    _, url = server
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(base_url=url) as http:
+            page = await http.get("/dashboard")
+            chat = await http.get("/")
+            lib = await http.get("/static/vendor/uplot.min.js")
+            script = await http.get("/static/dashboard.js")
+    assert page.status_code == 200 and "/static/vendor/uplot.min.js" in page.text
+    assert "://" not in page.text  # no CDN: everything is served from here
+    assert 'href="/dashboard"' in chat.text
+    assert lib.status_code == 200 and "uPlot" in lib.text
+    assert script.status_code == 200 and "/v1/stats" in script.text

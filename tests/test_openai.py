@@ -1,0 +1,141 @@
+"""The OpenAI-compatible door, driven by the real `openai` client (in a worker thread) against a
+real server (random:tiny-qwen3 on 127.0.0.1 port 0) running in the test's nursery.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import trio
+
+from streamer.config import EngineConfig
+from streamer.engine import open_engine
+from streamer.types import SamplingParams, TokenEvent
+from web.server import serve
+
+TIMEOUT = 60
+CONFIG = EngineConfig(model="random:tiny-qwen3", kv_memory=0.05, max_batch_tokens=256, max_running=8, max_waiting=8)
+
+
+@pytest.fixture
+async def server():
+    async with open_engine(CONFIG) as engine, trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, engine, "127.0.0.1", 0)
+        yield engine, binds[0]
+        nursery.cancel_scope.cancel()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+async def in_thread(fn):
+    return await trio.to_thread.run_sync(fn)
+
+
+async def engine_text(engine, ids: list[int], params: SamplingParams) -> str:
+    """The same request straight through the engine, for comparison."""
+    text = []
+    async with engine.submit(ids, params) as gen:
+        async for ev in gen:
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+    return "".join(text)
+
+
+async def test_chat_completions_stream_and_not(server):
+    engine, url = server
+    oai, model = client(url), engine.model_name
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    with trio.fail_after(TIMEOUT):
+        models = await in_thread(lambda: oai.models.list())
+        whole = await in_thread(lambda: oai.chat.completions.create(
+            model=model, messages=messages, max_tokens=12, temperature=0, seed=3))
+
+        def stream():
+            chunks = oai.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True})
+            return list(chunks)
+
+        chunks = await in_thread(stream)
+        expected = await engine_text(engine, engine.encode_chat(messages), SamplingParams(max_tokens=12))
+    assert [m.id for m in models.data] == [model]
+    assert whole.object == "chat.completion" and whole.model == model
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected
+    assert choice.finish_reason in ("length", "stop")
+    assert whole.usage.prompt_tokens == len(engine.encode_chat(messages))
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+async def test_completions_stream_and_not_with_stop(server):
+    engine, url = server
+    oai, model = client(url), engine.model_name
+    prompt = "Once upon a time"
+    with trio.fail_after(TIMEOUT):
+        full = await engine_text(engine, engine.encode_prompt(prompt), SamplingParams(max_tokens=16, ignore_eos=True))
+        stop = full[len(full) // 2:][:3]  # a string that occurs in the greedy answer
+        assert stop.strip(), full
+        whole = await in_thread(lambda: oai.completions.create(model=model, prompt=prompt, max_tokens=16,
+                                                               temperature=0, stop=[stop]))
+        parts = await in_thread(lambda: list(oai.completions.create(
+            model=model, prompt=prompt, max_tokens=16, temperature=0, stop=stop, stream=True)))
+        by_ids = await in_thread(lambda: oai.completions.create(
+            model=model, prompt=engine.encode_prompt(prompt), max_tokens=4, temperature=0))
+    assert whole.object == "text_completion"
+    assert whole.choices[0].text == full[:full.index(stop)] and whole.choices[0].finish_reason == "stop"
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    assert parts[-1].choices[0].finish_reason == "stop"
+    assert by_ids.usage.completion_tokens == 4 and by_ids.choices[0].finish_reason == "length"
+
+
+async def test_errors_have_openai_shape_and_status(server):
+    engine, url = server
+    oai, model = client(url), engine.model_name
+    long_prompt = "hello " * (engine.max_context + 10)
+    cases = [
+        (dict(model="gpt-4"), openai.NotFoundError, "model_not_found"),
+        (dict(model=model, temperature=-1), openai.BadRequestError, "invalid_request"),
+        (dict(model=model, n=2), openai.BadRequestError, "invalid_request"),
+        (dict(model=model, max_tokens=0), openai.BadRequestError, "invalid_request"),
+    ]
+    with trio.fail_after(TIMEOUT):
+        for kwargs, error, code in cases:
+            with pytest.raises(error) as caught:
+                await in_thread(lambda kw=kwargs: oai.chat.completions.create(
+                    messages=[{"role": "user", "content": "hi"}], **kw))
+            assert caught.value.body["code"] == code and caught.value.body["type"] == "invalid_request_error"
+        with pytest.raises(openai.BadRequestError) as caught:
+            await in_thread(lambda: oai.completions.create(model=model, prompt=long_prompt, max_tokens=4))
+        assert caught.value.body["code"] == "prompt_too_long"
+        async with httpx.AsyncClient(base_url=url) as http:
+            bad_json = await http.post("/v1/completions", content=b"{nope")
+            unknown = await http.post("/v1/completions", json={"model": model, "prompt": "x", "max_token": 3})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_request"
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "max_token"
+    text = (await trio.to_thread.run_sync(lambda: httpx.get(url + "/metrics"))).text
+    assert 'streamer_errors_total{code="invalid_request"} 5.0' in text
+    assert 'streamer_errors_total{code="model_not_found"} 1.0' in text
+
+
+async def test_client_leaving_a_stream_frees_kv(server):
+    engine, url = server
+    body = {"model": engine.model_name, "prompt": "tell me everything", "max_tokens": 100_000, "stream": True}
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(base_url=url) as http:
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                lines = response.aiter_lines()
+                seen = 0
+                while seen < 3:
+                    seen += (await lines.__anext__()).startswith("data: {")
+                assert engine.kv_statistics().used_blocks > 0
+        while engine.kv_statistics().used_blocks:  # the request is aborted and its blocks freed
+            await trio.sleep(0.01)
+    assert engine.statistics().running == 0

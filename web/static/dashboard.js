@@ -1,0 +1,112 @@
+// Dashboard client: one websocket to /v1/stats (a JSON snapshot about once a second) feeding
+// six uPlot charts with the last five minutes, and the number tiles above them.
+"use strict";
+
+const HISTORY = 300;  // points kept per chart (5 minutes at 1 Hz)
+const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+const BLUE = "#2563eb", AMBER = "#f59e0b", RED = "#dc2626", GREEN = "#16a34a";
+
+// Each chart: a title and its series, each with a label, colour and a getter from (snap, prev).
+const CHARTS = [
+  { title: "Output tokens / s", series: [["tok/s", GREEN, (s, p) => tokPerSecond(s, p)]], fill: true },
+  { title: "Time to first token (ms)", series: pct("ttft") },
+  { title: "Inter-token latency (ms)", series: pct("itl") },
+  { title: "Requests", series: [["running", BLUE, (s) => s.running], ["waiting", AMBER, (s) => s.waiting]] },
+  { title: "KV arena used (%)", series: [["KV %", BLUE, (s) => 100 * s.kv.usage]], fill: true, max: 100 },
+  { title: "Batch tokens per step", series: [
+      ["mean", BLUE, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_mean : null],
+      ["max", AMBER, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_max : null]] },
+];
+
+function pct(name) {
+  return [["P50", BLUE, (s) => s.window[name].p50_ms], ["P95", AMBER, (s) => s.window[name].p95_ms],
+          ["P99", RED, (s) => s.window[name].p99_ms]];
+}
+
+function tokPerSecond(snap, prev) {
+  if (!prev) return snap.throughput_tok_s;
+  const dt = snap.uptime_s - prev.uptime_s;
+  return dt > 0 ? (snap.tokens_generated - prev.tokens_generated) / dt : null;
+}
+
+const charts = [];
+let prev = null, updates = 0;
+
+function makeCharts() {
+  const grid = document.getElementById("charts");
+  const axis = { stroke: css("--muted"), grid: { stroke: css("--line"), width: 1 },
+                 ticks: { stroke: css("--line"), width: 1 } };
+  // All boxes first, so the grid has its final columns before any chart reads its width.
+  const boxes = CHARTS.map((spec) => {
+    const box = document.createElement("div");
+    box.className = "chart";
+    box.append(document.createElement("h2"));
+    box.firstChild.textContent = spec.title;
+    grid.append(box);
+    return box;
+  });
+  CHARTS.forEach((spec, k) => {
+    const box = boxes[k];
+    const opts = {
+      width: box.clientWidth - 12, height: 170,
+      scales: {
+        x: { time: true, range: (u, lo, hi) => [hi - HISTORY, hi] },  // a window that scrolls
+        y: { range: (u, lo, hi) => [0, Math.max(spec.max || 1, (hi || 0) * 1.1)] },
+      },
+      axes: [{ ...axis }, { ...axis, size: 48 }],
+      legend: { live: true },
+      cursor: { drag: { x: false, y: false } },
+      series: [{}].concat(spec.series.map(([label, colour]) => ({
+        label, stroke: colour, width: 1.6, spanGaps: false,
+        fill: spec.fill ? colour + "22" : undefined,
+        value: (u, v) => (v == null ? "–" : v.toFixed(v < 10 ? 1 : 0)),
+      }))),
+    };
+    const data = [[]].concat(spec.series.map(() => []));
+    charts.push({ spec, box, data, plot: new uPlot(opts, data, box) });
+  });
+  new ResizeObserver(() => {
+    for (const c of charts) c.plot.setSize({ width: c.box.clientWidth - 12, height: 170 });
+  }).observe(grid);
+}
+
+function onSnapshot(snap) {
+  const t = Date.now() / 1000;
+  for (const c of charts) {
+    c.data[0].push(t);
+    c.spec.series.forEach(([, , get], i) => {
+      const v = get(snap, prev);
+      c.data[i + 1].push(v === undefined || Number.isNaN(v) ? null : v);
+    });
+    if (c.data[0].length > HISTORY) c.data.forEach((a) => a.shift());
+    c.plot.setData(c.data);
+  }
+  const fmt = (v, unit) => (v == null ? "–" : `${v < 10 ? v.toFixed(1) : Math.round(v)}${unit}`);
+  document.getElementById("t-toks").textContent = fmt(tokPerSecond(snap, prev), "");
+  document.getElementById("t-running").textContent = snap.running;
+  document.getElementById("t-waiting").textContent = snap.waiting;
+  document.getElementById("t-kv").textContent = fmt(100 * snap.kv.usage, " %");
+  document.getElementById("t-ttft").textContent = fmt(snap.window.ttft.p99_ms, " ms");
+  document.getElementById("t-itl").textContent = fmt(snap.window.itl.p99_ms, " ms");
+  document.getElementById("model").textContent =
+    `${snap.model} · ${snap.requests_finished} requests · up ${Math.round(snap.uptime_s)} s`;
+  prev = snap;
+  document.body.dataset.updates = ++updates;  // browser tests watch this
+}
+
+let retryMs = 500;
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = new WebSocket(scheme + location.host + "/v1/stats");
+  ws.onopen = () => { retryMs = 500; document.getElementById("conn").classList.add("up"); };
+  ws.onmessage = (e) => onSnapshot(JSON.parse(e.data));
+  ws.onclose = () => {
+    document.getElementById("conn").classList.remove("up");
+    prev = null;  // a restarted server starts its counters again
+    setTimeout(connect, retryMs);
+    retryMs = Math.min(retryMs * 2, 8000);
+  };
+}
+
+makeCharts();
+connect();
