@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gpu.arena import KVArena
 
@@ -131,7 +132,8 @@ def reference_attention(
 
 
 class TorchAttention:
-    """Reference backend: scatter K/V, then per request gather its blocks and attend densely."""
+    """Reference backend: scatter K/V, then per request gather its blocks and attend densely with
+    torch's fused scaled_dot_product_attention (the CPU path; `reference_attention` is the oracle)."""
 
     name = "torch"
 
@@ -144,7 +146,13 @@ class TorchAttention:
         out = torch.empty_like(q)
         start = 0
         for q_len, seq_len, table in zip(meta.q_lens_host, meta.seq_lens_host, meta.block_tables_host, strict=True):
-            k_hist, v_hist = gather_history(self.arena, layer, table, seq_len)
-            out[start : start + q_len] = reference_attention(q[start : start + q_len], k_hist, v_hist, self.scale)
+            k_hist, v_hist = gather_history(self.arena, layer, table, seq_len)  # (Hkv, S, D)
+            qr = q[start : start + q_len].transpose(0, 1)  # (Hq, q_len, D)
+            mask = None
+            if q_len > 1:  # causal, aligned to the end: query i sees keys <= seq_len - q_len + i
+                mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - q_len)
+            o = F.scaled_dot_product_attention(qr, k_hist.to(q.dtype), v_hist.to(q.dtype), attn_mask=mask,
+                                               scale=self.scale, enable_gqa=True)
+            out[start : start + q_len] = o.transpose(0, 1)
             start += q_len
         return out
