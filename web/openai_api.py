@@ -46,8 +46,9 @@ def error_body(code: str, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(engine: Any, exc: ApiError) -> Response:
-    engine.metrics.error(exc.code)
+def error_response(engine: Any, exc: ApiError, count: bool = True) -> Response:
+    if count:  # refusals here; a generation that failed inside was counted by the engine
+        engine.metrics.error(exc.code)
     status = STATUS.get(exc.code, (500,))[0]
     return Response(json.dumps(error_body(exc.code, exc.message, exc.param)), status=status,
                     content_type="application/json")
@@ -179,7 +180,7 @@ async def _complete(engine: Any, config: Any, chat: bool) -> Response:
             if isinstance(ev, TokenEvent):
                 text.append(ev.text)
             elif ev.finish_reason == "error":
-                return error_response(engine, _finish_error(ev))
+                return error_response(engine, _finish_error(ev), count=False)
             else:
                 finish = ev
     if finish is None:
