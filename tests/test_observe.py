@@ -74,7 +74,8 @@ async def test_stats_websocket_pushes_live_figures(server):
         async with open_websocket_url(ws_url + "/v1/stats?interval_ms=100") as ws:
             first = json.loads(await ws.get_message())
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(generate, ws_url + "/v1/stream", 2, 40)
+                # Long enough (~0.5 s even on a fast box) to span several 100 ms pushes.
+                nursery.start_soon(generate, ws_url + "/v1/stream", 2, 500)
                 seen_running = 0
                 while True:  # the pushes show the batch while it runs, then the finished counts
                     snap = json.loads(await ws.get_message())
@@ -83,7 +84,7 @@ async def test_stats_websocket_pushes_live_figures(server):
                         break
     assert first["requests_finished"] == 0 and first["uptime_s"] < snap["uptime_s"]
     assert seen_running >= 1
-    assert snap["tokens_generated"] == 80
+    assert snap["tokens_generated"] == 1000
 
 
 async def test_dashboard_page_and_vendored_chart_library(server):
