@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -106,17 +105,22 @@ def open_chat(page, url: str, max_tokens: int) -> None:
 
 def test_answer_streams_token_by_token(page, url):
     open_chat(page, url, 24)
+    # Record the answer's length at every change of the log, in the page: no polling races.
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const live = document.querySelector('.msg.assistant.live');
+            if (live) window.lengths.push(live.textContent.length);
+        }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+    }""")
     page.fill("#input", "What is the capital of France?")
     page.press("#input", "Enter")
-    live = page.locator(".msg.assistant.live")
-    lengths = set()
-    deadline = time.monotonic() + WAIT_MS / 1000
-    while live.count() and time.monotonic() < deadline:  # sample the bubble while it streams
-        lengths.add(len(live.first.text_content() or ""))
-        page.wait_for_timeout(15)
     page.wait_for_function("(document.querySelector('.stats')?.textContent || '').length > 0")
     answer = page.locator(".msg.assistant").first.text_content()
-    assert len({n for n in lengths if 0 < n < len(answer)}) >= 2, (lengths, answer)  # seen part-way, twice
+    lengths = page.evaluate("window.lengths")
+    partial = {n for n in lengths if 0 < n < len(answer)}
+    assert len(partial) >= 2, (lengths, answer)  # seen part-way, at two different lengths
+    assert page.locator(".msg.assistant.live").count() == 0
     stats = page.locator(".stats").first.text_content()
     assert "tokens" in stats and "TTFT" in stats and "tok/s" in stats, stats
 

@@ -68,23 +68,27 @@ async def test_metrics_and_stats_after_traffic(server):
 
 
 async def test_stats_websocket_pushes_live_figures(server):
+    """A long generation shows up as running in the pushes; once cancelled, as finished."""
     engine, url = server
     ws_url = url.replace("http://", "ws://")
+    long = engine.max_context - 8  # runs far longer than a push interval on any machine
     with trio.fail_after(TIMEOUT):
-        async with open_websocket_url(ws_url + "/v1/stats?interval_ms=100") as ws:
-            first = json.loads(await ws.get_message())
-            async with trio.open_nursery() as nursery:
-                # Long enough (~0.5 s even on a fast box) to span several 100 ms pushes.
-                nursery.start_soon(generate, ws_url + "/v1/stream", 2, 500)
-                seen_running = 0
-                while True:  # the pushes show the batch while it runs, then the finished counts
-                    snap = json.loads(await ws.get_message())
-                    seen_running = max(seen_running, snap["running"])
-                    if snap["requests_finished"] == 2:
-                        break
-    assert first["requests_finished"] == 0 and first["uptime_s"] < snap["uptime_s"]
-    assert seen_running >= 1
-    assert snap["tokens_generated"] == 1000
+        async with open_websocket_url(ws_url + "/v1/stats?interval_ms=100") as stats, \
+                open_websocket_url(ws_url + "/v1/stream") as ws:
+            first = json.loads(await stats.get_message())
+            await ws.send_message(json.dumps({"type": "generate", "id": "a", "prompt": "go",
+                                              "max_tokens": long, "ignore_eos": True}))
+            while (snap := json.loads(await stats.get_message()))["running"] == 0:
+                pass
+            running = snap
+            await ws.send_message(json.dumps({"type": "cancel", "id": "a"}))
+            while json.loads(await ws.get_message())["type"] != "done":
+                pass
+            while (snap := json.loads(await stats.get_message()))["requests_finished"] < 1:
+                pass
+    assert first["requests_finished"] == 0 and first["uptime_s"] < running["uptime_s"] < snap["uptime_s"]
+    assert running["running"] == 1 and running["kv"]["used_blocks"] > 0
+    assert snap["running"] == 0 and snap["tokens_generated"] >= running["tokens_generated"]
 
 
 async def test_dashboard_page_and_vendored_chart_library(server):
