@@ -51,10 +51,13 @@ def reference(name: str):
 
 
 async def run_all(engine, prompts) -> list[list[int]]:
+    """Submit every prompt before the step loop runs once (so each run batches them the same
+    way, whatever the machine's load), then read all streams concurrently."""
     results: list[list[int]] = [[] for _ in prompts]
+    gens = [engine.submit(ids, SamplingParams(max_tokens=NEW_TOKENS)) for ids in prompts]
 
-    async def one(i, ids):
-        async with engine.submit(ids, SamplingParams(max_tokens=NEW_TOKENS)) as gen:
+    async def one(i, gen):
+        async with gen:
             async for ev in gen:
                 if isinstance(ev, TokenEvent):
                     assert ev.index == len(results[i])
@@ -64,8 +67,8 @@ async def run_all(engine, prompts) -> list[list[int]]:
                     assert ev.completion_tokens == len(results[i])
 
     async with trio.open_nursery() as nursery:
-        for i, ids in enumerate(prompts):
-            nursery.start_soon(one, i, ids)
+        for i, gen in enumerate(gens):
+            nursery.start_soon(one, i, gen)
     return results
 
 

@@ -19,8 +19,8 @@ async def run(config, prompts):
     out = [[] for _ in prompts]
     preemptions = {}
 
-    async def one(i):
-        async with engine.submit(prompts[i], SamplingParams(max_tokens=NEW, ignore_eos=True)) as gen:
+    async def one(i, gen):
+        async with gen:
             async for ev in gen:
                 if isinstance(ev, TokenEvent):
                     out[i].append(ev.token_id)
@@ -33,10 +33,12 @@ async def run(config, prompts):
             original(seq)
 
         engine.scheduler._preempt = counting
+        # All submitted before the step loop runs: the same batches on every run, whatever the load.
+        gens = [engine.submit(p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for p in prompts]
         with trio.fail_after(300):
             async with trio.open_nursery() as nursery:
-                for i in range(N):
-                    nursery.start_soon(one, i)
+                for i, gen in enumerate(gens):
+                    nursery.start_soon(one, i, gen)
         kv = engine.kv_statistics()
         assert kv.free_blocks == kv.total_blocks
     return out, preemptions
