@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
+from functools import partial
 
 import structlog
 import trio
@@ -17,6 +19,7 @@ import trio
 from streamer.config import EngineConfig
 from streamer.logging import LEVELS, configure_logging
 from streamer.types import RequestError
+from web.config import WebConfig
 
 # Errors that mean "this configuration cannot start" (bad model name, missing file, port in use):
 # before the server is ready they get one line and exit status 2, never a traceback.
@@ -55,7 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queued requests beyond which new ones are refused as overloaded")
     serve.add_argument("--seed", type=int, default=defaults["seed"], help="seed of random:NAME weights")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
+    _add_web_flags(serve)
     return parser
+
+
+def _add_web_flags(serve: argparse.ArgumentParser) -> None:
+    web = WebConfig()
+    edge = serve.add_argument_group("limits and access (the web edge)")
+    # Not shown by --help's defaults, so a key from the environment never lands in a terminal.
+    edge.add_argument("--api-key", default=None,
+                      help="bearer token required by the API and websockets; else $STREAMER_API_KEY if set")
+    edge.add_argument("--allowed-origins", type=_origins, default=web.allowed_origins,
+                      help="comma-separated websocket Origins allowed besides the server's own; '*' for any")
+    edge.add_argument("--max-live-per-connection", type=int, default=web.max_live_per_connection,
+                      help="live generations one websocket may hold")
+    edge.add_argument("--max-prompt-tokens", type=int, default=web.max_prompt_tokens,
+                      help="longest prompt in tokens; none: the context and KV arena bound it")
+    edge.add_argument("--max-tokens", type=int, default=web.max_tokens,
+                      help="largest max_tokens a request may ask; none: only the context bounds it")
+    edge.add_argument("--max-frame-bytes", type=int, default=web.max_frame_bytes,
+                      help="largest websocket message (closes 1009) and HTTP body (413)")
+    edge.add_argument("--ws-ping-interval", type=float, default=web.ping_interval,
+                      help="seconds between websocket pings; 0 turns them off")
+    edge.add_argument("--ws-idle-timeout", type=float, default=web.idle_timeout,
+                      help="close a websocket silent this many seconds with nothing live (4408); 0: never")
+    edge.add_argument("--drain-timeout", type=float, default=web.drain_timeout,
+                      help="on SIGTERM, seconds live generations get to finish before they are cut")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
+def web_config_from_args(args: argparse.Namespace) -> WebConfig:
+    return WebConfig(
+        api_key=args.api_key or os.environ.get("STREAMER_API_KEY") or None, allowed_origins=args.allowed_origins,
+        max_live_per_connection=args.max_live_per_connection, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens, max_frame_bytes=args.max_frame_bytes,
+        ping_interval=args.ws_ping_interval or None, idle_timeout=args.ws_idle_timeout or None,
+        drain_timeout=args.drain_timeout,
+    )
 
 
 def _port(text: str) -> int:
@@ -71,25 +113,42 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{name: getattr(args, name) for name in names})
 
 
-async def run_server(config: EngineConfig, host: str, port: int) -> None:
+class Shutdown:
+    """Signals, as events: `requested` by the first SIGTERM/SIGINT, `hurry` by the second."""
+
+    def __init__(self) -> None:
+        self.requested = trio.Event()
+        self.hurry = trio.Event()
+        self.serving = False  # before this, a signal cancels start-up at once
+
+
+async def run_server(config: EngineConfig, host: str, port: int, web: WebConfig | None = None) -> None:
     # Imported here: importing the engine loads torch, and the web layer is ours to compose only.
     from streamer.engine import open_engine
+    from web.lifecycle import Lifecycle, drain
     from web.server import serve
 
+    web = web or WebConfig()
     log = structlog.get_logger("streamer")
     ready = False
+    shutdown = Shutdown()
     try:
         async with trio.open_nursery() as root:
             # Watch signals from the start, so Ctrl-C while the model loads also shuts down cleanly.
-            await root.start(_cancel_on_signal, root.cancel_scope, log)
+            await root.start(_watch_signals, shutdown, root.cancel_scope, log)
             async with open_engine(config) as engine, trio.open_nursery() as nursery:
-                binds = await nursery.start(serve, engine, host, port)
-                ready = True
+                lifecycle = Lifecycle()
+                binds = await nursery.start(partial(serve, engine, host, port, config=web, lifecycle=lifecycle))
+                ready = shutdown.serving = True
                 url = _page_url(binds[0] if binds else f"http://{host}:{port}")
                 if sys.stdout.isatty():
                     print(f"Streamer ready: open {url}", flush=True)
                 else:  # keep stdout pure JSON lines for log collectors
                     log.info(f"Streamer ready: open {url}", url=url, model=engine.model_name)
+                await shutdown.requested.wait()
+                # Drain: refuse new work, let live generations finish (or cut them), close sockets.
+                await drain(engine, lifecycle, web.drain_timeout, shutdown.hurry)
+                nursery.cancel_scope.cancel()
             root.cancel_scope.cancel()  # the server stopped on its own: stop watching signals
     except* STARTUP_ERRORS as group:
         if ready:
@@ -97,14 +156,25 @@ async def run_server(config: EngineConfig, host: str, port: int) -> None:
         raise StartupError(_first_message(group)) from None
 
 
-async def _cancel_on_signal(scope: trio.CancelScope, log, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    # Only the first Ctrl-C is graceful; once this receiver closes, a second one interrupts hard.
+async def _watch_signals(shutdown: Shutdown, scope: trio.CancelScope, log, *,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    # The first signal drains (or, while loading, cancels); the second cuts the drain short; once
+    # this receiver closes, a third interrupts hard.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
-            log.info("shutting_down", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return
+            name = signal.Signals(signum).name
+            if not shutdown.serving:
+                log.info("shutting_down", signal=name)
+                scope.cancel()
+                return
+            if not shutdown.requested.is_set():
+                log.info("shutting_down", signal=name)
+                shutdown.requested.set()
+            else:
+                log.info("shutting_down_now", signal=name)
+                shutdown.hurry.set()
+                return
 
 
 def _page_url(bind: str) -> str:
@@ -130,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 with a usage line on a bad flag
     try:
         config = config_from_args(args)
+        web = web_config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging(args.log_level)
     status = 0
     try:
-        trio.run(run_server, config, args.host, args.port)
+        trio.run(run_server, config, args.host, args.port, web)
     except* KeyboardInterrupt:  # a Ctrl-C during loading, or a second one during shutdown
         status = 130
     except* StartupError as group:

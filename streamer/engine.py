@@ -59,6 +59,11 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
+class _AbortAll:
+    error: RequestError
+
+
+@dataclass(frozen=True)
 class EngineStats:
     running: int
     waiting: int
@@ -123,6 +128,8 @@ class Engine:
         self._limiter = trio.CapacityLimiter(1)
         self._steps = 0
         self._closing = False
+        self._accepting = True  # False once stop_accepting() was called (drain)
+        self._drained = trio.Event()  # set by the step loop once, after stop_accepting, nothing is live
         self._last_step_end: float | None = None  # None while idle
         self.metrics = Metrics()
 
@@ -144,7 +151,7 @@ class Engine:
 
     def submit(self, prompt_ids: SeqType[int], params: SamplingParams, request_id: str | None = None) -> Generation:
         """Queue a request; raises RequestError when it cannot be served."""
-        if self._closing:
+        if self._closing or not self._accepting:
             raise RequestError("shutting_down", "the server is shutting down")
         ids = list(prompt_ids)
         if not ids:
@@ -176,6 +183,35 @@ class Engine:
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
         return self.submit(ids, params or SamplingParams(), request_id)
 
+    # --- drain (any task; the step loop does the work) ---------------------------------------------
+    def stop_accepting(self) -> None:
+        """From now on submit() raises RequestError("shutting_down"); accepted requests run on."""
+        self._accepting = False
+        self._wake()
+
+    async def wait_drained(self) -> None:
+        """After stop_accepting(): returns once no request is live (queued, running or in the inbox)."""
+        assert not self._accepting, "call stop_accepting() first"
+        await self._drained.wait()
+
+    def abort_all(self, error: RequestError) -> None:
+        """Ask the step loop to end every live request with `error` (then its FinishEvent)."""
+        self._control_send.send_nowait(_AbortAll(error))
+        self._wake()
+
+    @property
+    def live_requests(self) -> int:
+        """Requests the step loop holds (a snapshot, for logs and tests)."""
+        return len(self._requests)
+
+    def _wake(self) -> None:
+        # An idle step loop blocks on the inbox: a no-op message makes it look at its state again.
+        # A full inbox means the loop is busy and will look anyway.
+        try:
+            self._inbox_send.send_nowait(None)
+        except trio.WouldBlock:
+            pass
+
     def kv_statistics(self) -> AllocatorStats:
         return self.allocator.statistics()
 
@@ -188,6 +224,8 @@ class Engine:
         while True:
             if not self.scheduler.has_work():
                 self._last_step_end = None
+                if not self._accepting and not self._requests and not self._inbox.statistics().current_buffer_used:
+                    self._drained.set()  # stays drained: nothing new is accepted any more
                 self._handle(await self._inbox.receive())  # block when idle
             self._drain(self._control, math.inf)
             # Drain when busy, but only up to max_waiting: past it the inbox fills and submit()
@@ -216,6 +254,10 @@ class Engine:
         elif isinstance(msg, _Cancel):
             if msg.request_id in self._requests:
                 self._end(msg.request_id, "cancelled")
+        elif isinstance(msg, _AbortAll):
+            self._drain(self._inbox, math.inf)  # accepted submits still in the inbox are live too
+            for rid in list(self._requests):
+                self._end(rid, "error", msg.error)
 
     def _reap_departed(self) -> None:
         """A request whose reader is gone (client left) is aborted and its blocks freed."""

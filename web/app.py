@@ -1,7 +1,8 @@
 """The quart-trio application: `GET /` chat page, `GET /healthz`, and the /v1/stream websocket;
 observability routes come from web/observe.py, the OpenAI-compatible ones from web/openai_api.py.
 
-`create_app(engine)` is called by web/server.py (and tests); routes hold no state of their own.
+`create_app(engine, config, lifecycle)` is called by web/server.py (and tests); routes hold no state
+of their own. web/security.py guards every route (API key, websocket Origin, error pages).
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from typing import Any
 from quart import send_from_directory, websocket
 from quart_trio import QuartTrio
 
-from web import observe, openai_api
+from web import observe, openai_api, security
+from web.config import WebConfig
+from web.lifecycle import Lifecycle
 from web.ws import Connection
 
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(engine: Any) -> QuartTrio:
+def create_app(engine: Any, config: WebConfig | None = None, lifecycle: Lifecycle | None = None) -> QuartTrio:
+    config = config or WebConfig()
+    lifecycle = lifecycle or Lifecycle()
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
+    security.register(app, config)
     # Revalidate the page and its scripts on every load (cheap: ETag), so a browser never pairs
     # a stale app.js with a newer server; quart's default caches them for 12 hours.
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 0
@@ -47,8 +53,10 @@ def create_app(engine: Any) -> QuartTrio:
         # Accept before reading so the handshake never waits on the first client frame.
         await websocket.accept()
         ws = websocket._get_current_object()  # the plain object: Connection knows nothing of quart
-        await Connection(engine, ws.send).run(ws.receive)
+        close = await Connection(engine, ws.send, config, lifecycle).run(ws.receive)
+        if close is not None:  # the server hangs up: shutting down (1001) or idle (4408)
+            await websocket.close(*close)
 
     observe.register(app, engine)
-    openai_api.register(app, engine)
+    openai_api.register(app, engine, config)
     return app

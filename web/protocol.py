@@ -44,8 +44,9 @@ class Cancel:
     id: str
 
 
-def parse_frame(data: str | bytes | None) -> Generate | Cancel:
-    """Turn one websocket message into a command, or raise `ProtocolError`."""
+def parse_frame(data: str | bytes | None, max_tokens: int | None = None) -> Generate | Cancel:
+    """Turn one websocket message into a command, or raise `ProtocolError`. `max_tokens` is the
+    server's cap on the field (--max-tokens): larger asks are refused, and it lowers the default."""
     if not isinstance(data, str):
         # A binary frame is not JSON text; one code for "this is not a JSON text frame".
         raise ProtocolError("invalid_json", "binary frames are not supported: send JSON text frames")
@@ -60,14 +61,14 @@ def parse_frame(data: str | bytes | None) -> Generate | Cancel:
     rid = rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS else None
     kind = obj.get("type")
     if kind == "generate":
-        return _parse_generate(obj, rid)
+        return _parse_generate(obj, rid, max_tokens)
     if kind == "cancel":
         _check_fields(obj, CANCEL_FIELDS, rid)
         return Cancel(_parse_id(obj))
     raise ProtocolError("unknown_type", f"unknown frame type {kind!r}: expected 'generate' or 'cancel'", rid)
 
 
-def _parse_generate(obj: dict[str, Any], rid: str | None) -> Generate:
+def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None = None) -> Generate:
     request_id = _parse_id(obj)
     _check_fields(obj, GENERATE_FIELDS, rid)
 
@@ -106,6 +107,11 @@ def _parse_generate(obj: dict[str, Any], rid: str | None) -> Generate:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise bad(f"{name} must be a number")
             kwargs[name] = float(value)
+    if max_tokens is not None:
+        asked = kwargs.get("max_tokens", SamplingParams.max_tokens)
+        if "max_tokens" in kwargs and asked > max_tokens:
+            raise bad(f"max_tokens is at most {max_tokens} on this server")
+        kwargs["max_tokens"] = min(asked, max_tokens)
     if obj.get("seed") is not None:
         kwargs["seed"] = _int(obj["seed"], "seed", bad)
     if "stop" in obj:

@@ -13,11 +13,37 @@ from typing import Any
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol.ws_stream import WSStream
 
 from web.app import create_app
+from web.config import WebConfig
+from web.lifecycle import Lifecycle
 
 
-def hypercorn_config(host: str, port: int) -> Config:
+def _guard_pings() -> None:
+    """hypercorn 0.18 bug: a websocket's ping task can send while the connection's close runs
+    send_eof; trio raises BusyResourceError, which escapes the connection's task group and stops the
+    whole server. A client could time a bad frame to hit it (tests/test_limits.py found it), so the
+    ping task ends quietly instead: the connection is closing anyway."""
+    if getattr(WSStream._send_pings, "_guarded", False):
+        return
+    send_pings = WSStream._send_pings
+
+    async def guarded(self) -> None:
+        try:
+            await send_pings(self)
+        except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    guarded._guarded = True
+    WSStream._send_pings = guarded
+
+
+_guard_pings()
+
+
+def hypercorn_config(host: str, port: int, web: WebConfig | None = None) -> Config:
+    web = web or WebConfig()
     config = Config()
     # IPv6 literals need brackets in a bind string.
     config.bind = [f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"]
@@ -27,9 +53,13 @@ def hypercorn_config(host: str, port: int) -> Config:
     # Chats are long-lived websockets: on shutdown, wait briefly for them, then cancel.
     config.graceful_timeout = 2.0
     # A prompt is at most a few hundred KiB of text; the default 16 MiB invites memory abuse.
-    config.websocket_max_message_size = 4 * 1024 * 1024
+    # hypercorn's default listen backlog (100) drops SYNs when many clients connect at once, and
+    # each dropped one retries only after 1, 3, 7... s; the kernel caps this at net.core.somaxconn.
+    config.backlog = 2048
+    # Larger messages close the socket with 1009 (--max-frame-bytes).
+    config.websocket_max_message_size = web.max_frame_bytes
     # Pings find clients that vanished without a close frame, so their KV is freed.
-    config.websocket_ping_interval = 20.0
+    config.websocket_ping_interval = web.ping_interval
     return config
 
 
@@ -38,13 +68,15 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
+    config: WebConfig | None = None,
+    lifecycle: Lifecycle | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled or until `shutdown_trigger` returns; reports the bound URLs as started."""
     await hypercorn.trio.serve(
-        create_app(engine),
-        hypercorn_config(host, port),
+        create_app(engine, config, lifecycle),
+        hypercorn_config(host, port, config),
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )

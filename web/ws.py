@@ -16,6 +16,8 @@ import structlog
 import trio
 
 from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
+from web.config import WebConfig
+from web.lifecycle import Lifecycle, OpenCount
 from web.protocol import Cancel, Generate, ProtocolError, done_frame, error_frame, parse_frame, token_frame
 
 log = structlog.get_logger(__name__)
@@ -23,8 +25,13 @@ log = structlog.get_logger(__name__)
 # Frames queued for the writer. Small on purpose: a slow client then blocks its own generation
 # tasks (and only them) instead of growing an unbounded buffer in the server.
 SEND_BUFFER = 32
-# Live generations one socket may hold; more is answered "overloaded" before reaching the engine.
-MAX_LIVE_PER_CONNECTION = 256
+# Live generations one socket may hold by default (--max-live-per-connection); more is answered
+# "overloaded" before reaching the engine.
+MAX_LIVE_PER_CONNECTION = WebConfig.max_live_per_connection
+# Close codes this module chooses (docs/PROTOCOL.md); hypercorn itself sends 1009 and 1007.
+CLOSE_GOING_AWAY = (1001, "server shutting down")
+CLOSE_IDLE = (4408, "idle timeout")
+_CLOSE = {"type": "_close"}  # writer sentinel: every frame queued before it is sent first
 
 _connection_numbers = itertools.count(1)
 
@@ -32,34 +39,66 @@ Frame = dict[str, Any]
 
 
 class Connection:
-    def __init__(self, engine: Any, send_text: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, engine: Any, send_text: Callable[[str], Awaitable[None]], config: WebConfig | None = None,
+                 lifecycle: Lifecycle | None = None) -> None:
         self.engine = engine
+        self.config = config or WebConfig()
+        self.lifecycle = lifecycle or Lifecycle()
         self.number = next(_connection_numbers)
         self._send_text = send_text
         self._frames, self._frames_out = trio.open_memory_channel[Frame](SEND_BUFFER)
         self._live: dict[str, Any] = {}  # client id -> Generation, until its done frame is queued
         self._nursery: trio.Nursery | None = None
+        self._streams = OpenCount()  # running _stream tasks
+        self._last_frame = trio.current_time()  # last frame either way, for the idle timeout
+        self._close: tuple[int, str] | None = None
 
-    async def run(self, receive: Callable[[], Awaitable[str | bytes | None]]) -> None:
-        """Serve the socket until the client leaves; leaving cancels every generation it started."""
+    async def run(self, receive: Callable[[], Awaitable[str | bytes | None]]) -> tuple[int, str] | None:
+        """Serve the socket until the client leaves (leaving cancels every generation it started) or
+        the server hangs up; returns the (code, reason) the caller should close with, if any."""
         log.debug("ws_open", conn=self.number)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._write_frames)
-                while True:
-                    try:
-                        data = await receive()
-                    except trio.EndOfChannel:  # test harnesses close their channel to hang up
-                        break
-                    await self._dispatch(data)
-                nursery.cancel_scope.cancel()
+            with self.lifecycle.sockets:
+                await self._serve(receive)
         finally:
-            log.debug("ws_close", conn=self.number, live=len(self._live))
+            log.debug("ws_close", conn=self.number, live=len(self._live), close=self._close)
+        return self._close
+
+    async def _serve(self, receive: Callable[[], Awaitable[str | bytes | None]]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._write_frames)
+            nursery.start_soon(self._close_when_drained)
+            if self.config.idle_timeout is not None:
+                nursery.start_soon(self._close_when_idle, self.config.idle_timeout)
+            while True:
+                try:
+                    data = await receive()
+                except trio.EndOfChannel:  # test harnesses close their channel to hang up
+                    break
+                self._last_frame = trio.current_time()
+                await self._dispatch(data)
+            nursery.cancel_scope.cancel()
+
+    async def _close_when_drained(self) -> None:
+        """Once the server is closing, hang up (1001) as soon as this socket's generations ended."""
+        await self.lifecycle.closing.wait()
+        await self._streams.wait_zero()  # every stream has queued its done frame by now
+        await self._frames.send(_CLOSE)
+
+    async def _close_when_idle(self, timeout: float) -> None:
+        """Hang up (4408) when no frame went either way for `timeout` s and nothing is live."""
+        while True:
+            await trio.sleep_until(self._last_frame + timeout)
+            if self._streams.value:
+                self._last_frame = trio.current_time()  # a queued generation is not idleness
+            elif trio.current_time() >= self._last_frame + timeout:
+                await self._frames.send(_CLOSE | {"code": CLOSE_IDLE})
+                return
 
     async def _dispatch(self, data: str | bytes | None) -> None:
         try:
-            command = parse_frame(data)
+            command = parse_frame(data, max_tokens=self.config.max_tokens)
             if isinstance(command, Cancel):
                 await self._cancel(command)
             else:
@@ -74,8 +113,9 @@ class Connection:
         cid = command.id
         if cid in self._live:
             raise ProtocolError("duplicate_id", f"id {cid!r} is still generating on this connection", cid)
-        if len(self._live) >= MAX_LIVE_PER_CONNECTION:
-            raise ProtocolError("overloaded", f"at most {MAX_LIVE_PER_CONNECTION} live generations per connection", cid)
+        limit = self.config.max_live_per_connection
+        if len(self._live) >= limit:
+            raise ProtocolError("overloaded", f"at most {limit} live generations per connection", cid)
         try:
             # Tokenising on the event loop: the tokenizer is fast native code and prompts are
             # bounded by the websocket message size, so a worker thread would cost more than it saves.
@@ -83,12 +123,16 @@ class Connection:
                 ids = self.engine.encode_chat(command.messages)
             else:
                 ids = self.engine.encode_prompt(command.prompt)
+            limit = self.config.max_prompt_tokens
+            if limit is not None and len(ids) > limit:
+                raise RequestError("prompt_too_long", f"prompt has {len(ids)} tokens; this server takes at most {limit}")
             # The engine's id must be unique server-wide; client ids are only unique per socket.
             gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}")
         except RequestError as exc:
             raise ProtocolError(exc.code, exc.message, cid) from None
         self._live[cid] = gen
         assert self._nursery is not None
+        self._streams.open()  # counted from now, not from when the task first runs
         self._nursery.start_soon(self._stream, cid, gen, len(ids))
 
     async def _cancel(self, command: Cancel) -> None:
@@ -101,6 +145,12 @@ class Connection:
 
     async def _stream(self, cid: str, gen: Any, prompt_tokens: int) -> None:
         """Forward one generation's events as frames; exactly one done frame ends every accepted id."""
+        try:
+            await self._forward(cid, gen, prompt_tokens)
+        finally:
+            self._streams.close()
+
+    async def _forward(self, cid: str, gen: Any, prompt_tokens: int) -> None:
         completion = 0
         try:
             # Leaving this block, normally or by cancellation (client gone), closes the request's
@@ -138,6 +188,12 @@ class Connection:
         """The only task that writes to the socket, so frames never interleave."""
         async with self._frames_out:
             async for frame in self._frames_out:
+                if frame.get("type") == "_close":
+                    self._close = frame.get("code", CLOSE_GOING_AWAY)
+                    assert self._nursery is not None
+                    self._nursery.cancel_scope.cancel()
+                    return
+                self._last_frame = trio.current_time()
                 try:
                     await self._send_text(json.dumps(frame, ensure_ascii=False))
                 except Exception as exc:  # the peer is gone: nothing left to stream to

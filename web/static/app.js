@@ -13,9 +13,24 @@ const state = {
   retryMs: 500,
 };
 
+// A server started with --api-key needs the key: open the page as /#api_key=KEY (a fragment never
+// reaches the server or its logs), or type it when asked. Websockets cannot carry an Authorization
+// header from a browser, so the socket sends it as ?api_key=; fetches use the header.
+const apiKey = { value: new URLSearchParams(location.hash.slice(1)).get("api_key") || sessionStorage.getItem("api_key") };
+const authHeaders = () => (apiKey.value ? { Authorization: `Bearer ${apiKey.value}` } : {});
+
+async function ensureKey() {
+  const r = await fetch("/healthz", { headers: authHeaders() }).catch(() => null);
+  if (r && r.status === 401) {
+    apiKey.value = window.prompt("This server needs an API key:") || null;
+    if (apiKey.value) sessionStorage.setItem("api_key", apiKey.value);
+  }
+}
+
 function connect() {
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const ws = new WebSocket(scheme + location.host + "/v1/stream");
+  const query = apiKey.value ? `?api_key=${encodeURIComponent(apiKey.value)}` : "";
+  const ws = new WebSocket(scheme + location.host + "/v1/stream" + query);
   ws.onopen = () => {
     state.retryMs = 500;
     $("conn").classList.add("up");
@@ -218,7 +233,7 @@ function updateButtons() {
 
 async function refreshHealth() {
   try {
-    const h = await (await fetch("/healthz")).json();
+    const h = await (await fetch("/healthz", { headers: authHeaders() })).json();
     $("model").textContent = `${h.model} · context ${h.max_context}`;
     $("kv").textContent = `KV ${h.kv.used_blocks}/${h.kv.total_blocks} blocks`;
   } catch (err) {
@@ -246,4 +261,4 @@ $("clear").addEventListener("click", () => {
   $("log").replaceChildren();
   note("New chat.", false);
 });
-connect();
+ensureKey().then(connect);
