@@ -69,6 +69,7 @@ class EngineStats:
     waiting: int
     steps: int
     preemptions: int
+    prefix_hit_tokens: int
     kv: AllocatorStats
 
 
@@ -115,11 +116,14 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.max_context = loaded.model.spec.max_position
+        # The longest sequence (prompt + completion) one request may reach: the context, or the
+        # whole KV arena if that is smaller.
+        self.capacity = min(self.max_context, num_blocks * config.block_size)
         self.runner = runner
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_tokens, config.max_running,
-                                   config.static_batch)
+                                   config.static_batch, config.prefix_caching)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
         # cancels at most once, so it holds at most as many messages as there are requests.
@@ -159,7 +163,7 @@ class Engine:
         vocab = self.loaded.model.spec.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError("invalid_request", f"token ids must be integers in [0, {vocab})")
-        capacity = min(self.max_context, self.allocator.num_blocks * self.block_size)
+        capacity = self.capacity
         if len(ids) >= capacity:
             raise RequestError(
                 "prompt_too_long",
@@ -217,7 +221,8 @@ class Engine:
 
     def statistics(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self._steps, s.num_preemptions, self.allocator.statistics())
+        return EngineStats(len(s.running), len(s.waiting), self._steps, s.num_preemptions, s.prefix_hit_tokens,
+                           self.allocator.statistics())
 
     # --- the step loop (one task) --------------------------------------------------------------
     async def run(self) -> None:
@@ -318,7 +323,7 @@ class Engine:
         self._last_step_end = t_end
         rec = StepRecord(t_end, t_end - t_start, gap, plan.num_tokens - decode, decode, generated,
                          len(self.scheduler.running), len(self.scheduler.waiting), kv.used_blocks, kv.free_blocks)
-        self.metrics.step(rec, len(plan.preempted))
+        self.metrics.step(rec, len(plan.preempted), self.scheduler.prefix_hit_tokens)
 
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""
@@ -342,9 +347,9 @@ class Engine:
     def _finish_early(self, req: Request, reason: str, error: RequestError | None = None) -> None:
         now = time.monotonic()
         n = len(req.seq.output_ids)
-        ms = lambda t: round(((t or now) - req.t_arrival) * 1000, 3)  # noqa: E731
-        tpot = (now - req.t_first) * 1000 / (n - 1) if req.t_first and n > 1 else 0.0
-        timing = Timing(ms(req.t_scheduled), ms(req.t_first), ms(now), round(tpot, 3))
+        ms = lambda t: None if t is None else round((t - req.t_arrival) * 1000, 3)  # noqa: E731
+        tpot = round((now - req.t_first) * 1000 / (n - 1), 3) if req.t_first and n > 1 else None
+        timing = Timing(ms(req.t_scheduled), ms(req.t_first), ms(now), tpot)
         self._send(req, FinishEvent(reason, len(req.seq.prompt_ids), n, timing, error))
         req.outbox.close()
         self.metrics.observe("e2e", now - req.t_arrival, now)
