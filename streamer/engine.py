@@ -426,11 +426,14 @@ async def open_engine(config: EngineConfig):
     log.info("engine_ready", model=engine.model_name, kv_blocks=engine.allocator.num_blocks,
              block_size=engine.block_size, kv_tokens=engine.allocator.num_blocks * engine.block_size,
              device=str(engine.runner.device), attention=engine.runner.backend.name)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(engine.run)
-        try:
-            yield engine
-        finally:
-            engine._close_all("error", RequestError("shutting_down", "the engine stopped"))
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.run)
+            try:
+                yield engine
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        # The step loop has exited (its step finished first), so its state is ours to close.
+        engine._close_all("error", RequestError("shutting_down", "the engine stopped"))
 
