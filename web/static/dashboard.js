@@ -94,10 +94,16 @@ function onSnapshot(snap) {
   document.body.dataset.updates = ++updates;  // browser tests watch this
 }
 
+// A server started with --api-key: the key comes as /dashboard#api_key=KEY, or from the chat
+// page's sessionStorage when the dashboard was opened from it.
+const apiKey = new URLSearchParams(location.hash.slice(1)).get("api_key") || sessionStorage.getItem("api_key");
+if (apiKey) sessionStorage.setItem("api_key", apiKey);
+
 let retryMs = 500;
 function connect() {
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const ws = new WebSocket(scheme + location.host + "/v1/stats");
+  const query = apiKey ? `?api_key=${encodeURIComponent(apiKey)}` : "";
+  const ws = new WebSocket(scheme + location.host + "/v1/stats" + query);
   ws.onopen = () => { retryMs = 500; document.getElementById("conn").classList.add("up"); };
   ws.onmessage = (e) => onSnapshot(JSON.parse(e.data));
   ws.onclose = () => {
