@@ -41,3 +41,19 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> 
             )
         outs.append(out[0, len(ids):].tolist())
     return outs
+
+
+@pytest.fixture
+async def tiny_server():
+    """(engine, base URL) of a real server on 127.0.0.1 port 0 serving random:tiny-qwen3."""
+    import trio
+
+    from streamer.config import EngineConfig
+    from streamer.engine import open_engine
+    from web.server import serve
+
+    config = EngineConfig(model="random:tiny-qwen3", kv_memory=0.05, max_batch_tokens=256, max_running=8, max_waiting=8)
+    async with open_engine(config) as engine, trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, engine, "127.0.0.1", 0)
+        yield engine, binds[0]
+        nursery.cancel_scope.cancel()

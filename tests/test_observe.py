@@ -7,24 +7,10 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from streamer.config import EngineConfig
-from streamer.engine import open_engine
-from web.server import serve
-
 TIMEOUT = 30
-CONFIG = EngineConfig(model="random:tiny-qwen3", kv_memory=0.05, max_batch_tokens=256, max_running=8, max_waiting=8)
-
-
-@pytest.fixture
-async def server():
-    async with open_engine(CONFIG) as engine, trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, engine, "127.0.0.1", 0)
-        yield engine, binds[0]
-        nursery.cancel_scope.cancel()
 
 
 async def generate(ws_url: str, n: int, max_tokens: int) -> None:
@@ -41,8 +27,8 @@ async def generate(ws_url: str, n: int, max_tokens: int) -> None:
             errors += frame["type"] == "error"
 
 
-async def test_metrics_and_stats_after_traffic(server):
-    engine, url = server
+async def test_metrics_and_stats_after_traffic(tiny_server):
+    engine, url = tiny_server
     with trio.fail_after(TIMEOUT):
         await generate(url.replace("http://", "ws://") + "/v1/stream", n=3, max_tokens=10)
         async with httpx.AsyncClient(base_url=url) as http:
@@ -67,9 +53,9 @@ async def test_metrics_and_stats_after_traffic(server):
     assert kv["used_blocks"] == 0 and kv["free_blocks"] == kv["total_blocks"] > 0 and kv["usage"] == 0
 
 
-async def test_stats_websocket_pushes_live_figures(server):
+async def test_stats_websocket_pushes_live_figures(tiny_server):
     """A long generation shows up as running in the pushes; once cancelled, as finished."""
-    engine, url = server
+    engine, url = tiny_server
     ws_url = url.replace("http://", "ws://")
     long = engine.max_context - 8  # runs far longer than a push interval on any machine
     with trio.fail_after(TIMEOUT):
@@ -91,8 +77,8 @@ async def test_stats_websocket_pushes_live_figures(server):
     assert snap["running"] == 0 and snap["tokens_generated"] >= running["tokens_generated"]
 
 
-async def test_dashboard_page_and_vendored_chart_library(server):
-    _, url = server
+async def test_dashboard_page_and_vendored_chart_library(tiny_server):
+    _, url = tiny_server
     with trio.fail_after(TIMEOUT):
         async with httpx.AsyncClient(base_url=url) as http:
             page = await http.get("/dashboard")

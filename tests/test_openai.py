@@ -9,21 +9,9 @@ import openai
 import pytest
 import trio
 
-from streamer.config import EngineConfig
-from streamer.engine import open_engine
 from streamer.types import SamplingParams, TokenEvent
-from web.server import serve
 
 TIMEOUT = 60
-CONFIG = EngineConfig(model="random:tiny-qwen3", kv_memory=0.05, max_batch_tokens=256, max_running=8, max_waiting=8)
-
-
-@pytest.fixture
-async def server():
-    async with open_engine(CONFIG) as engine, trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, engine, "127.0.0.1", 0)
-        yield engine, binds[0]
-        nursery.cancel_scope.cancel()
 
 
 def client(url: str) -> openai.OpenAI:
@@ -44,8 +32,8 @@ async def engine_text(engine, ids: list[int], params: SamplingParams) -> str:
     return "".join(text)
 
 
-async def test_chat_completions_stream_and_not(server):
-    engine, url = server
+async def test_chat_completions_stream_and_not(tiny_server):
+    engine, url = tiny_server
     oai, model = client(url), engine.model_name
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     with trio.fail_after(TIMEOUT):
@@ -73,8 +61,8 @@ async def test_chat_completions_stream_and_not(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-async def test_completions_stream_and_not_with_stop(server):
-    engine, url = server
+async def test_completions_stream_and_not_with_stop(tiny_server):
+    engine, url = tiny_server
     oai, model = client(url), engine.model_name
     prompt = "Once upon a time"
     with trio.fail_after(TIMEOUT):
@@ -94,8 +82,8 @@ async def test_completions_stream_and_not_with_stop(server):
     assert by_ids.usage.completion_tokens == 4 and by_ids.choices[0].finish_reason == "length"
 
 
-async def test_errors_have_openai_shape_and_status(server):
-    engine, url = server
+async def test_errors_have_openai_shape_and_status(tiny_server):
+    engine, url = tiny_server
     oai, model = client(url), engine.model_name
     long_prompt = "hello " * (engine.max_context + 10)
     cases = [
@@ -123,8 +111,8 @@ async def test_errors_have_openai_shape_and_status(server):
     assert 'streamer_errors_total{code="model_not_found"} 1.0' in text
 
 
-async def test_client_leaving_a_stream_frees_kv(server):
-    engine, url = server
+async def test_client_leaving_a_stream_frees_kv(tiny_server):
+    engine, url = tiny_server
     body = {"model": engine.model_name, "prompt": "tell me everything", "max_tokens": 100_000, "stream": True}
     with trio.fail_after(TIMEOUT):
         async with httpx.AsyncClient(base_url=url) as http:
