@@ -16,51 +16,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
-import torch
 import trio
 
-from gpu.models import LoadedModel, load_model
+from gpu.models import LoadedModel
 from gpu.runner import ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
 from streamer.allocator import AllocatorStats, BlockAllocator
+from streamer.build import load_runner
 from streamer.config import EngineConfig
 from streamer.detok import Detokenizer
 from streamer.metrics import Metrics, StepRecord
+from streamer.request import AbortAll, Cancel, Generation, Request, Submit
 from streamer.scheduler import Scheduler, Sequence, StepPlan
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent
 
 log = structlog.get_logger("streamer")
-CPU_KV_BASE_GIB = 4.0  # on the CPU a fractional --kv-memory is a fraction of this
-
-
-@dataclass(eq=False)
-class Request:
-    """What the step loop keeps per request beside the scheduler's `Sequence`."""
-
-    seq: Sequence
-    params: SamplingParams
-    outbox: trio.MemorySendChannel
-    detok: Detokenizer
-    t_arrival: float
-    label: str  # the client's id, for logs
-    t_scheduled: float | None = None
-    t_first: float | None = None
-    t_last: float | None = None  # last token sent
-
-
-@dataclass(frozen=True)
-class _Submit:
-    request: Request
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _AbortAll:
-    error: RequestError
 
 
 @dataclass(frozen=True)
@@ -71,42 +41,6 @@ class EngineStats:
     preemptions: int
     prefix_hit_tokens: int
     kv: AllocatorStats
-
-
-class Generation:
-    """A request's stream of events. Use as ``async with gen: async for ev in gen``."""
-
-    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int, events: trio.MemoryReceiveChannel):
-        self.engine = engine
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self._events = events
-        self._done = False
-
-    async def __aenter__(self) -> Generation:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        # The engine notices the closed channel and aborts the request, freeing its blocks.
-        self._events.close()
-
-    def __aiter__(self) -> Generation:
-        return self
-
-    async def __anext__(self) -> TokenEvent | FinishEvent:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            event = await self._events.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
-        if isinstance(event, FinishEvent):
-            self._done = True
-        return event
-
-    async def cancel(self) -> None:
-        """Ask the step loop to end this request; the stream then ends with 'cancelled'."""
-        self.engine._control_send.send_nowait(_Cancel(self.request_id))
 
 
 class Engine:
@@ -178,10 +112,10 @@ class Engine:
         request = Request(seq, params, send, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
                           request_id or key)
         try:
-            self._inbox_send.send_nowait(_Submit(request))
+            self._inbox_send.send_nowait(Submit(request))
         except trio.WouldBlock:
             raise RequestError("overloaded", "too many requests are waiting; try again later") from None
-        return Generation(self, key, len(ids), recv)
+        return Generation(key, len(ids), recv, self._control_send)
 
     def generate(self, prompt: str | SeqType[int], params: SamplingParams | None = None, request_id=None):
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
@@ -200,7 +134,7 @@ class Engine:
 
     def abort_all(self, error: RequestError) -> None:
         """Ask the step loop to end every live request with `error` (then its FinishEvent)."""
-        self._control_send.send_nowait(_AbortAll(error))
+        self._control_send.send_nowait(AbortAll(error))
         self._wake()
 
     @property
@@ -252,14 +186,14 @@ class Engine:
             limit -= 1
 
     def _handle(self, msg) -> None:
-        if isinstance(msg, _Submit):
+        if isinstance(msg, Submit):
             req = msg.request
             self._requests[req.seq.request_id] = req
             self.scheduler.add(req.seq)
-        elif isinstance(msg, _Cancel):
+        elif isinstance(msg, Cancel):
             if msg.request_id in self._requests:
                 self._end(msg.request_id, "cancelled")
-        elif isinstance(msg, _AbortAll):
+        elif isinstance(msg, AbortAll):
             self._drain(self._inbox, math.inf)  # accepted submits still in the inbox are live too
             for rid in list(self._requests):
                 self._end(rid, "error", msg.error)
@@ -366,58 +300,9 @@ class Engine:
             self._end(rid, reason, error)
 
 
-def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    attention = config.attention or ("cuda" if device.type == "cuda" else "torch")
-    if attention == "cuda" and device.type != "cuda":
-        raise ValueError("the cuda attention backend needs --device cuda")
-    return device, getattr(torch, dtype_name), attention
-
-
-def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
-    s = loaded.model.spec
-    if config.kv_blocks is not None:
-        return config.kv_blocks
-    per_block = s.num_layers * 2 * s.num_kv_heads * config.block_size * s.head_dim * dtype.itemsize
-    if config.kv_memory > 1:
-        nbytes = config.kv_memory * 2**30
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        nbytes = config.kv_memory * free
-    else:
-        nbytes = config.kv_memory * CPU_KV_BASE_GIB * 2**30
-    blocks = int(nbytes // per_block)
-    if blocks < 1:
-        raise ValueError(f"--kv-memory {config.kv_memory} holds no KV block ({per_block} bytes each)")
-    return blocks
-
-
 def build_engine(config: EngineConfig) -> Engine:
     """Load the model and size the arena (blocking; run it in a thread)."""
-    device, dtype, attention = resolve_device(config)
-    loaded = load_model(config.model, device, dtype, seed=config.seed)
-    num_blocks = kv_blocks(config, loaded, device, dtype)
-    graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
-    runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
-                         graph_batch=min(config.max_running, 512) if graphs else 0)
-    engine = Engine(config, loaded, runner, num_blocks)
-    warmup(engine)
-    return engine
-
-
-def warmup(engine: Engine) -> None:
-    """One tiny step so kernels are compiled and memory pools exist before the first request."""
-    runner = engine.runner
-    blocks = engine.allocator.allocate(1)
-    try:
-        runner.step([SeqInput([0], 0, blocks, SampleSpec())])
-        if hasattr(runner.backend, "warmup"):
-            runner.backend.warmup()
-    finally:
-        engine.allocator.free(blocks)
+    return Engine(config, *load_runner(config))
 
 
 @asynccontextmanager

@@ -1,0 +1,62 @@
+"""Building an engine: device and dtype, how many KV blocks fit, model load, warm-up.
+Blocking work; `open_engine` runs it in a worker thread."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu.models import LoadedModel, load_model
+from gpu.runner import ModelRunner, SeqInput
+from gpu.sampler import SampleSpec
+from streamer.config import EngineConfig
+
+CPU_KV_BASE_GIB = 4.0  # on the CPU a fractional --kv-memory is a fraction of this
+
+
+def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    attention = config.attention or ("cuda" if device.type == "cuda" else "torch")
+    if attention == "cuda" and device.type != "cuda":
+        raise ValueError("the cuda attention backend needs --device cuda")
+    return device, getattr(torch, dtype_name), attention
+
+
+def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
+    s = loaded.model.spec
+    if config.kv_blocks is not None:
+        return config.kv_blocks
+    per_block = s.num_layers * 2 * s.num_kv_heads * config.block_size * s.head_dim * dtype.itemsize
+    if config.kv_memory > 1:
+        nbytes = config.kv_memory * 2**30
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = config.kv_memory * free
+    else:
+        nbytes = config.kv_memory * CPU_KV_BASE_GIB * 2**30
+    blocks = int(nbytes // per_block)
+    if blocks < 1:
+        raise ValueError(f"--kv-memory {config.kv_memory} holds no KV block ({per_block} bytes each)")
+    return blocks
+
+
+def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int]:
+    """Load the model, size the KV arena, build and warm the runner: (model, runner, KV blocks)."""
+    device, dtype, attention = resolve_device(config)
+    loaded = load_model(config.model, device, dtype, seed=config.seed)
+    num_blocks = kv_blocks(config, loaded, device, dtype)
+    graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
+    runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
+                         graph_batch=min(config.max_running, 512) if graphs else 0)
+    warmup(runner, scratch_block=num_blocks)
+    return loaded, runner, num_blocks
+
+
+def warmup(runner: ModelRunner, scratch_block: int) -> None:
+    """One tiny step (in the scratch block no request owns) so kernels are compiled and memory
+    pools exist before the first request."""
+    runner.step([SeqInput([0], 0, [scratch_block], SampleSpec())])
+    if hasattr(runner.backend, "warmup"):
+        runner.backend.warmup()
