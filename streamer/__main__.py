@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=defaults["max_waiting"],
                        help="queued requests beyond which new ones are refused as overloaded")
     serve.add_argument("--seed", type=int, default=defaults["seed"], help="seed of random:NAME weights")
+    serve.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=defaults["prefix_caching"],
+                       help="reuse the KV blocks of prompt prefixes seen before")
+    serve.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=defaults["cuda_graphs"],
+                       help="replay decode steps as CUDA graphs (CUDA only)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     _add_web_flags(serve)
     return parser

@@ -75,3 +75,11 @@ async def test_multi_turn_chat_hits_the_cache_and_answers_exactly_as_without_it(
     assert results[True][:2] == results[False][:2]
     assert results[False][2] == 0
     assert results[True][2] >= 32  # turn 2 re-sends turn 1: its full blocks come from the cache
+
+
+def test_prefix_caching_is_a_command_line_switch():
+    from streamer.__main__ import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve"])).prefix_caching is True
+    assert config_from_args(parse(["serve", "--no-prefix-caching"])).prefix_caching is False
