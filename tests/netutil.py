@@ -138,3 +138,14 @@ def rss_mib() -> float | None:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     except (OSError, StopIteration):
         return None
+
+
+async def ready_url(proc: trio.Process) -> str:
+    """Read a `python -m streamer serve` child's stdout (a pipe, so JSON log lines) until its
+    ready line, and return the URL it announces."""
+    buffered = b""
+    while b"Streamer ready" not in buffered:
+        chunk = await proc.stdout.receive_some()
+        assert chunk, f"exited early: {buffered.decode(errors='replace')}"
+        buffered += chunk
+    return json.loads(next(ln for ln in buffered.decode().splitlines() if "Streamer ready" in ln))["url"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from netutil import count_tasks, running_server, wait_until
+from netutil import count_tasks, ready_url, running_server, wait_until
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from web.config import WebConfig
@@ -119,12 +119,7 @@ async def test_sigterm_drains_then_exits_0():
     with trio.fail_after(TIMEOUT):
         proc = await trio.lowlevel.open_process(command, cwd=ROOT, env=env, stdout=subprocess.PIPE)
         try:
-            buffered = b""
-            while b"Streamer ready" not in buffered:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"exited early: {buffered.decode(errors='replace')}"
-                buffered += chunk
-            url = json.loads(next(ln for ln in buffered.decode().splitlines() if "Streamer ready" in ln))["url"]
+            url = await ready_url(proc)
             ws_url = url.replace("http://", "ws://").rstrip("/") + "/v1/stream"
             async with open_websocket_url(ws_url) as ws:
                 await send(ws, type="generate", id="short", prompt="Hi", max_tokens=8, ignore_eos=True)

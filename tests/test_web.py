@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from netutil import ready_url
 from trio_websocket import open_websocket_url
 
 from streamer.config import EngineConfig
@@ -388,14 +389,7 @@ async def test_cli_serves_then_exits_cleanly_on_ctrl_c():
     with trio.fail_after(TIMEOUT * 2):
         proc = await trio.lowlevel.open_process(command, cwd=ROOT, env=env, stdout=subprocess.PIPE)
         try:
-            # stdout is a pipe, not a TTY, so the ready line arrives as one JSON log line.
-            buffered = b""
-            while b"Streamer ready" not in buffered:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"exited early: {buffered.decode(errors='replace')}"
-                buffered += chunk
-            line = next(ln for ln in buffered.decode().splitlines() if "Streamer ready" in ln)
-            url = json.loads(line)["url"]
+            url = await ready_url(proc)  # stdout is a pipe: the ready line is one JSON log line
             status, _, body = await http_get(url.rstrip("/"), "/healthz")
             assert status == 200 and json.loads(body)["model"]
             proc.send_signal(signal.SIGINT)
