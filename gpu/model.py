@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu.attention import AttentionBackend, AttnMetadata
+from gpu.fused_ops import CudaOps, TorchOps, apply_rope, rms_norm
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -70,20 +71,6 @@ def rope_tables(config, max_position: int, device) -> tuple[torch.Tensor, torch.
     return cos[0].float(), sin[0].float()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same order of operations as HF: normalise in float32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); cos/sin: (T, D) already gathered at each token's position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class Transformer:
     """Fused weights on one device plus the forward pass; holds no per-request state."""
 
@@ -123,6 +110,11 @@ class Transformer:
         self.lm_head = self.embed if spec.tie_word_embeddings or lm_head is None else lm_head
         self.cos, self.sin = rope_tables(hf_config, spec.max_position, device)
         self.scale = spec.head_dim**-0.5
+        self.torch_ops = TorchOps(self.cos, self.sin)
+
+    def cuda_ops(self) -> CudaOps:
+        """The fused CuPy kernels over this model's RoPE tables (CUDA only)."""
+        return CudaOps(self.cos, self.sin)
 
     @torch.inference_mode()
     def forward(
@@ -132,29 +124,32 @@ class Transformer:
         meta: AttnMetadata,
         backend: AttentionBackend,
         logit_rows: torch.Tensor,
+        ops=None,
     ) -> torch.Tensor:
         """input_ids, positions: (T,); logit_rows: (S,) indices into T. Returns logits (S, V) float32."""
         s = self.spec
-        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        cos = self.cos[positions].to(self.dtype)  # (T, D)
-        sin = self.sin[positions].to(self.dtype)
-        x = self.embed[input_ids]  # (T, H)
+        q_size = s.num_heads * s.head_dim
+        ops = ops or self.torch_ops
+        rope = ops.rope(positions, self.dtype)
+        x, delta = self.embed[input_ids], None  # the residual stream (T, H) and what the last block adds
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer["ln1"], s.rms_eps)
+            x, h = ops.add_rms_norm(x, delta, layer["ln1"], s.rms_eps)
             qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # (T, q_size + 2*kv_size)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(-1, s.num_heads, s.head_dim)  # (T, Hq, D)
-            k = k.view(-1, s.num_kv_heads, s.head_dim)  # (T, Hkv, D)
-            v = v.reshape(-1, s.num_kv_heads, s.head_dim)
-            if s.qk_norm:
-                q = rms_norm(q, layer["q_norm"], s.rms_eps)
-                k = rms_norm(k, layer["k_norm"], s.rms_eps)
-            q = apply_rope(q, cos, sin).contiguous()
-            k = apply_rope(k, cos, sin).contiguous()
-            attn = backend.forward(i, q, k, v.contiguous(), meta)  # (T, Hq, D)
-            x = x + F.linear(attn.reshape(-1, q_size), layer["o"])
-            h = rms_norm(x, layer["ln2"], s.rms_eps)
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
-        x = rms_norm(x[logit_rows], self.norm, s.rms_eps)  # only rows that sample
+            if s.qk_norm:  # per-head norm before RoPE: torch ops (no fused kernel for it)
+                q, k, v = self._split_norm_rope(qkv, layer, positions)
+            else:
+                q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim)
+            attn = backend.forward(i, q, k, v, meta)  # (T, Hq, D)
+            x, h = ops.add_rms_norm(x, F.linear(attn.reshape(-1, q_size), layer["o"]), layer["ln2"], s.rms_eps)
+            delta = F.linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
+        _, x = ops.add_rms_norm(x[logit_rows], delta[logit_rows], self.norm, s.rms_eps)  # only rows that sample
         return F.linear(x, self.lm_head).float()  # (S, V)
+
+    def _split_norm_rope(self, qkv, layer, positions):
+        s = self.spec
+        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
+        q = rms_norm(q.reshape(-1, s.num_heads, s.head_dim), layer["q_norm"], s.rms_eps)
+        k = rms_norm(k.reshape(-1, s.num_kv_heads, s.head_dim), layer["k_norm"], s.rms_eps)
+        cos, sin = self.torch_ops.rope(positions, self.dtype)
+        return (apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(),
+                v.reshape(-1, s.num_kv_heads, s.head_dim).contiguous())
