@@ -9,6 +9,8 @@ captured inside the graph.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -18,9 +20,9 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384
 
 
 class DecodeGraphs:
-    def __init__(self, model, backend, block_size: int, scratch_block: int, max_batch: int, max_blocks_per_seq: int,
+    def __init__(self, model, backend, ops, block_size: int, scratch_block: int, max_batch: int, max_blocks_per_seq: int,
                  capture: bool = True) -> None:
-        self.model, self.backend = model, backend
+        self.model, self.backend, self.ops = model, backend, ops
         self.bs, self.scratch = block_size, scratch_block
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.bmax = bmax = max_batch
@@ -63,7 +65,7 @@ class DecodeGraphs:
         tabs = tables + [[self.scratch]] * pad
         lens = pos + 1
         nblocks = np.fromiter((len(t) for t in tabs), dtype=np.int64, count=b)
-        flat = np.fromiter((x for t in tabs for x in t), dtype=np.int64, count=int(nblocks.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(tabs), dtype=np.int64, count=int(nblocks.sum()))
         cu_b = np.concatenate(([0], np.cumsum(nblocks)))
         slots = flat[cu_b[:-1] + pos // bs] * bs + pos % bs
         h64, h32 = self.host64.numpy(), self.host32.numpy()
@@ -96,7 +98,7 @@ class DecodeGraphs:
             graph.replay()
         else:
             inputs = self._inputs(b)
-            out = self.model.forward(inputs[0], inputs[1], self._meta(b, host), self.backend, self.rows[:b])
+            out = self.model.forward(inputs[0], inputs[1], self._meta(b, host), self.backend, self.rows[:b], self.ops)
         return out[:n]
 
     def _capture_all(self) -> None:
@@ -107,10 +109,10 @@ class DecodeGraphs:
             inputs, meta = self._inputs(b), self._meta(b)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graphs require
-                self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b])
+                self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b], self.ops)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b])
+                out = self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b], self.ops)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize()

@@ -26,6 +26,15 @@ class SeqInput:
     sample: SampleSpec | None  # None: a prefill chunk that does not reach the prompt's end
 
 
+@dataclass
+class Launched:
+    """A step queued on the device: its sampled ids land in `ids` once `done` has fired."""
+
+    ids: torch.Tensor  # (S,) int64, pinned host memory on CUDA
+    done: torch.cuda.Event | None  # None: already computed (CPU)
+    mask: list[bool]  # per seq of the step: whether it sampled
+
+
 def make_backend(name: str, arena: KVArena, scale: float):
     if name == "torch":
         return TorchAttention(arena, scale)
@@ -50,19 +59,28 @@ class ModelRunner:
         shape = ArenaShape(s.num_layers, num_blocks + 1, s.num_kv_heads, block_size, s.head_dim)
         self.arena = KVArena(shape, model.dtype, model.device)
         self.backend = make_backend(attention, self.arena, model.scale)
+        # The "cuda" backend brings the fused elementwise kernels too; "torch" is torch ops throughout.
+        self.ops = model.cuda_ops() if attention == "cuda" else model.torch_ops
+        if attention == "cuda":
+            self.ops.warmup(model.dtype)
         self.graphs = None
         if graph_batch:
             from gpu.graphs import DecodeGraphs
 
             per_seq = -(-min(s.max_position, num_blocks * block_size) // block_size)
-            self.graphs = DecodeGraphs(model, self.backend, block_size, num_blocks, graph_batch, per_seq, capture)
+            self.graphs = DecodeGraphs(model, self.backend, self.ops, block_size, num_blocks, graph_batch, per_seq, capture)
 
     def step(self, seqs: list[SeqInput]) -> list[int | None]:
         """Run one forward pass over all `seqs`; return a sampled id per seq that samples."""
+        return self.collect(self.launch(seqs))
+
+    def launch(self, seqs: list[SeqInput]) -> Launched:
+        """Queue the step's work on the device and return at once (on CUDA; the CPU computes here).
+        `collect` waits for the sampled ids. One step at a time: launch, collect, launch, ..."""
         g = self.graphs
         if g is not None and len(seqs) <= g.bmax and all(len(s.token_ids) == 1 and s.sample for s in seqs):
             logits = g.logits([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs])
-            return sample(logits, [s.sample for s in seqs]).tolist()  # sync point: the step's one D2H copy
+            return self._sampled(sample(logits, [s.sample for s in seqs]), [True] * len(seqs))
         ids: list[int] = []
         positions: list[int] = []
         q_lens, seq_lens, rows, specs = [], [], [], []
@@ -79,7 +97,24 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         row_idx = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-        logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx)
-        sampled = sample(logits, specs).tolist() if specs else []  # sync point: the step's one D2H copy
-        it = iter(sampled)
-        return [next(it) if s.sample is not None else None for s in seqs]
+        logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)  # writes the KV
+        ids = sample(logits, specs) if specs else torch.empty(0, dtype=torch.long, device=dev)
+        return self._sampled(ids, [s.sample is not None for s in seqs])
+
+    def _sampled(self, ids: torch.Tensor, mask: list[bool]) -> Launched:
+        if ids.device.type != "cuda":
+            return Launched(ids, None, mask)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)  # the step's one device-to-host copy
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(host, done, mask)
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int | None]:
+        """Wait for a launched step (the GIL is free meanwhile); its sampled id per seq, None where
+        the seq did not sample."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        it = iter(launched.ids.tolist())
+        return [next(it) if m else None for m in launched.mask]

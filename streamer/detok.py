@@ -23,6 +23,7 @@ class Detokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.first_output = len(self.ids)
+        self._prefix: str | None = None  # decode of ids[prefix_offset:read_offset], while they stay put
         self.text = ""  # all text decoded so far
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
@@ -35,11 +36,14 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         """Feed one token; return the text that may be sent now ("" if none yet)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        if self._prefix is None:  # the window's start moved: decode its fixed part once
+            self._prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        prefix = self._prefix
         full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self._prefix = None
         return self._release(final=False)
 
     def finish(self) -> str:

@@ -9,6 +9,7 @@ worker thread so websockets keep flowing while the device computes.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from collections.abc import Sequence as SeqType
@@ -69,6 +70,8 @@ class Engine:
         self._accepting = True  # False once stop_accepting() was called (drain)
         self._drained = trio.Event()  # set by the step loop once, after stop_accepting, nothing is live
         self._last_step_end: float | None = None  # None while idle
+        self._last_reap = 0.0
+        self._pending: list = []  # TokenOutputs of the last step, sent while the next one runs
         self.metrics = Metrics()
 
     # --- request side (any task) ---------------------------------------------------------------
@@ -162,6 +165,7 @@ class Engine:
     async def run(self) -> None:
         while True:
             if not self.scheduler.has_work():
+                self._emit_pending()
                 self._last_step_end = None
                 if not self._accepting and not self._requests and not self._inbox.statistics().current_buffer_used:
                     self._drained.set()  # stays drained: nothing new is accepted any more
@@ -173,6 +177,7 @@ class Engine:
             self._reap_departed()
             plan = self.scheduler.schedule()
             if not plan.chunks:
+                self._emit_pending()
                 await trio.sleep(0)
                 continue
             await self._step(plan)
@@ -199,7 +204,12 @@ class Engine:
                 self._end(rid, "error", msg.error)
 
     def _reap_departed(self) -> None:
-        """A request whose reader is gone (client left) is aborted and its blocks freed."""
+        """A request whose reader is gone (client left) is aborted and its blocks freed. Requests
+        that get tokens notice at their next send; this sweep (20 times a second) finds the rest."""
+        now = time.monotonic()
+        if now - self._last_reap < 0.05:
+            return
+        self._last_reap = now
         for rid, req in list(self._requests.items()):
             if req.outbox.statistics().open_receive_channels == 0:
                 self._end(rid, "cancelled")
@@ -216,39 +226,82 @@ class Engine:
             if c.sample:
                 p = req.params
                 spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(c.seq.output_ids))
-            inputs.append(SeqInput(c.seq.token_ids(c.start, c.start + c.length), c.start, list(c.seq.block_table), spec))
+            # block_table is not copied: nothing changes it before launch() has read it
+            inputs.append(SeqInput(c.seq.token_ids(c.start, c.start + c.length), c.start, c.seq.block_table, spec))
         try:
-            # Not abandoned on cancel: the arena is never left half-written.
-            sampled = await trio.to_thread.run_sync(self.runner.step, inputs, limiter=self._limiter)
+            sampled = await self._run_on_device(inputs)
         except Exception as exc:
             log.exception("step_failed", tokens=plan.num_tokens, requests=[c.seq.request_id for c in plan.chunks])
+            self._emit_pending()
             for c in plan.chunks:
                 if c.seq.request_id in self._requests:
                     self._end(c.seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
             return
         self._steps += 1
         now = time.monotonic()
+        # A request that ended while the step ran (cancel, stop string) gets no token from it:
+        # update() skips sequences that are no longer running.
         outputs = self.scheduler.update(plan, sampled)
+        self._record_step(plan, t_start, now, len(outputs))
+        self._pending = outputs  # sent while the device runs the next step
+
+    async def _run_on_device(self, inputs: list[SeqInput]) -> list[int | None]:
+        """Run one model step in the worker thread. Once the step is queued on the device, this task
+        sends the previous step's tokens, so detokenizing and streaming overlap the device's work.
+        Not abandoned on cancel: the arena is never left half-written."""
+        launched = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        result: dict = {}
+
+        def work():
+            handle = self.runner.launch(inputs)
+            token.run_sync_soon(launched.set)  # no round trip: the worker goes on to wait for the device
+            return self.runner.collect(handle)
+
+        async def worker():
+            try:
+                result["sampled"] = await trio.to_thread.run_sync(work, limiter=self._limiter)
+            except Exception as exc:
+                result["error"] = exc
+            finally:
+                launched.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            await launched.wait()
+            self._emit_pending()
+        if "error" in result:
+            raise result["error"]
+        return result["sampled"]
+
+    def _emit_pending(self) -> None:
+        """Send the tokens of the last finished step: detokenize, apply stop strings, stamp metrics."""
+        outputs, self._pending = self._pending, []
+        if not outputs:
+            return
+        now = time.monotonic()
+        gaps: list[float] = []
         for out in outputs:
             req = self._requests.get(out.seq.request_id)
             if req is None:
-                continue
+                continue  # ended (cancelled, aborted) after its step
             if req.t_first is None:
                 req.t_first = now
                 self.metrics.observe("ttft", now - req.t_arrival, now)
-            self.metrics.token(now - req.t_last if req.t_last else None, now)
+            elif req.t_last is not None:
+                gaps.append(now - req.t_last)
             req.t_last = now
             text = req.detok.add(out.token_id)
             reason = out.finish_reason
             if req.detok.stopped and reason is None:
                 reason = "stop"
-                self.scheduler.finish(req.seq.request_id, reason)
+                self.scheduler.finish(req.seq.request_id, reason)  # its token of an in-flight step is dropped
             if reason:
                 text += req.detok.finish()
             self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
             if reason:
                 self._end(req.seq.request_id, reason)  # a no-op if _send already ended it
-        self._record_step(plan, t_start, now, len(outputs))
+        self.metrics.emitted(len(outputs), gaps, now)
 
     def _record_step(self, plan: StepPlan, t_start: float, t_end: float, generated: int) -> None:
         decode = sum(c.length for c in plan.chunks if c.length == 1 and c.sample)
@@ -262,14 +315,16 @@ class Engine:
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""
         outbox = req.outbox
-        if isinstance(event, TokenEvent) and outbox.statistics().current_buffer_used >= outbox.statistics().max_buffer_size - 1:
+        stats = outbox.statistics() if isinstance(event, TokenEvent) else None
+        if stats is not None and stats.current_buffer_used >= stats.max_buffer_size - 1:
             # The client stopped reading: keep the last slot for the error, abort, free the KV.
             self._end(req.seq.request_id, "error", RequestError("slow_consumer", "the client stopped reading its tokens"))
             return
         try:
             outbox.send_nowait(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the reader left; _reap_departed aborts the request next step
+            if isinstance(event, TokenEvent):  # the reader left: abort now, free the KV
+                self._end(req.seq.request_id, "cancelled")
 
     def _end(self, request_id: str, reason: str, error: RequestError | None = None) -> None:
         """Finish a request: free its blocks, send its FinishEvent, log its canonical line."""
@@ -308,6 +363,11 @@ def build_engine(config: EngineConfig) -> Engine:
 @asynccontextmanager
 async def open_engine(config: EngineConfig):
     engine = await trio.to_thread.run_sync(build_engine, config)
+    # After each step the worker thread needs the GIL briefly to hand back the sampled ids, while
+    # this thread streams the previous step's tokens. Python's default 5 ms switch interval would
+    # leave the device idle that long; 0.5 ms bounds the wait (restored on exit).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
     log.info("engine_ready", model=engine.model_name, kv_blocks=engine.allocator.num_blocks,
              block_size=engine.block_size, kv_tokens=engine.allocator.num_blocks * engine.block_size,
              device=str(engine.runner.device), attention=engine.runner.backend.name)
@@ -319,6 +379,7 @@ async def open_engine(config: EngineConfig):
             finally:
                 nursery.cancel_scope.cancel()
     finally:
+        sys.setswitchinterval(interval)
         # The step loop has exited (its step finished first), so its state is ours to close.
         engine._close_all("error", RequestError("shutting_down", "the engine stopped"))
 

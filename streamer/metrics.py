@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter as Tally
 from collections import deque
 from dataclasses import dataclass
 
@@ -53,11 +54,11 @@ class Window:
         self.slice_s = seconds / slices
         self.slices: deque[tuple[float, dict[str, HdrHistogram]]] = deque(maxlen=slices)
 
-    def record(self, series: str, seconds: float, now: float) -> None:
+    def record(self, series: str, seconds: float, now: float, count: int = 1) -> None:
         start = now - now % self.slice_s
         if not self.slices or self.slices[-1][0] != start:
             self.slices.append((start, {s: _hdr() for s in SERIES}))
-        self.slices[-1][1][series].record_value(max(1, min(MAX_US, int(seconds * 1e6))))
+        self.slices[-1][1][series].record_value(max(1, min(MAX_US, int(seconds * 1e6))), count)
 
     def merged(self, series: str, now: float) -> HdrHistogram:
         out = _hdr()
@@ -87,9 +88,9 @@ class LatencyHistogram:
         self.sum = 0.0
         registry.register(self)
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += count
+        self.sum += seconds * count
 
     def collect(self):
         cumulative, buckets = 0, []
@@ -139,11 +140,15 @@ class Metrics:
         self.total[series].record_value(max(1, min(MAX_US, int(seconds * 1e6))))
         self.window.record(series, seconds, now)
 
-    def token(self, gap: float | None, now: float) -> None:
-        """A token was emitted; `gap` is the time since the request's previous token (None: first)."""
-        self.generated += 1
-        if gap is not None:
-            self.observe("itl", gap, now)
+    def emitted(self, count: int, gaps: list[float], now: float) -> None:
+        """`count` tokens were emitted at `now`; `gaps`: each one's time since its request's previous
+        token (first tokens have none). Gaps of one step are mostly equal: each distinct value is
+        recorded once, with its count."""
+        self.generated += count
+        for gap, n in Tally(gaps).items():
+            self.prom["itl"].observe(gap, n)
+            self.total["itl"].record_value(max(1, min(MAX_US, int(gap * 1e6))), n)
+            self.window.record("itl", gap, now, n)
 
     def finished_request(self, reason: str, prompt_tokens: int, error_code: str | None = None) -> None:
         self.finished += 1

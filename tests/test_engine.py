@@ -139,17 +139,53 @@ async def test_stop_string_ends_generation_and_is_not_sent(engine):
     await wait_kv_free(engine)
 
 
+async def test_request_stopped_while_next_step_runs_gets_no_token_from_it(engine, monkeypatch):
+    """Tokens of step N are sent while step N+1 runs. A stop string found in step N's tokens ends the
+    request after step N+1 was planned with it: that step's token for it must be dropped."""
+    planned_after_stop = {}
+    real_update = engine.scheduler.update
+
+    def update(plan, sampled):
+        for chunk in plan.chunks:
+            if chunk.seq.finish_reason == "stop":  # ended by a stop string while this step ran
+                planned_after_stop[chunk.seq.request_id] = len(chunk.seq.output_ids)
+        return real_update(plan, sampled)
+
+    monkeypatch.setattr(engine.scheduler, "update", update)
+    with trio.fail_after(30):
+        tokens, _ = await collect(engine.generate("x", SamplingParams(max_tokens=40, ignore_eos=True)))
+        text = "".join(t.text for t in tokens)
+        stop = text[5:8]
+        results = {}
+
+        async def run(key, params):
+            results[key] = await collect(engine.generate("x", params))
+
+        async with trio.open_nursery() as n:  # a long neighbour keeps steps coming
+            n.start_soon(run, "stopped", SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,)))
+            n.start_soon(run, "long", SamplingParams(max_tokens=60, ignore_eos=True))
+    stopped, done = results["stopped"]
+    assert done.finish_reason == "stop"
+    assert planned_after_stop, "the stop string was found while the next step was in flight"
+    (seen,) = planned_after_stop.values()
+    assert done.completion_tokens == len(stopped) == seen  # nothing from the in-flight step
+    assert [t.index for t in stopped] == list(range(len(stopped)))
+    assert "".join(t.text for t in stopped) == text[: text.index(stop)]
+    assert results["long"][1].completion_tokens == 60
+    await wait_kv_free(engine)
+
+
 async def test_failing_step_fails_its_requests_and_engine_keeps_serving(engine, monkeypatch):
-    real_step = engine.runner.step
+    real_launch = engine.runner.launch
     calls = {"n": 0}
 
     def flaky(inputs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return real_step(inputs)
+        return real_launch(inputs)
 
-    monkeypatch.setattr(engine.runner, "step", flaky)
+    monkeypatch.setattr(engine.runner, "launch", flaky)
     with trio.fail_after(30):
         _, done = await collect(engine.generate("boom", SamplingParams(max_tokens=4)))
         assert done.finish_reason == "error" and done.error.code == "internal"
