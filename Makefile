@@ -28,8 +28,9 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+# GPU tests live in tests/test_*_gpu.py, so the GPU box needs no test-only client libraries.
 test-gpu:
-	$(PYTHON) -m pytest -q -m gpu -rs
+	$(PYTHON) -m pytest -q -m gpu -rs $(wildcard tests/test_*_gpu.py)
 
 bench: setup
 	$(BIN)/python tools/bench_cpu.py

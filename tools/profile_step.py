@@ -1,0 +1,181 @@
+"""Where a step's time goes, on the GPU: device kernels by category and the host's share.
+
+1. A batch-256 decode step at ~800-token contexts: host packing, graph replay and sampling timed
+   apart with CUDA events, and the eager forward under the torch profiler, its kernel time summed
+   by category (GEMM, attention, norm, rope, elementwise, sampling ...).
+2. The engine on the shared workload (first --requests requests): wall time, steps, the time the
+   worker thread spends in `runner.step`, and a cProfile of the trio thread (scheduling,
+   detokenizing, sending).
+
+    python3 tools/profile_step.py --model qwen2.5-0.5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from bench_offline import free_gpu, run_engine  # noqa: E402
+from workload import load_spec, requests  # noqa: E402
+
+CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
+    ("attention", ("paged_attention", "flash", "attn")),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
+    ("norm", ("rsqrt", "norm", "reduce")),
+    ("sampling", ("argmax", "topk", "sort", "softmax", "multinomial")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "index")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "mul", "add")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def cuda_ms(fn, n: int = 20) -> float:
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def kernel_table(fn, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by_cat, count, names = defaultdict(float), defaultdict(int), defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            by_cat[category(ev.name)] += us
+            count[category(ev.name)] += 1
+            names[ev.name[:70]] += us
+    total = sum(by_cat.values())
+    print(f"\n{label}: {total / 1e3:.2f} ms of kernel time in {sum(count.values())} kernels")
+    print("| category | ms | kernels | share |\n|---|---:|---:|---:|")
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {us / 1e3:.3f} | {count[cat]} | {us / total:.0%} |")
+    print("top kernels:")
+    for name, us in sorted(names.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {us / 1e3:7.3f} ms  {name}")
+
+
+def decode_profile(name: str, args) -> None:
+    from gpu.runner import SeqInput
+    from gpu.sampler import SampleSpec, sample
+    from streamer.config import EngineConfig
+    from streamer.engine import build_engine
+
+    ctx, batch = 800, 256
+    engine = build_engine(EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory, max_running=batch))
+    runner, g = engine.runner, engine.runner.graphs
+    per = -(-(ctx + 1) // engine.block_size)
+    tables = [engine.allocator.allocate(per) for _ in range(batch)]
+    ids, pos = [1000 + i for i in range(batch)], [ctx] * batch
+    seqs = [SeqInput([ids[i]], ctx, tables[i], SampleSpec()) for i in range(batch)]
+    for _ in range(3):
+        runner.step(seqs)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        g._fill(batch, ids, pos, tables)
+    fill = (time.perf_counter() - t) / 20 * 1e3
+    torch.cuda.synchronize()
+    graph, out = g.graphs[batch]
+    replay = cuda_ms(graph.replay)
+    samp = cuda_ms(lambda: sample(out, [SampleSpec()] * batch))
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        runner.step(seqs)
+        times.append((time.perf_counter() - t) * 1e3)
+    print(f"\n{name} decode b{batch} ctx{ctx}: runner.step {statistics.median(times):.2f} ms = host fill {fill:.2f} ms"
+          f" + graph replay {replay:.2f} ms + argmax {samp:.2f} ms (+ sync)")
+    kernel_table(graph.replay, f"{name} decode b{batch}, graph replay")
+    inputs = g._inputs(batch)
+    meta = g._meta(batch)
+    kernel_table(lambda: runner.model.forward(inputs[0], inputs[1], meta, runner.backend, g.rows[:batch], runner.ops),
+                 f"{name} decode b{batch}, eager forward")
+    # A prefill step: 8 requests x 1024 prompt tokens, eager.
+    pre = [SeqInput(list(range(100, 1124)), 0, engine.allocator.allocate(64), SampleSpec()) for _ in range(8)]
+    kernel_table(lambda: runner.step(pre), f"{name} prefill 8x1024, eager")
+    pre_ms = cuda_ms(lambda: runner.step(pre), 5)
+    print(f"prefill 8x1024 step: {pre_ms:.2f} ms")
+    engine = runner = g = None  # noqa: F841 (frees the arena before the next part)
+    free_gpu()
+
+
+def engine_profile(name: str, args) -> None:
+    import trio
+
+    from gpu.runner import ModelRunner
+
+    items = requests(load_spec(), args.requests)
+    busy = [0.0, 0]
+    real_collect = ModelRunner.collect
+
+    def timed_collect(launched):  # launch-to-result time of each step, on the worker thread
+        try:
+            return real_collect(launched)
+        finally:
+            busy[0] += time.perf_counter() - launched.t_launch
+            busy[1] += 1
+
+    real_launch = ModelRunner.launch
+
+    def timed_launch(self, seqs):
+        t = time.perf_counter()
+        out = real_launch(self, seqs)
+        out.t_launch = t
+        return out
+
+    ModelRunner.collect, ModelRunner.launch = staticmethod(timed_collect), timed_launch
+    prof = cProfile.Profile()
+    args.max_running, args.max_batch_tokens = 256, 8192
+    try:
+        prof.enable()
+        wall, tokens = trio.run(run_engine, name, items, args, False)
+        prof.disable()
+    finally:
+        ModelRunner.collect, ModelRunner.launch = staticmethod(real_collect), real_launch
+    print(f"\n{name} engine, {len(items)} requests: {tokens} tokens in {wall:.2f} s ({tokens / wall:,.0f} tok/s, "
+          f"cProfile on), {busy[1]} steps, launch to result {busy[0]:.2f} s ({busy[0] / busy[1] * 1e3:.2f} ms/step), "
+          f"between steps {(wall - busy[0]) / busy[1] * 1e3:.2f} ms/step")
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print("trio thread, by own time:\n" + "\n".join(s.getvalue().splitlines()[6:40]))
+    free_gpu()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--kv-memory", type=float, default=0.85)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--skip-engine", action="store_true")
+    args = ap.parse_args()
+    decode_profile(args.model, args)
+    if not args.skip_engine:
+        engine_profile(args.model, args)
