@@ -129,3 +129,16 @@ def plot(results: list[dict], path: str, x_label: str) -> None:
     axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # plot a saved run: python tools/loadgen_report.py loadgen.json [out.png]
+    import json
+    import sys
+
+    data = json.loads(open(sys.argv[1]).read())
+    target = sys.argv[2] if len(sys.argv) > 2 else sys.argv[1].removesuffix(".json") + ".png"
+    x_label = "offered rate (req/s)" if data["results"][0]["mode"] == "open" else "clients"
+    plot(data["results"], target, x_label)
+    for r in data["results"]:
+        print(table(r))
+    print(f"wrote {target}")

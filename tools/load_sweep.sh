@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Start a server with the given flags, run the load generator against it, stop the server.
+#
+#   tools/load_sweep.sh OUT_DIR "SERVER FLAGS" "LOADGEN FLAGS"
+#   tools/load_sweep.sh artifacts/fcfs "--model random:qwen2.5-0.5b --max-running 256" "--rates 2,6,16"
+#
+# The server's log goes to OUT_DIR/server.log, the load generator's JSON (and PNG, where
+# matplotlib is installed) to OUT_DIR. PYTHON (default python3) and PORT (default 8123) may be set.
+set -euo pipefail
+out=$1
+server_flags=$2
+load_flags=$3
+py=${PYTHON:-python3}
+port=${PORT:-8123}
+mkdir -p "$out"
+# shellcheck disable=SC2086
+$py -m streamer serve --port "$port" $server_flags >"$out/server.log" 2>&1 &
+pid=$!
+trap 'kill -INT $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
+$py - "$port" <<'PY'
+import sys, time, urllib.request
+for _ in range(1200):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=1)
+        sys.exit(0)
+    except Exception:
+        time.sleep(0.5)
+sys.exit("server did not become ready in 10 minutes")
+PY
+# shellcheck disable=SC2086
+$py tools/loadgen.py --url "http://127.0.0.1:$port" --out "$out" $load_flags
