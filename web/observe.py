@@ -1,7 +1,8 @@
 """Observability routes: `GET /metrics` (Prometheus), `GET /stats` (JSON), the `/dashboard` page
 and the `/v1/stats` websocket that pushes the same JSON about once a second.
 
-Registered by web/app.py; every figure is read from `engine.metrics` and `engine.statistics()`.
+Registered by web/app.py; every figure is read from `engine.metrics`, `engine.statistics()` and
+`engine.batching()`.
 """
 
 from __future__ import annotations
