@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token budget of one step (always wins over auto-tuning; with objectives, the "
                             "controller's ceiling); default: auto-tuned, else 512")
     serve.add_argument("--auto-tune", action=argparse.BooleanOptionalAction, default=None,
-                       help="at warm-up, time a few step budgets and keep the throughput-maximal one; "
-                            "default: on for CUDA, off on the CPU")
+                       help="at warm-up, time a few step budgets and keep the smallest within 90%% of the best "
+                            "tokens/s; default: on for CUDA, off on the CPU")
     serve.add_argument("--slo-ttft-ms", type=float, default=None,
                        help="P99 time-to-first-token objective; the controller adapts budget and admission")
     serve.add_argument("--slo-itl-ms", type=float, default=None,
