@@ -50,8 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-blocks", type=int, default=None,
                        help="exact number of KV blocks; overrides --kv-memory")
     serve.add_argument("--block-size", type=int, default=defaults["block_size"], help="tokens per KV block")
-    serve.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"],
-                       help="token budget of one step")
+    serve.add_argument("--max-batch-tokens", type=int, default=None,
+                       help="token budget of one step (always wins over auto-tuning; with objectives, the "
+                            "controller's ceiling); default: auto-tuned, else 512")
+    serve.add_argument("--auto-tune", action=argparse.BooleanOptionalAction, default=None,
+                       help="at warm-up, time a few step budgets and keep the smallest within 90%% of the best "
+                            "tokens/s; default: on for CUDA, off on the CPU")
+    serve.add_argument("--slo-ttft-ms", type=float, default=None,
+                       help="P99 time-to-first-token objective; the controller adapts budget and admission")
+    serve.add_argument("--slo-itl-ms", type=float, default=None,
+                       help="P99 inter-token latency objective; the controller adapts budget and admission")
     serve.add_argument("--max-running", type=int, default=defaults["max_running"],
                        help="most sequences in one step")
     serve.add_argument("--max-waiting", type=int, default=defaults["max_waiting"],

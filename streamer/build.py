@@ -1,8 +1,12 @@
-"""Building an engine: device and dtype, how many KV blocks fit, model load, warm-up.
-Blocking work; `open_engine` runs it in a worker thread."""
+"""Building an engine: device and dtype, how many KV blocks fit, model load, warm-up, and the
+auto-tuned step budget. Blocking work; `open_engine` runs it in a worker thread."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
+import structlog
 import torch
 
 from gpu.models import LoadedModel, load_model
@@ -11,6 +15,11 @@ from gpu.sampler import SampleSpec
 from streamer.config import EngineConfig
 
 CPU_KV_BASE_GIB = 4.0  # on the CPU a fractional --kv-memory is a fraction of this
+TUNE_CANDIDATES = (256, 512, 1024, 2048, 4096, 8192)  # step budgets auto-tuning tries
+TUNE_CHUNK = 512  # tokens per synthetic prompt in a tuning step
+TUNE_KNEE = 0.9  # keep the smallest budget within this fraction of the best throughput
+
+log = structlog.get_logger("streamer")
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
@@ -60,3 +69,52 @@ def warmup(runner: ModelRunner, scratch_block: int) -> None:
     runner.step([SeqInput([0], 0, [scratch_block], SampleSpec())])
     if hasattr(runner.backend, "warmup"):
         runner.backend.warmup()
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    budget: int
+    tok_s: dict[int, float]  # tokens per second each candidate budget reached
+
+
+def tune_budget(config: EngineConfig, loaded: LoadedModel, runner: ModelRunner, num_blocks: int) -> TuneResult | None:
+    """Auto-tuning, when it applies: not with an explicit --max-batch-tokens; by default only on CUDA."""
+    enabled = config.auto_tune if config.auto_tune is not None else runner.device.type == "cuda"
+    if config.max_batch_tokens is not None or not enabled:
+        return None
+    result = auto_tune(runner, num_blocks, config.block_size, loaded.model.spec.max_position)
+    if result is not None:
+        log.info("auto_tuned_budget", max_batch_tokens=result.budget,
+                 tok_s={str(b): round(v) for b, v in result.tok_s.items()})
+    return result
+
+
+def auto_tune(runner: ModelRunner, num_blocks: int, block_size: int, max_position: int,
+              candidates: tuple[int, ...] = TUNE_CANDIDATES, repeats: int = 3) -> TuneResult | None:
+    """Time one full step per candidate budget and keep the smallest whose tokens/s is within
+    TUNE_KNEE of the best: past that knee a bigger step only lengthens every step (and so ITL and
+    TTFT) for no throughput. A step is prompt chunks of TUNE_CHUNK tokens written into blocks
+    0.. of the arena before any request exists (the allocator is built afterwards, with every block
+    free); a candidate whose step does not fit the arena is skipped. None if none fits."""
+    chunk = min(TUNE_CHUNK, max_position)
+    tok_s: dict[int, float] = {}
+    for budget in candidates:
+        inputs, next_block = [], 0
+        for start in range(0, budget, chunk):
+            length = min(chunk, budget - start)
+            blocks = -(-length // block_size)
+            inputs.append(SeqInput([1] * length, 0, list(range(next_block, next_block + blocks)), SampleSpec()))
+            next_block += blocks
+        if next_block > num_blocks:
+            continue
+        runner.step(inputs)  # the first step of a shape allocates; not timed
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.step(inputs)  # returns host ints: the device has finished
+            best = min(best, time.perf_counter() - t0)
+        tok_s[budget] = budget / best
+    if not tok_s:
+        return None
+    top = max(tok_s.values())
+    return TuneResult(min(b for b, v in tok_s.items() if v >= TUNE_KNEE * top), tok_s)

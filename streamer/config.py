@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_BATCH_TOKENS = 512  # the step budget when neither --max-batch-tokens nor auto-tuning sets one
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -14,7 +16,7 @@ class EngineConfig:
     kv_memory: float = 0.5  # GiB if > 1, else the fraction of free device memory (CPU: of 4 GiB)
     kv_blocks: int | None = None  # exact number of KV blocks; overrides kv_memory when set
     block_size: int = 16
-    max_batch_tokens: int = 512  # token budget of one step
+    max_batch_tokens: int | None = None  # token budget of one step; None: auto-tuned, else DEFAULT_BATCH_TOKENS
     max_running: int = 64  # cap on sequences in one step
     max_waiting: int = 1024  # bounded inbox + waiting queue; beyond it submit() says "overloaded"
     max_buffered_events: int = 1024  # per request; a client further behind is aborted ("slow_consumer")
@@ -22,6 +24,9 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs (CUDA only)
     static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
+    auto_tune: bool | None = None  # time candidate budgets at warm-up; None: on for CUDA, off on the CPU
+    slo_ttft_ms: float | None = None  # latency objectives: set, the controller steers budget and admission
+    slo_itl_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -38,7 +43,12 @@ class EngineConfig:
             raise ValueError("block_size must be one of 8, 16, 32, 64, 128, 256")
         if self.static_batch is not None and self.static_batch < 1:
             raise ValueError("static_batch must be >= 1")
-        if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_waiting < 1:
+        if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.max_running < 1 \
+                or self.max_waiting < 1:
             raise ValueError("max_batch_tokens, max_running and max_waiting must be >= 1")
+        for name in ("slo_ttft_ms", "slo_itl_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0")
         if self.max_buffered_events < 2:
             raise ValueError("max_buffered_events must be >= 2")

@@ -23,8 +23,9 @@ from gpu.models import LoadedModel
 from gpu.runner import ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
 from streamer.allocator import AllocatorStats, BlockAllocator
-from streamer.build import load_runner
-from streamer.config import EngineConfig
+from streamer.build import TuneResult, load_runner, tune_budget
+from streamer.config import DEFAULT_BATCH_TOKENS, EngineConfig
+from streamer.controller import build_controller
 from streamer.detok import Detokenizer
 from streamer.metrics import Metrics, StepRecord
 from streamer.request import AbortAll, Cancel, Generation, Request, Submit
@@ -45,7 +46,8 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, runner: ModelRunner, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, runner: ModelRunner, num_blocks: int,
+                 tuned: TuneResult | None = None) -> None:
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -57,7 +59,14 @@ class Engine:
         self.runner = runner
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch_tokens, config.max_running,
+        # [controller] With objectives, the controller steers the budget and admission cap
+        # (applied before each schedule()); else the budget is explicit, auto-tuned or the default.
+        self.tuned = tuned
+        self.controller = build_controller(config.slo_ttft_ms, config.slo_itl_ms, config.max_batch_tokens,
+                                           tuned and tuned.budget, config.max_running, time.monotonic())
+        budget = self.controller.budget if self.controller else (
+            config.max_batch_tokens or (tuned and tuned.budget) or DEFAULT_BATCH_TOKENS)
+        self.scheduler = Scheduler(self.allocator, config.block_size, budget, config.max_running,
                                    config.static_batch, config.prefix_caching)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
@@ -73,6 +82,8 @@ class Engine:
         self._last_reap = 0.0
         self._pending: list = []  # TokenOutputs of the last step, sent while the next one runs
         self.metrics = Metrics()
+        self.metrics.watch_knobs(lambda: self.scheduler.max_batch_tokens,  # [controller] read at scrape time
+                                 lambda: self.scheduler.max_admit_per_step or config.max_running)
 
     # --- request side (any task) ---------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -153,6 +164,24 @@ class Engine:
         except trio.WouldBlock:
             pass
 
+    @property
+    def budget_source(self) -> str:
+        """Who sets the step budget: "controller", "config" (explicit), "auto-tune" or "default"."""
+        if self.controller:
+            return "controller"
+        return "config" if self.config.max_batch_tokens else "auto-tune" if self.tuned else "default"
+
+    def batching(self) -> dict:
+        """The step budget and admission cap in force, who set them, and why (for /stats)."""
+        t = self.tuned
+        return {
+            "max_batch_tokens": self.scheduler.max_batch_tokens,
+            "admit_cap": self.scheduler.max_admit_per_step,
+            "source": self.budget_source,
+            "auto_tune": t and {"budget": t.budget, "tok_s": {str(b): round(v, 1) for b, v in t.tok_s.items()}},
+            "controller": self.controller and self.controller.stats(),
+        }
+
     def kv_statistics(self) -> AllocatorStats:
         return self.allocator.statistics()
 
@@ -175,6 +204,9 @@ class Engine:
             # answers "overloaded" at once instead of growing an unbounded queue.
             self._drain(self._inbox, self.config.max_waiting - len(self.scheduler.waiting))
             self._reap_departed()
+            if self.controller:  # [controller] its knobs, as decided after the last step
+                self.scheduler.max_batch_tokens = self.controller.budget
+                self.scheduler.max_admit_per_step = self.controller.admit_cap
             plan = self.scheduler.schedule()
             if not plan.chunks:
                 self._emit_pending()
@@ -288,6 +320,8 @@ class Engine:
             if req.t_first is None:
                 req.t_first = now
                 self.metrics.observe("ttft", now - req.t_arrival, now)
+                if self.controller:  # [controller]
+                    self.controller.observe_ttft(now - req.t_arrival)
             elif req.t_last is not None:
                 gaps.append(now - req.t_last)
             req.t_last = now
@@ -302,6 +336,9 @@ class Engine:
             if reason:
                 self._end(req.seq.request_id, reason)  # a no-op if _send already ended it
         self.metrics.emitted(len(outputs), gaps, now)
+        if self.controller:  # [controller]
+            for gap in gaps:
+                self.controller.observe_token(gap)
 
     def _record_step(self, plan: StepPlan, t_start: float, t_end: float, generated: int) -> None:
         decode = sum(c.length for c in plan.chunks if c.length == 1 and c.sample)
@@ -311,6 +348,10 @@ class Engine:
         rec = StepRecord(t_end, t_end - t_start, gap, plan.num_tokens - decode, decode, generated,
                          len(self.scheduler.running), len(self.scheduler.waiting), kv.used_blocks, kv.free_blocks)
         self.metrics.step(rec, len(plan.preempted), self.scheduler.prefix_hit_tokens)
+        if self.controller:  # [controller] may decide new knobs for the next schedule()
+            first = next((s for s in self.scheduler.waiting if not s.output_ids), None)  # not a preempted one
+            oldest = t_end - self._requests[first.request_id].t_arrival if first else 0.0
+            self.controller.observe_step(t_end, plan.num_tokens, len(self.scheduler.waiting), oldest)
 
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""
@@ -357,7 +398,8 @@ class Engine:
 
 def build_engine(config: EngineConfig) -> Engine:
     """Load the model and size the arena (blocking; run it in a thread)."""
-    return Engine(config, *load_runner(config))
+    loaded, runner, num_blocks = load_runner(config)
+    return Engine(config, loaded, runner, num_blocks, tune_budget(config, loaded, runner, num_blocks))
 
 
 @asynccontextmanager
@@ -370,7 +412,8 @@ async def open_engine(config: EngineConfig):
     sys.setswitchinterval(min(interval, 0.0005))
     log.info("engine_ready", model=engine.model_name, kv_blocks=engine.allocator.num_blocks,
              block_size=engine.block_size, kv_tokens=engine.allocator.num_blocks * engine.block_size,
-             device=str(engine.runner.device), attention=engine.runner.backend.name)
+             device=str(engine.runner.device), attention=engine.runner.backend.name,
+             max_batch_tokens=engine.scheduler.max_batch_tokens, budget_source=engine.budget_source)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.run)

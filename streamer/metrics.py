@@ -126,6 +126,9 @@ class Metrics:
         self.kv_used = Gauge("streamer_kv_used_blocks", "KV blocks in use", registry=r)
         self.kv_free = Gauge("streamer_kv_free_blocks", "KV blocks free", registry=r)
         self.batch_tokens = Gauge("streamer_batch_tokens", "Tokens in the last step", registry=r)
+        self.step_budget = Gauge("streamer_step_token_budget", "Token budget of a step, now", registry=r)
+        self.admit_cap = Gauge("streamer_admit_cap", "Most new requests admitted per step, now "
+                               "(--max-running when uncapped)", registry=r)
         self.step_seconds = Histogram("streamer_step_seconds", "Model step wall time", buckets=LATENCY_BUCKETS, registry=r)
         self.t_start = time.monotonic()
         self.total = {s: _hdr() for s in SERIES}
@@ -133,6 +136,11 @@ class Metrics:
         self.steps: deque[StepRecord] = deque(maxlen=512)
         self.generated = 0
         self.finished = 0
+
+    def watch_knobs(self, budget, admit_cap) -> None:
+        """The two batching knobs, as functions the gauges read when scraped."""
+        self.step_budget.set_function(budget)
+        self.admit_cap.set_function(admit_cap)
 
     def observe(self, series: str, seconds: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

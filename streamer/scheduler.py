@@ -94,6 +94,7 @@ class Scheduler:
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
+        self.max_admit_per_step: int | None = None  # most new requests admitted in one step; None: no cap
         self.waiting: deque[Sequence] = deque()  # arrival order; preempted requests rejoin at the front
         self.running: list[Sequence] = []  # admission order
         self.requests: dict[str, Sequence] = {}
@@ -152,8 +153,9 @@ class Scheduler:
                 budget -= length
 
         # Waiting requests, strictly in order: admit nothing new once blocks or budget run out.
+        admitted = 0
         while (self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted
-               and not self.static_batch):
+               and not self.static_batch and (self.max_admit_per_step is None or admitted < self.max_admit_per_step)):
             seq = self.waiting[0]
             if self.prefix_caching and not seq.block_table:
                 self._reuse_prefix(seq)
@@ -170,6 +172,7 @@ class Scheduler:
             chunks.append(Chunk(seq, seq.num_computed, length, seq.num_computed + length == seq.num_tokens))
             scheduled.add(id(seq))
             budget -= length
+            admitted += 1
         return StepPlan(tuple(chunks), tuple(preempted))
 
     def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenOutput]:

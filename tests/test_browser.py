@@ -163,5 +163,7 @@ def test_dashboard_charts_update(page, browser, url):
     page.wait_for_function(f"Number(document.body.dataset.updates) >= {before + 2}")
     assert page.locator("#t-ttft").text_content().endswith("ms")  # a P99 over the last 60 s
     assert "requests" in page.locator("#model").text_content()
+    assert page.locator("#t-budget").text_content() == "512"  # the CPU's default budget, shown
+    assert page.locator("#t-cap").text_content() == "none"
     points = page.evaluate("document.body.dataset.updates")
     assert int(points) >= before + 2

@@ -141,3 +141,17 @@ def test_static_batching_admits_together_and_waits_for_the_whole_batch():
         assert [c.seq.request_id for c in plan.chunks] == ["b"]  # c waits although a slot is free
     plan = run_step(s)
     assert [c.seq.request_id for c in plan.chunks] == ["c"]
+
+
+def test_admission_cap_limits_new_requests_per_step():
+    alloc, s = make(budget=64)
+    s.max_admit_per_step = 2
+    for i in range(5):
+        s.add(seq(f"r{i}", 3, max_tokens=8))
+    plan = run_step(s)
+    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1"]
+    plan = run_step(s)  # running requests decode as usual; two more are admitted, in order
+    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1", "r2", "r3"]
+    s.max_admit_per_step = None
+    plan = run_step(s)
+    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1", "r2", "r3", "r4"]

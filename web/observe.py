@@ -1,7 +1,8 @@
 """Observability routes: `GET /metrics` (Prometheus), `GET /stats` (JSON), the `/dashboard` page
 and the `/v1/stats` websocket that pushes the same JSON about once a second.
 
-Registered by web/app.py; every figure is read from `engine.metrics` and `engine.statistics()`.
+Registered by web/app.py; every figure is read from `engine.metrics`, `engine.statistics()` and
+`engine.batching()`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def stats(engine: Any, step_window_s: float = 1.0, hdr: bool = False) -> dict:
         waiting=s.waiting,
         steps=s.steps,
         preemptions=s.preemptions,
+        batching=engine.batching(),
         kv={
             "total_blocks": s.kv.total_blocks,
             "used_blocks": s.kv.used_blocks,

@@ -1,26 +1,34 @@
 // Dashboard client: one websocket to /v1/stats (a JSON snapshot about once a second) feeding
-// six uPlot charts with the last five minutes, and the number tiles above them.
+// six uPlot charts with the last five minutes, and the number tiles above them. The batching
+// knobs (step budget, admission cap) and the latency objectives, when set, are drawn too.
 "use strict";
 
 const HISTORY = 300;  // points kept per chart (5 minutes at 1 Hz)
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
-const BLUE = "#2563eb", AMBER = "#f59e0b", RED = "#dc2626", GREEN = "#16a34a";
+const BLUE = "#2563eb", AMBER = "#f59e0b", RED = "#dc2626", GREEN = "#16a34a", GREY = "#6b7280";
 
-// Each chart: a title and its series, each with a label, colour and a getter from (snap, prev).
+// Each chart: a title and its series, each with a label, colour, a getter from (snap, prev) and
+// optionally a dash pattern.
 const CHARTS = [
   { title: "Output tokens / s", series: [["tok/s", GREEN, (s, p) => tokPerSecond(s, p)]], fill: true },
-  { title: "Time to first token (ms)", series: pct("ttft") },
-  { title: "Inter-token latency (ms)", series: pct("itl") },
+  { title: "Time to first token (ms)", series: pct("ttft").concat([objective("slo_ttft_ms")]) },
+  { title: "Inter-token latency (ms)", series: pct("itl").concat([objective("slo_itl_ms")]) },
   { title: "Requests", series: [["running", BLUE, (s) => s.running], ["waiting", AMBER, (s) => s.waiting]] },
   { title: "KV arena used (%)", series: [["KV %", BLUE, (s) => 100 * s.kv.usage]], fill: true, max: 100 },
-  { title: "Batch tokens per step", series: [
+  { title: "Batch tokens per step, and the step budget", series: [
       ["mean", BLUE, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_mean : null],
-      ["max", AMBER, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_max : null]] },
+      ["max", AMBER, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_max : null],
+      ["budget", GREY, (s) => s.batching.max_batch_tokens, [6, 4]]] },
 ];
 
 function pct(name) {
   return [["P50", BLUE, (s) => s.window[name].p50_ms], ["P95", AMBER, (s) => s.window[name].p95_ms],
           ["P99", RED, (s) => s.window[name].p99_ms]];
+}
+
+// A latency objective as a dashed line; no line when the server runs without one.
+function objective(key) {
+  return ["objective", GREY, (s) => (s.batching.controller ? s.batching.controller[key] : null), [6, 4]];
 }
 
 function tokPerSecond(snap, prev) {
@@ -56,8 +64,8 @@ function makeCharts() {
       axes: [{ ...axis }, { ...axis, size: 48 }],
       legend: { live: true },
       cursor: { drag: { x: false, y: false } },
-      series: [{}].concat(spec.series.map(([label, colour]) => ({
-        label, stroke: colour, width: 1.6, spanGaps: false,
+      series: [{}].concat(spec.series.map(([label, colour, , dash]) => ({
+        label, stroke: colour, width: 1.6, spanGaps: false, dash,
         fill: spec.fill ? colour + "22" : undefined,
         value: (u, v) => (v == null ? "–" : v.toFixed(v < 10 ? 1 : 0)),
       }))),
@@ -88,6 +96,10 @@ function onSnapshot(snap) {
   document.getElementById("t-kv").textContent = fmt(100 * snap.kv.usage, " %");
   document.getElementById("t-ttft").textContent = fmt(snap.window.ttft.p99_ms, " ms");
   document.getElementById("t-itl").textContent = fmt(snap.window.itl.p99_ms, " ms");
+  const b = snap.batching;
+  document.getElementById("t-budget").textContent = b.max_batch_tokens;
+  document.getElementById("t-budget-src").textContent = `step budget (${b.source})`;
+  document.getElementById("t-cap").textContent = b.admit_cap == null ? "none" : b.admit_cap;
   document.getElementById("model").textContent =
     `${snap.model} · ${snap.requests_finished} requests · up ${Math.round(snap.uptime_s)} s`;
   prev = snap;
