@@ -39,6 +39,7 @@ def stats(engine: Any, step_window_s: float = 1.0, hdr: bool = False) -> dict:
         waiting=s.waiting,
         steps=s.steps,
         preemptions=s.preemptions,
+        recomputed_tokens=s.recomputed_tokens,
         kv={
             "total_blocks": s.kv.total_blocks,
             "used_blocks": s.kv.used_blocks,
