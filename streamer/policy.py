@@ -76,13 +76,15 @@ class Policy:
         """`waiting` (resumed requests first, by arrival, then new ones) in the order to admit them."""
         resumed = [s for s in waiting if s.num_preemptions]
         new = [s for s in waiting if not s.num_preemptions]
-        target = self._length_target(new, running) if self.length else 0
+        # One key per waiting request per step, so kept to plain arithmetic. A new request has no
+        # output yet: its remaining length is its max_tokens.
+        priority, length, aging = self.priority, self.length, self.aging_s
+        target = self._length_target(new, running) if length else 0
 
-        def key(seq: Sequence) -> tuple:
-            prio = -self.effective_priority(seq, now) if self.priority else 0
-            dist = 0
-            if self.length and now - seq.t_arrival < self.aging_s:
-                dist = abs(_bucket(seq) - target)
+        def key(seq: Sequence) -> tuple[int, int, int]:
+            waited = now - seq.t_arrival
+            prio = -seq.priority - int(waited // aging) if priority else 0
+            dist = abs(seq.max_tokens.bit_length() - target) if length and waited < aging else 0
             return prio, dist, seq.arrival
 
         new.sort(key=key)

@@ -193,8 +193,10 @@ class Scheduler:
         request whose blocks do not fit stops admission: nothing overtakes it, so a long prompt
         is not starved by short ones. Returns the budget left."""
         policy = self.policy
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_running or self.max_admit_per_step == 0:
+            return budget
         candidates = self.waiting
-        if policy.reorders and self.waiting:
+        if policy.reorders:
             candidates = policy.admission_order(list(self.waiting), self.running, self.clock())
         if policy.fair:
             running_of = Counter(s.client for s in self.running)
@@ -226,7 +228,10 @@ class Scheduler:
             if policy.fair:
                 running_of[seq.client] += 1
                 waiting_of[seq.client] -= 1
-        if admitted:
+        if not policy.reorders:  # admitted in queue order: a prefix of it
+            for _ in range(admitted):
+                self.waiting.popleft()
+        elif admitted:
             self.waiting = deque(s for s in self.waiting if s.status is Status.WAITING)
         return budget
 
