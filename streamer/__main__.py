@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=defaults["max_waiting"],
                        help="queued requests beyond which new ones are refused as overloaded")
     serve.add_argument("--seed", type=int, default=defaults["seed"], help="seed of random:NAME weights")
+    serve.add_argument("--policy", default=defaults["policy"],
+                       help="admission policy: 'fcfs', or a comma-separated set of priority, first-token, "
+                            "length, fair (e.g. 'priority,first-token')")
+    serve.add_argument("--prefill-share", type=float, default=defaults["prefill_share"],
+                       help="first-token policy: share of each step's token budget kept for pending prefills")
+    serve.add_argument("--aging-s", type=float, default=defaults["aging_s"],
+                       help="priority policy: seconds of waiting that raise a request by one class "
+                            "(length policy: waiting this long lifts the length penalty)")
     serve.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=defaults["prefix_caching"],
                        help="reuse the KV blocks of prompt prefixes seen before")
     serve.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=defaults["cuda_graphs"],

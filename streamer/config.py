@@ -4,11 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from streamer.policy import Policy
+
 DEFAULT_BATCH_TOKENS = 512  # the step budget when neither --max-batch-tokens nor auto-tuning sets one
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Everything the engine needs to start; argparse in __main__ fills it from flags of the same names.
+
+    `preemption = "recompute"`: a preempted request's KV blocks are freed and computed again from
+    prompt + generated tokens when it resumes. Chosen over swapping blocks to pinned host memory by
+    this estimate, per token of bf16 KV with our 16-token blocks (to be checked against the
+    `streamer_recomputed_tokens_total` counter before anyone builds swap):
+
+    - KV bytes a token: qwen2.5-0.5b 2 (K,V) * 24 layers * 2 kv heads * 64 * 2 B = 12 KiB;
+      llama-3-8b 2 * 32 * 8 * 128 * 2 B = 128 KiB.
+    - Swap, out and back in over PCIe at ~25 GB/s: ~1 us and ~10 us a token.
+    - Recompute at the matmul rate, 2 * non-embedding parameters FLOP a token: 0.72 GFLOP (~2.4 us
+      at ~300 TFLOP/s, a small model's rate) and 14 GFLOP (~23 us at ~600 TFLOP/s).
+
+    At peak PCIe swap would win by 2-2.5x, but peak needs large copies. The arena is laid out per
+    layer (gpu/arena.py), so one block is 2 * layers separate runs of kv_heads * 16 * head_dim * 2 B:
+    4 KiB for qwen2.5-0.5b, 32 KiB for llama-3-8b. Copies that small, one call each, move a few
+    GB/s (a few us of overhead apiece), ~16 us and ~50 us a token, so recompute wins unless a
+    gather kernel packs blocks first. Recompute also needs no host pool, copy stream or new state:
+    it is a prefill chunk inside the normal step budget. And with prefix caching (on by default) a
+    preempted request's full blocks stay cached, so it takes back those not evicted meanwhile and
+    recomputes only the rest.
+    """
+
     model: str = "smollm2"  # "smollm2", a local HF folder, or "random:NAME"
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # None: cuda if available, else cpu
@@ -27,6 +52,10 @@ class EngineConfig:
     auto_tune: bool | None = None  # time candidate budgets at warm-up; None: on for CUDA, off on the CPU
     slo_ttft_ms: float | None = None  # latency objectives: set, the controller steers budget and admission
     slo_itl_ms: float | None = None
+    policy: str = "fcfs"  # "fcfs", or a comma-separated set of priority, first-token, length, fair (streamer/policy.py)
+    prefill_share: float = 0.25  # first-token: share of each step's budget kept for pending prefills
+    aging_s: float = 10.0  # priority: seconds of waiting worth one class; length: end of the length penalty
+    preemption: str = "recompute"  # how a preempted request resumes; see the class docstring
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -50,5 +79,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0")
+        Policy.parse(self.policy, self.prefill_share, self.aging_s)  # raises ValueError with the reason
+        if self.static_batch is not None and self.policy != "fcfs":
+            raise ValueError("static_batch is the FIFO baseline; it takes no --policy")
+        if self.preemption != "recompute":
+            raise ValueError("preemption must be 'recompute'")
         if self.max_buffered_events < 2:
             raise ValueError("max_buffered_events must be >= 2")

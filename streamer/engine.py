@@ -28,9 +28,10 @@ from streamer.config import DEFAULT_BATCH_TOKENS, EngineConfig
 from streamer.controller import build_controller
 from streamer.detok import Detokenizer
 from streamer.metrics import Metrics, StepRecord
+from streamer.policy import Policy
 from streamer.request import AbortAll, Cancel, Generation, Request, Submit
 from streamer.scheduler import Scheduler, Sequence, StepPlan
-from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent
+from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
 
 log = structlog.get_logger("streamer")
 
@@ -43,6 +44,7 @@ class EngineStats:
     preemptions: int
     prefix_hit_tokens: int
     kv: AllocatorStats
+    recomputed_tokens: int = 0
 
 
 class Engine:
@@ -67,7 +69,8 @@ class Engine:
         budget = self.controller.budget if self.controller else (
             config.max_batch_tokens or (tuned and tuned.budget) or DEFAULT_BATCH_TOKENS)
         self.scheduler = Scheduler(self.allocator, config.block_size, budget, config.max_running,
-                                   config.static_batch, config.prefix_caching)
+                                   config.static_batch, config.prefix_caching,
+                                   Policy.parse(config.policy, config.prefill_share, config.aging_s))
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
         # cancels at most once, so it holds at most as many messages as there are requests.
@@ -101,11 +104,14 @@ class Engine:
             raise RequestError("invalid_request", f"chat template failed: {exc}") from None
         return list(ids)
 
-    def submit(self, prompt_ids: SeqType[int], params: SamplingParams, request_id: str | None = None) -> Generation:
-        """Queue a request; raises RequestError when it cannot be served."""
+    def submit(self, prompt_ids: SeqType[int], params: SamplingParams, request_id: str | None = None,
+               priority: int = 0, client: str = "") -> Generation:
+        """Queue a request; raises RequestError when it cannot be served. `priority` and `client`
+        matter under the `priority` and `fair` policies."""
         if self._closing or not self._accepting:
             raise RequestError("shutting_down", "the server is shutting down")
         ids = list(prompt_ids)
+        check_priority(priority)
         if not ids:
             raise RequestError("invalid_request", "the prompt is empty")
         vocab = self.loaded.model.spec.vocab_size
@@ -122,7 +128,8 @@ class Engine:
         # Room for every event of the generation: the engine's send_nowait never blocks or drops.
         max_tokens = min(params.max_tokens, capacity - len(ids))
         send, recv = trio.open_memory_channel(min(max_tokens + 1, self.config.max_buffered_events))
-        seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids)
+        seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
+                       priority=priority, client=client)
         request = Request(seq, params, send, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
                           request_id or key)
         try:
@@ -188,7 +195,7 @@ class Engine:
     def statistics(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), self._steps, s.num_preemptions, s.prefix_hit_tokens,
-                           self.allocator.statistics())
+                           self.allocator.statistics(), s.recomputed_tokens)
 
     # --- the step loop (one task) --------------------------------------------------------------
     async def run(self) -> None:
@@ -347,7 +354,7 @@ class Engine:
         self._last_step_end = t_end
         rec = StepRecord(t_end, t_end - t_start, gap, plan.num_tokens - decode, decode, generated,
                          len(self.scheduler.running), len(self.scheduler.waiting), kv.used_blocks, kv.free_blocks)
-        self.metrics.step(rec, len(plan.preempted), self.scheduler.prefix_hit_tokens)
+        self.metrics.step(rec, len(plan.preempted), self.scheduler.prefix_hit_tokens, self.scheduler.recomputed_tokens)
         if self.controller:  # [controller] may decide new knobs for the next schedule()
             first = next((s for s in self.scheduler.waiting if not s.output_ids), None)  # not a preempted one
             oldest = t_end - self._requests[first.request_id].t_arrival if first else 0.0

@@ -121,6 +121,9 @@ class Metrics:
         self.prefix_hits = Counter("streamer_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                    registry=r)
         self._prefix_hits_seen = 0
+        self.recomputed = Counter("streamer_recomputed_tokens", "Tokens computed again after a preemption freed their KV",
+                                  registry=r)
+        self._recomputed_seen = 0
         self.running = Gauge("streamer_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("streamer_waiting_requests", "Requests waiting for admission", registry=r)
         self.kv_used = Gauge("streamer_kv_used_blocks", "KV blocks in use", registry=r)
@@ -168,10 +171,13 @@ class Metrics:
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
 
-    def step(self, rec: StepRecord, preempted: int, prefix_hit_tokens: int = 0) -> None:
+    def step(self, rec: StepRecord, preempted: int, prefix_hit_tokens: int = 0, recomputed_tokens: int = 0) -> None:
+        """`prefix_hit_tokens` and `recomputed_tokens` are the scheduler's running totals."""
         self.steps.append(rec)
         self.prefix_hits.inc(prefix_hit_tokens - self._prefix_hits_seen)
         self._prefix_hits_seen = prefix_hit_tokens
+        self.recomputed.inc(recomputed_tokens - self._recomputed_seen)
+        self._recomputed_seen = recomputed_tokens
         self.tokens.inc(rec.generated)
         self.step_seconds.observe(rec.seconds)
         self.preemptions.inc(preempted)

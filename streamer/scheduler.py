@@ -3,18 +3,23 @@
 Owns the request table (waiting and running queues) and the block allocator; only the step-loop
 task calls it. There are no prefill and decode phases: each step, every scheduled request's
 computed tokens catch up towards its known tokens (prompt + generated) under one token budget.
-Decodes of running requests go first, then chunks of running prefills, then new requests in
-arrival order. `schedule() -> StepPlan`, then `update(plan, sampled) -> [TokenOutput]`.
+Decodes of running requests go first (least recently scheduled first), then chunks of running
+prefills, then new requests in the order of the policy (streamer/policy.py; arrival order by
+default). `schedule() -> StepPlan`, then `update(plan, sampled) -> [TokenOutput]`.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections import deque
+import itertools
+import time
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from streamer.allocator import BlockAllocator
+from streamer.policy import Policy
 
 
 class Status(enum.Enum):
@@ -39,6 +44,12 @@ class Sequence:
     num_preemptions: int = 0
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full computed blocks
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    priority: int = 0  # higher classes are admitted first (policy `priority`)
+    client: str = ""  # who asked (a connection, an address), for the policy `fair`
+    arrival: int = 0  # arrival number, set by Scheduler.add
+    t_arrival: float = 0.0  # the scheduler's clock at add
+    last_step: int = 0  # the step that last scheduled it (least recently scheduled is preempted first)
+    computed_high: int = 0  # most tokens it ever had computed: below this, computing again is recompute
 
     @property
     def num_tokens(self) -> int:
@@ -83,27 +94,36 @@ class TokenOutput:
 class Scheduler:
     def __init__(
         self, allocator: BlockAllocator, block_size: int, max_batch_tokens: int, max_running: int,
-        static_batch: int | None = None, prefix_caching: bool = False,
+        static_batch: int | None = None, prefix_caching: bool = False, policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.allocator = allocator
+        self.policy = policy or Policy()
+        self.clock = clock
         self.prefix_caching = prefix_caching
         self.prefix_hit_tokens = 0
         # Static batching (a baseline for benchmarks): admit up to `static_batch` requests together,
         # only once the previous batch has completely finished.
         self.static_batch = static_batch
         self.block_size = block_size
-        self.max_batch_tokens = max_batch_tokens
+        # Knobs a controller may turn between steps (from the step loop, like everything here):
+        self.max_batch_tokens = max_batch_tokens  # token budget of one step
+        self.max_admit_per_step: int | None = None  # requests admitted per step, resumed ones included; None: no cap
         self.max_running = max_running
-        self.max_admit_per_step: int | None = None  # most new requests admitted in one step; None: no cap
-        self.waiting: deque[Sequence] = deque()  # arrival order; preempted requests rejoin at the front
+        # Arrival order, except that preempted requests wait at the front, oldest first.
+        self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.recomputed_tokens = 0  # tokens computed again after their KV was freed by a preemption
+        self.num_steps = 0
+        self._arrivals = itertools.count()
 
     # --- request table -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         assert seq.request_id not in self.requests, seq.request_id
         assert seq.prompt_ids and seq.max_tokens >= 1
+        seq.arrival, seq.t_arrival = next(self._arrivals), self.clock()
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -125,6 +145,7 @@ class Scheduler:
 
     # --- one step ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        self.num_steps += 1
         budget = self.max_batch_tokens
         chunks: list[Chunk] = []
         preempted: list[Sequence] = []
@@ -135,28 +156,61 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.running.append(seq)  # blocks come as its prefill chunks are scheduled
 
-        # Running requests: decodes (one token to catch up) first, then unfinished prefills.
-        for decode_pass in (True, False):
-            for seq in list(self.running):
-                if budget == 0:
-                    break
-                if seq.status is not Status.RUNNING or id(seq) in scheduled:
-                    continue
-                todo = seq.num_tokens - seq.num_computed
-                if (todo == 1) != decode_pass:
-                    continue
-                length = min(todo, budget)
-                if not self._grow_or_preempt(seq, length, scheduled, preempted):
-                    continue  # seq itself was preempted
-                chunks.append(Chunk(seq, seq.num_computed, length, seq.num_computed + length == seq.num_tokens))
-                scheduled.add(id(seq))
-                budget -= length
+        # Running requests, least recently scheduled first (a decode deferred last step goes first
+        # now): decodes (one token to catch up), then unfinished prefills. With the `first-token`
+        # policy, decodes leave a share of the budget to pending prefills.
+        order = sorted(self.running, key=lambda s: (s.last_step, s.arrival))
+        keep = self.policy.prefill_reserve(budget, self._pending_prefill(budget)) if self.policy.first_token else 0
+        budget = self._schedule_running(order, True, budget, keep, chunks, scheduled, preempted)
+        budget = self._schedule_running(order, False, budget, 0, chunks, scheduled, preempted)
+        if not preempted and not self.static_batch:
+            budget = self._admit(budget, chunks, scheduled)
+        if keep:  # budget the prefills could not use goes to the decodes deferred for them
+            self._schedule_running(order, True, budget, 0, chunks, scheduled, preempted)
+        return StepPlan(tuple(chunks), tuple(preempted))
 
-        # Waiting requests, strictly in order: admit nothing new once blocks or budget run out.
+    def _schedule_running(self, order: list[Sequence], decode: bool, budget: int, keep: int, chunks: list[Chunk],
+                          scheduled: set[int], preempted: list[Sequence]) -> int:
+        """Chunks for the running decodes (or prefills) in `order`, leaving `keep` tokens of the
+        budget unused; returns the budget left."""
+        for seq in order:
+            if budget <= keep:
+                break
+            if seq.status is not Status.RUNNING or id(seq) in scheduled:
+                continue
+            todo = seq.num_tokens - seq.num_computed
+            if (todo == 1) != decode:
+                continue
+            length = min(todo, budget - keep)
+            if not self._grow_or_preempt(seq, length, scheduled, preempted):
+                continue  # seq itself was preempted
+            self._add_chunk(seq, length, chunks, scheduled)
+            budget -= length
+        return budget
+
+    def _admit(self, budget: int, chunks: list[Chunk], scheduled: set[int]) -> int:
+        """Admit waiting requests in policy order while budget, slots and blocks last. The first
+        request whose blocks do not fit stops admission: nothing overtakes it, so a long prompt
+        is not starved by short ones. Returns the budget left."""
+        policy = self.policy
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_running or self.max_admit_per_step == 0:
+            return budget
+        candidates = self.waiting
+        if policy.reorders:
+            candidates = policy.admission_order(list(self.waiting), self.running, self.clock())
+        if policy.fair:
+            running_of = Counter(s.client for s in self.running)
+            waiting_of = Counter(s.client for s in self.waiting)
+            share = policy.client_share(self.max_running, len(running_of.keys() | waiting_of.keys()))
         admitted = 0
-        while (self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted
-               and not self.static_batch and (self.max_admit_per_step is None or admitted < self.max_admit_per_step)):
-            seq = self.waiting[0]
+        for seq in candidates:
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            if self.max_admit_per_step is not None and admitted >= self.max_admit_per_step:
+                break
+            if policy.fair and not seq.num_preemptions and running_of[seq.client] >= share and any(
+                    n for c, n in waiting_of.items() if c != seq.client):
+                continue  # this client has its share while another waits
             if self.prefix_caching and not seq.block_table:
                 self._reuse_prefix(seq)
             length = min(seq.num_tokens - seq.num_computed, budget)
@@ -166,14 +220,37 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             seq.block_table += self.allocator.allocate(need)
-            self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chunks.append(Chunk(seq, seq.num_computed, length, seq.num_computed + length == seq.num_tokens))
-            scheduled.add(id(seq))
+            self._add_chunk(seq, length, chunks, scheduled)
             budget -= length
             admitted += 1
-        return StepPlan(tuple(chunks), tuple(preempted))
+            if policy.fair:
+                running_of[seq.client] += 1
+                waiting_of[seq.client] -= 1
+        if not policy.reorders:  # admitted in queue order: a prefix of it
+            for _ in range(admitted):
+                self.waiting.popleft()
+        elif admitted:
+            self.waiting = deque(s for s in self.waiting if s.status is Status.WAITING)
+        return budget
+
+    def _add_chunk(self, seq: Sequence, length: int, chunks: list[Chunk], scheduled: set[int]) -> None:
+        chunks.append(Chunk(seq, seq.num_computed, length, seq.num_computed + length == seq.num_tokens))
+        scheduled.add(id(seq))
+        seq.last_step = self.num_steps
+
+    def _pending_prefill(self, limit: int) -> int:
+        """Prefill tokens that could run this step (counted up to `limit`)."""
+        n = 0
+        admissible = self.waiting if len(self.running) < self.max_running else ()
+        for seq in itertools.chain(self.running, admissible):
+            todo = seq.num_tokens - seq.num_computed
+            if todo > 1 or seq.status is Status.WAITING:
+                n += todo
+                if n >= limit:
+                    break
+        return n
 
     def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenOutput]:
         """Record the step's results: one sampled id per chunk with `sample`, else None."""
@@ -182,7 +259,11 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not Status.RUNNING:
                 continue  # finished (cancelled) while the step ran: its result is dropped
-            seq.num_computed = chunk.start + chunk.length
+            end = chunk.start + chunk.length
+            if chunk.start < seq.computed_high:  # KV freed by a preemption, computed again
+                self.recomputed_tokens += min(end, seq.computed_high) - chunk.start
+            seq.computed_high = max(seq.computed_high, end)
+            seq.num_computed = end
             if self.prefix_caching:
                 self._register_full_blocks(seq)
             if not chunk.sample:
@@ -204,12 +285,12 @@ class Scheduler:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     def _grow_or_preempt(self, seq: Sequence, length: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
-        """Give `seq` blocks for `length` more tokens, preempting the most recently admitted
-        requests not yet scheduled this step (possibly `seq` itself). False if `seq` was preempted."""
+        """Give `seq` blocks for `length` more tokens, preempting running requests not yet scheduled
+        this step (`seq` among them) in the policy's victim order: least recently scheduled first,
+        then the latest arrival. False if `seq` itself was preempted."""
         need = self._blocks_needed(seq, seq.num_computed + length)
         while not self.allocator.can_allocate(need):
-            victims = [s for s in self.running if id(s) not in scheduled]
-            victim = victims[-1]  # seq itself is among them, so this is never empty
+            victim = min((s for s in self.running if id(s) not in scheduled), key=self.policy.victim_key)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
@@ -218,14 +299,19 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free all of seq's blocks; it will be recomputed from prompt + generated tokens."""
+        """Free all of seq's blocks; it will be recomputed from prompt + generated tokens (with
+        prefix caching, its full blocks stay cached until evicted, and come back for free). It
+        waits ahead of every new arrival, among the preempted ones by arrival."""
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].num_preemptions and self.waiting[i].arrival < seq.arrival:
+            i += 1
+        self.waiting.insert(i, seq)
 
     def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)

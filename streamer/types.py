@@ -19,6 +19,16 @@ class RequestError(Exception):
         self.message = message
 
 
+PRIORITY_MIN, PRIORITY_MAX = -10, 10  # request priority classes; higher runs first under --policy priority
+
+
+def check_priority(value: object) -> int:
+    """A request's priority class, or RequestError("invalid_request")."""
+    if isinstance(value, bool) or not isinstance(value, int) or not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise RequestError("invalid_request", f"priority must be an integer in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
+    return value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256

@@ -107,6 +107,7 @@ field_values = {
     "seed": st.integers(min_value=-5, max_value=2**64) | json_values,
     "stop": st.lists(st.text(max_size=5), max_size=20) | json_values,
     "ignore_eos": st.booleans() | json_values,
+    "priority": st.integers(min_value=-12, max_value=12) | json_values,
 }
 
 

@@ -139,7 +139,7 @@ class SlowEngine:
     def encode_prompt(self, text: str) -> list[int]:
         return [1]
 
-    def submit(self, ids, params, request_id):
+    def submit(self, ids, params, request_id, **scheduling):
         return SlowGeneration(1000.0)
 
 

@@ -79,7 +79,7 @@ def test_finish_on_eos_and_length_frees_blocks():
     assert alloc.num_free == alloc.num_blocks and not s.has_work()
 
 
-def test_preempts_most_recent_and_resumes_from_prompt_plus_output():
+def test_preempts_the_younger_and_resumes_from_prompt_plus_output():
     alloc, s = make(num_blocks=4, budget=64)
     old, new = seq("old", 4, max_tokens=8), seq("new", 4, max_tokens=8)
     s.add(old)
@@ -88,7 +88,8 @@ def test_preempts_most_recent_and_resumes_from_prompt_plus_output():
         if new.num_preemptions:
             break
         run_step(s, token=11)
-    # "old" needed a 3rd block with none free: "new", the most recently admitted, was preempted
+    # "old" needed a 3rd block with none free: of the two, both scheduled last step, "new", the
+    # later arrival, was preempted
     assert (old.num_preemptions, new.num_preemptions) == (0, 1)
     assert new.status is Status.WAITING and new.block_table == [] and new.num_computed == 0
     generated = list(new.output_ids)

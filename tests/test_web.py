@@ -309,7 +309,7 @@ class BrokenEngine:
     def encode_prompt(self, text: str) -> list[int]:
         return [1, 2, 3]
 
-    def submit(self, ids, params, request_id):
+    def submit(self, ids, params, request_id, **scheduling):
         return BrokenGeneration(request_id.rsplit("/", 1)[1])
 
 

@@ -41,6 +41,7 @@ def stats(engine: Any, step_window_s: float = 1.0, hdr: bool = False) -> dict:
         steps=s.steps,
         preemptions=s.preemptions,
         batching=engine.batching(),
+        recomputed_tokens=s.recomputed_tokens,
         kv={
             "total_blocks": s.kv.total_blocks,
             "used_blocks": s.kv.used_blocks,

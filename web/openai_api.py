@@ -14,10 +14,10 @@ from typing import Any
 
 from quart import Response, request
 
-from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent
+from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
-          "n", "user", "presence_penalty", "frequency_penalty", "logprobs"}
+          "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "priority"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 # Fields clients often send with their neutral value; anything else is refused, not ignored.
@@ -109,7 +109,7 @@ def _prompt_ids(engine: Any, prompt: Any) -> list[int]:
                    "(one prompt per request)", "prompt")
 
 
-async def _parse(engine: Any, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams]:
+async def _parse(engine: Any, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams, int]:
     try:
         body = await request.get_json(force=True, silent=True)
     except UnicodeDecodeError:  # silent=True covers bad JSON, not bytes that are not UTF-8 (fuzzing found it)
@@ -126,13 +126,17 @@ async def _parse(engine: Any, config: Any, chat: bool) -> tuple[dict, list[int],
         raise ApiError("invalid_request", "'stream' must be a boolean", "stream")
     params = _params(body, CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS, getattr(config, "max_tokens", None))
     try:
+        priority = check_priority(0 if body.get("priority") is None else body["priority"])
+    except RequestError as exc:
+        raise ApiError(exc.code, exc.message, "priority") from None
+    try:
         ids = engine.encode_chat(_chat_messages(body.get("messages"))) if chat else _prompt_ids(engine, body.get("prompt"))
     except RequestError as exc:
         raise ApiError(exc.code, exc.message) from None
     limit = getattr(config, "max_prompt_tokens", None)
     if limit is not None and len(ids) > limit:
         raise ApiError("prompt_too_long", f"prompt has {len(ids)} tokens; this server takes at most {limit}")
-    return body, ids, params
+    return body, ids, params, priority
 
 
 def _choice(chat: bool, text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -160,8 +164,10 @@ def _finish_error(ev: FinishEvent) -> ApiError:
 
 async def _complete(engine: Any, config: Any, chat: bool) -> Response:
     try:
-        body, ids, params = await _parse(engine, config, chat)
-        gen = engine.submit(ids, params, request_id=f"oai-{uuid.uuid4().hex[:12]}")
+        body, ids, params, priority = await _parse(engine, config, chat)
+        # Under --policy fair, each remote address is one client (the API key is one for all).
+        gen = engine.submit(ids, params, request_id=f"oai-{uuid.uuid4().hex[:12]}", priority=priority,
+                            client=f"ip:{request.remote_addr}")
     except ApiError as exc:
         return error_response(engine, exc)
     except RequestError as exc:

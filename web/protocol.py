@@ -11,12 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent
+from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
 
 MAX_ID_CHARS = 128
 MAX_MESSAGES = 512
 GENERATE_FIELDS = frozenset(
-    {"type", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
+    {"type", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
+     "priority"}
 )
 CANCEL_FIELDS = frozenset({"type", "id"})
 
@@ -37,6 +38,7 @@ class Generate:
     prompt: str | None  # exactly one of prompt and messages is set
     messages: list[dict[str, str]] | None
     params: SamplingParams
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,10 @@ def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None
         kwargs["ignore_eos"] = obj["ignore_eos"]
     try:
         params = SamplingParams(**kwargs)
+        priority = check_priority(obj.get("priority", 0))
     except RequestError as exc:
         raise ProtocolError(exc.code, exc.message, rid) from None
-    return Generate(request_id, prompt, messages, params)
+    return Generate(request_id, prompt, messages, params, priority)
 
 
 def _parse_id(obj: dict[str, Any]) -> str:

@@ -127,7 +127,9 @@ class Connection:
             if limit is not None and len(ids) > limit:
                 raise RequestError("prompt_too_long", f"prompt has {len(ids)} tokens; this server takes at most {limit}")
             # The engine's id must be unique server-wide; client ids are only unique per socket.
-            gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}")
+            # Under --policy fair, each connection is one client.
+            gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}",
+                                     priority=command.priority, client=f"ws:{self.number}")
         except RequestError as exc:
             raise ProtocolError(exc.code, exc.message, cid) from None
         self._live[cid] = gen
