@@ -1,7 +1,8 @@
 """CUDA attention backend: one CuPy RawKernel launch per layer per step over the KV arena.
 
 Owns the loader of gpu/csrc/paged_attention.cu (compiled per dtype, KV storage (16-bit or int8),
-head_dim and block size, cached, compiled in `warmup()`) and the launch wrapper. CuPy is imported lazily so CPU-only CI can import this.
+head_dim and block size, cached, compiled in `warmup()`) and the launch wrapper. CuPy is imported
+lazily so CPU-only CI can import this.
 """
 
 from __future__ import annotations
