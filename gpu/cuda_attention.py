@@ -1,7 +1,8 @@
 """CUDA attention backend: one CuPy RawKernel launch per layer per step over the KV arena.
 
-Owns the loader of gpu/csrc/paged_attention.cu (compiled per dtype, head_dim and block size, cached,
-compiled in `warmup()`) and the launch wrapper. CuPy is imported lazily so CPU-only CI can import this.
+Owns the loader of gpu/csrc/paged_attention.cu (compiled per dtype, KV storage (16-bit or int8),
+head_dim and block size, cached, compiled in `warmup()`) and the launch wrapper. CuPy is imported
+lazily so CPU-only CI can import this.
 """
 
 from __future__ import annotations
@@ -22,20 +23,25 @@ _WS_ROWS = 1 << 16  # partial-output rows of the flash-decoding workspace (32 Mi
 _MAX_COUNTERS = 1 << 13  # (q tile, kv head) pairs that may split in one launch
 _M64_MIN_BLOCKS = 3  # resident m64 blocks per SM the compiler must allow (tuning knob, see bench)
 _M16_STAGES = {64: 2, 128: 3}  # cp.async stages of the decode kernel per head_dim (tuning knob)
-# (cc, bf16, head_dim, block_size, m64 min blocks, m16 stages) -> {variant: (RawKernel, blocks per SM)}
+# (cc, bf16, int8 kv, head_dim, block_size, m64 min blocks, m16 stages) -> {variant: (RawKernel, blocks/SM)}
 _MODULES: dict[tuple, dict[str, tuple[object, int]]] = {}
 
 
 _BN = 64  # key positions per tile (BN in the .cu)
 
 
-def _smem_bytes(variant: str, head_dim: int) -> int:
-    """Dynamic shared memory: STAGES x (K and V tiles); Q lives in registers. Mirrors the .cu."""
+def _smem_bytes(variant: str, head_dim: int, kv8: bool = False) -> int:
+    """Dynamic shared memory: STAGES x (K and V 16-bit tiles); Q lives in registers. int8 KV: STAGES x
+    (K and V int8 tiles) plus one dequantized 16-bit K and V tile. Mirrors SMEM in the .cu."""
     stages = 2 if variant == "m64" else _M16_STAGES[head_dim]
+    if kv8:
+        return 2 * _BN * head_dim * 2 + stages * 2 * _BN * head_dim
     return stages * 2 * _BN * head_dim * 2
 
 
-def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device) -> dict[str, tuple]:
+def _kernels(
+    dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device, kv8: bool = False
+) -> dict[str, tuple]:
     """Compile once per process and specialisation; {"m64"|"m16": (kernel, resident blocks per SM)}."""
     import cupy
 
@@ -43,6 +49,7 @@ def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.d
     key = (
         major * 10 + minor,
         dtype == torch.bfloat16,
+        kv8,
         head_dim,
         block_size,
         _M64_MIN_BLOCKS,
@@ -54,6 +61,7 @@ def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.d
         "-std=c++17",
         f"--gpu-architecture=sm_{key[0]}",
         f"-DATTN_BF16={int(key[1])}",
+        f"-DKV_INT8={int(kv8)}",
         f"-DHEAD_DIM={head_dim}",
         f"-DBLOCK_SIZE={block_size}",
         f"-DM64_MIN_BLOCKS={_M64_MIN_BLOCKS}",
@@ -61,21 +69,21 @@ def _kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: torch.d
     )
     code = _SRC.read_text()
     try:
-        kernels = _load(cupy.RawModule(code=code, options=options), head_dim)
+        kernels = _load(cupy.RawModule(code=code, options=options), head_dim, kv8)
     except cupy.cuda.compiler.CompileException as exc:  # NVRTC without some builtin: try nvcc
         warnings.warn(f"NVRTC failed on paged_attention.cu, retrying with nvcc: {exc}", stacklevel=2)
-        kernels = _load(cupy.RawModule(code=code, options=options, backend="nvcc"), head_dim)
+        kernels = _load(cupy.RawModule(code=code, options=options, backend="nvcc"), head_dim, kv8)
     _MODULES[key] = kernels
     return kernels
 
 
-def _load(module, head_dim: int) -> dict[str, tuple]:
+def _load(module, head_dim: int, kv8: bool) -> dict[str, tuple]:
     import cupy
 
     kernels = {}
     for variant in ("m64", "m16"):
         kern = module.get_function(f"paged_attention_{variant}")
-        smem = _smem_bytes(variant, head_dim)
+        smem = _smem_bytes(variant, head_dim, kv8)
         kern.max_dynamic_shared_size_bytes = smem  # loads the module: compiles now
         try:
             resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
@@ -110,6 +118,7 @@ class CudaAttention:
     def __init__(self, arena: KVArena, scale: float) -> None:
         assert arena.kv.is_cuda, "CudaAttention needs the arena on a CUDA device"
         assert arena.dtype in (torch.float16, torch.bfloat16), arena.dtype
+        assert arena.kv_dtype in (arena.dtype, torch.int8), arena.kv_dtype
         assert arena.shape.head_dim in (64, 128), arena.shape.head_dim
         self.arena = arena
         self.scale = scale
@@ -128,8 +137,11 @@ class CudaAttention:
 
     def warmup(self) -> None:
         """Compile this arena's specialisation now, so no request waits on NVRTC."""
+        self._kernels()
+
+    def _kernels(self) -> dict[str, tuple]:
         s = self.arena.shape
-        _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device)
+        return _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device, self.arena.quantized)
 
     def launch_plan(self, meta: AttnMetadata, num_q_heads: int) -> tuple[str, int, int, int]:
         """(variant, tokens per q tile, grid x, kv splits) for this step; computed once per step."""
@@ -141,8 +153,7 @@ class CudaAttention:
         tq = bm // group
         grid_x = meta.num_tokens // tq + meta.num_seqs  # bound on q tiles; the kernel skips spare ones
         blocks = hkv * sum(-(-q // tq) for q in meta.q_lens_host)
-        s = self.arena.shape
-        resident = _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device)[variant][1]
+        resident = self._kernels()[variant][1]
         # Split the key range (flash-decoding) when the grid is a few waves or less: each split keeps
         # >= 4 key tiles, and the workspace and counters bound the count.
         tiles = math.ceil(meta.max_seq_len / _BN)
@@ -190,10 +201,12 @@ class CudaAttention:
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
 
         variant, _tq, grid_x, splits = self.launch_plan(meta, hq)
-        kern = _kernels(self.arena.dtype, d, s.block_size, self._device)[variant][0]
+        kern = self._kernels()[variant][0]
         k_cache, v_cache = self.arena.layer(layer)
+        k_scales, v_scales = self.arena.layer_scales(layer) if self.arena.quantized else (None, None)
         args = (
             *(np.uint64(x.data_ptr()) for x in (out, q, k, v, k_cache, v_cache)),
+            *(np.uint64(0 if x is None else x.data_ptr()) for x in (k_scales, v_scales)),
             *(np.uint64(x.data_ptr()) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
             *(np.uint64(x.data_ptr()) for x in (meta.block_tables, meta.slot_mapping)),
             *(np.uint64(x.data_ptr()) for x in (self._ws_o, self._ws_ml, self._counters)),
@@ -202,7 +215,8 @@ class CudaAttention:
             np.int32(hkv),
             np.float32(self.scale * math.log2(math.e)),
         )
+        smem = _smem_bytes(variant, d, self.arena.quantized)
         with self._stream():  # launch on torch's current stream (also the capture stream in a graph)
-            kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=_smem_bytes(variant, d))
+            kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=smem)
         self.launches += 1
         return out

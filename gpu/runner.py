@@ -48,16 +48,17 @@ def make_backend(name: str, arena: KVArena, scale: float):
 class ModelRunner:
     def __init__(
         self, model: Transformer, num_blocks: int, block_size: int, attention: str,
-        graph_batch: int = 0, capture: bool = True,
+        graph_batch: int = 0, capture: bool = True, kv_dtype: torch.dtype | None = None,
     ) -> None:
         """`num_blocks` usable KV blocks (ids 0..num_blocks-1); one more, the scratch block, takes
         the writes of padding rows. `graph_batch` > 0: decode steps of up to that many requests
-        run from static buffers, replayed as CUDA graphs when `capture`."""
+        run from static buffers, replayed as CUDA graphs when `capture`. `kv_dtype`: how the arena
+        stores K/V, the model's dtype (None) or torch.int8."""
         s = model.spec
         self.model = model
         self.device = model.device
         shape = ArenaShape(s.num_layers, num_blocks + 1, s.num_kv_heads, block_size, s.head_dim)
-        self.arena = KVArena(shape, model.dtype, model.device)
+        self.arena = KVArena(shape, model.dtype, model.device, kv_dtype)
         self.backend = make_backend(attention, self.arena, model.scale)
         # The "cuda" backend brings the fused elementwise kernels too; "torch" is torch ops throughout.
         self.ops = model.cuda_ops() if attention == "cuda" else model.torch_ops

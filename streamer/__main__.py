@@ -16,7 +16,7 @@ from functools import partial
 import structlog
 import trio
 
-from streamer.config import EngineConfig
+from streamer.config import KV_DTYPES, EngineConfig
 from streamer.logging import LEVELS, configure_logging
 from streamer.types import RequestError
 from web.config import WebConfig
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV arena size: GiB if > 1, else a fraction of free device memory")
     serve.add_argument("--kv-blocks", type=int, default=None,
                        help="exact number of KV blocks; overrides --kv-memory")
+    serve.add_argument("--kv-dtype", choices=KV_DTYPES, default=defaults["kv_dtype"],
+                       help="KV cache storage: 'auto' (the model's dtype) or 'int8' (per-token, per-head "
+                            "scales; about twice the tokens per GiB)")
     serve.add_argument("--block-size", type=int, default=defaults["block_size"], help="tokens per KV block")
     serve.add_argument("--max-batch-tokens", type=int, default=None,
                        help="token budget of one step (always wins over auto-tuning; with objectives, the "

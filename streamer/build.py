@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from gpu.arena import ArenaShape
 from gpu.models import LoadedModel, load_model
 from gpu.runner import ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
@@ -22,6 +23,11 @@ TUNE_KNEE = 0.9  # keep the smallest budget within this fraction of the best thr
 log = structlog.get_logger("streamer")
 
 
+def kv_storage_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The arena's storage dtype: the model's (`auto`) or int8."""
+    return torch.int8 if config.kv_dtype == "int8" else dtype
+
+
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -33,11 +39,13 @@ def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype, str
     return device, getattr(torch, dtype_name), attention
 
 
-def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
+def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, kv_dtype: torch.dtype) -> int:
+    """Blocks of the arena: --kv-blocks, or as many as --kv-memory holds at `kv_dtype`'s bytes per
+    token (int8 holds about twice as many as bf16: D + 4 bytes per row against 2 * D)."""
     s = loaded.model.spec
     if config.kv_blocks is not None:
         return config.kv_blocks
-    per_block = s.num_layers * 2 * s.num_kv_heads * config.block_size * s.head_dim * dtype.itemsize
+    per_block = ArenaShape(s.num_layers, 1, s.num_kv_heads, config.block_size, s.head_dim).bytes_per_block(kv_dtype)
     if config.kv_memory > 1:
         nbytes = config.kv_memory * 2**30
     elif device.type == "cuda":
@@ -55,10 +63,11 @@ def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int]:
     """Load the model, size the KV arena, build and warm the runner: (model, runner, KV blocks)."""
     device, dtype, attention = resolve_device(config)
     loaded = load_model(config.model, device, dtype, seed=config.seed)
-    num_blocks = kv_blocks(config, loaded, device, dtype)
+    kv_dtype = kv_storage_dtype(config, dtype)
+    num_blocks = kv_blocks(config, loaded, device, kv_dtype)
     graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
     runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
-                         graph_batch=min(config.max_running, 512) if graphs else 0)
+                         graph_batch=min(config.max_running, 512) if graphs else 0, kv_dtype=kv_dtype)
     warmup(runner, scratch_block=num_blocks)
     return loaded, runner, num_blocks
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from streamer.policy import Policy
 
 DEFAULT_BATCH_TOKENS = 512  # the step budget when neither --max-batch-tokens nor auto-tuning sets one
+KV_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EngineConfig:
     attention: str | None = None  # None: "cuda" kernel on CUDA, "torch" reference on CPU
     kv_memory: float = 0.5  # GiB if > 1, else the fraction of free device memory (CPU: of 4 GiB)
     kv_blocks: int | None = None  # exact number of KV blocks; overrides kv_memory when set
+    kv_dtype: str = "auto"  # KV storage: "auto" (the model's dtype) or "int8" (per-token, per-head scales)
     block_size: int = 16
     max_batch_tokens: int | None = None  # token budget of one step; None: auto-tuned, else DEFAULT_BATCH_TOKENS
     max_running: int = 64  # cap on sequences in one step
@@ -64,6 +66,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.attention not in (None, "torch", "cuda"):
             raise ValueError(f"attention must be 'torch' or 'cuda', got {self.attention!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if not self.kv_memory > 0:
             raise ValueError("kv_memory must be > 0")
         if self.kv_blocks is not None and self.kv_blocks < 1:

@@ -1,5 +1,7 @@
 """CudaAttention against the float64 torch reference on fresh random inputs; graph capture; launch count.
 
+Every test runs over a 16-bit arena and an int8 arena ("int8": the reference dequantizes the same
+codes, and the kernel's K/V writes must equal torch's quantization bit for bit).
 Needs CUDA and CuPy (skipped otherwise). Every test draws a new seed and prints it on failure.
 """
 
@@ -22,8 +24,12 @@ pytestmark = [
     ),
 ]
 
-BOUND = {torch.float16: 1e-3, torch.bfloat16: 1e-2}  # ||out - ref|| / ||ref|| per request
+# ||out - ref|| / ||ref|| per request. int8 arenas use the same bounds: the kernel rounds dequantized
+# K/V to 16 bits before the mma, which a CPU emulation of its arithmetic put at 1.5x the 16-bit
+# error (worst 3.5e-3 bf16, 4.3e-4 fp16 at D=128), still inside these bounds.
+BOUND = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+KV = ["auto", "int8"]  # arena storage: the model dtype, or int8 codes + float32 scales
 
 # (q_lens, seq_lens) per scenario; unaligned lengths on purpose.
 CASES = {
@@ -42,10 +48,16 @@ def _new_seed() -> int:
     return seed
 
 
-def _arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers=1, spare=0):
+def _arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers=1, spare=0, kv="auto"):
     nb = sum(-(-s // block_size) + spare for s in seq_lens) + 3
-    arena = KVArena(ArenaShape(num_layers, nb, hkv, block_size, head_dim), dtype, "cuda")
-    arena.kv.normal_()  # random history: zeros would hide wrong indexing
+    kv_dtype = torch.int8 if kv == "int8" else dtype
+    arena = KVArena(ArenaShape(num_layers, nb, hkv, block_size, head_dim), dtype, "cuda", kv_dtype)
+    # random history: zeros would hide wrong indexing
+    if arena.quantized:
+        arena.kv.random_(-127, 128)
+        arena.scales.uniform_(0.2 / 127, 3 / 127)  # rows of different ranges, |x| <= 3
+    else:
+        arena.kv.normal_()
     perm = torch.randperm(nb).tolist()
     tables, at = [], 0
     for s in seq_lens:
@@ -56,9 +68,16 @@ def _arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers=1, spare=0):
 
 
 def _clone(arena: KVArena) -> KVArena:
-    ref = KVArena(arena.shape, arena.dtype, arena.kv.device)
+    ref = KVArena(arena.shape, arena.dtype, arena.kv.device, arena.kv_dtype)
     ref.kv.copy_(arena.kv)
+    if arena.quantized:
+        ref.scales.copy_(arena.scales)
     return ref
+
+
+def _same_arena(a: KVArena, b: KVArena) -> bool:
+    """Bitwise: the kernel's fused write (and, for int8, its quantization) equals torch's."""
+    return torch.equal(a.kv, b.kv) and (not a.quantized or torch.equal(a.scales, b.scales))
 
 
 def _reference(ref: KVArena, layer, q, k, v, meta, scale) -> list[torch.Tensor]:
@@ -88,10 +107,10 @@ def _check(out, refs, meta, dtype, seed, what=""):
     return worst
 
 
-def _run_case(dtype, head_dim, block_size, hq, hkv, q_lens, seq_lens, seed, what=""):
+def _run_case(dtype, head_dim, block_size, hq, hkv, q_lens, seq_lens, seed, what="", kv="auto"):
     from gpu.cuda_attention import CudaAttention
 
-    arena, tables = _arena(dtype, head_dim, block_size, hkv, seq_lens)
+    arena, tables = _arena(dtype, head_dim, block_size, hkv, seq_lens, kv=kv)
     ref_arena = _clone(arena)
     meta = build_metadata(q_lens, seq_lens, tables, block_size, "cuda")
     t = meta.num_tokens
@@ -104,55 +123,60 @@ def _run_case(dtype, head_dim, block_size, hq, hkv, q_lens, seq_lens, seed, what
     backend.forward(0, q, k, v, meta, out=out)
     refs = _reference(ref_arena, 0, q, k, v, meta, scale)
     torch.cuda.synchronize()
-    assert torch.equal(arena.kv, ref_arena.kv), f"arena differs after the K/V write {what} seed={seed}"
+    assert _same_arena(arena, ref_arena), f"arena differs after the K/V write {what} seed={seed}"
     return _check(out, refs, meta, dtype, seed, what), backend.launch_plan(meta, hq)
 
 
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_matches_reference(dtype, head_dim, block_size, case):
+def test_matches_reference(dtype, head_dim, block_size, case, kv):
     seed = _new_seed()
     q_lens, seq_lens = CASES[case]
     if seq_lens is None:
         seq_lens = [random.randint(1, 3000) for _ in q_lens]
     hkv = random.choice([1, 2, 4])
     group = random.choice([1, 2, 4, 7, 8])
-    what = f"{dtype}/d{head_dim}/bs{block_size}/{case}/hq{hkv * group}/hkv{hkv}"
-    err, plan = _run_case(DTYPES[dtype], head_dim, block_size, hkv * group, hkv, q_lens, seq_lens, seed, what)
+    what = f"{dtype}/kv-{kv}/d{head_dim}/bs{block_size}/{case}/hq{hkv * group}/hkv{hkv}"
+    err, plan = _run_case(DTYPES[dtype], head_dim, block_size, hkv * group, hkv, q_lens, seq_lens, seed, what, kv)
     print(f"{what}: worst rel err {err:.2e}, plan {plan}")
 
 
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 32])
 @pytest.mark.parametrize("case", ["decode", "mixed"])
-def test_gqa_ratios(group, case):
+def test_gqa_ratios(group, case, kv):
     seed = _new_seed()
     q_lens, seq_lens = CASES[case]
     hkv = 2 if group < 32 else 1
-    what = f"gqa{group}/{case}"
-    _run_case(torch.bfloat16, 128, 16, hkv * group, hkv, q_lens, seq_lens, seed, what)
+    what = f"gqa{group}/{case}/kv-{kv}"
+    _run_case(torch.bfloat16, 128, 16, hkv * group, hkv, q_lens, seq_lens, seed, what, kv)
 
 
-def test_small_mixed_for_sanitizer():
+@pytest.mark.parametrize("kv", KV)
+def test_small_mixed_for_sanitizer(kv):
     """Small batches through both kernel variants, split and unsplit (also run under compute-sanitizer)."""
     seed = _new_seed()
-    _, plan = _run_case(torch.float16, 64, 16, 8, 2, [1, 5, 1, 40], [70, 5, 300, 90], seed, "small-mixed")
+    _, plan = _run_case(torch.float16, 64, 16, 8, 2, [1, 5, 1, 40], [70, 5, 300, 90], seed, "small-mixed", kv)
     assert plan[0] == "m64" and plan[3] == 1, plan  # one split: output written directly
-    _, plan = _run_case(torch.bfloat16, 128, 16, 8, 2, [1, 1, 1], [33, 700, 129], seed, "small-decode")
+    _, plan = _run_case(torch.bfloat16, 128, 16, 8, 2, [1, 1, 1], [33, 700, 129], seed, "small-decode", kv)
     assert plan[0] == "m16" and plan[3] > 1, plan  # split keys: partials + in-kernel combine
-    _, plan = _run_case(torch.float16, 128, 256, 32, 8, [1] * 5, [1, 17, 100, 255, 3], seed, "short-decode")
+    _, plan = _run_case(torch.float16, 128, 256, 32, 8, [1] * 5, [1, 17, 100, 255, 3], seed, "short-decode", kv)
     assert plan[0] == "m16" and plan[3] == 1, plan  # decode kernel writing its output directly
 
 
-def test_chunked_prefill_then_decode_steps():
+@pytest.mark.parametrize("kv", KV)
+@pytest.mark.parametrize("d", [64, 128])
+def test_chunked_prefill_then_decode_steps(d, kv):
     """Several steps through one arena: history read back is what the kernel itself wrote earlier."""
     from gpu.cuda_attention import CudaAttention
 
     seed = _new_seed()
-    dtype, d, bs, hq, hkv, layers = torch.bfloat16, 128, 16, 14, 2, 2
+    dtype, bs, hq, hkv, layers = torch.bfloat16, 16, 14, 2, 2
     final = [700, 300]
-    arena, tables = _arena(dtype, d, bs, hkv, final, num_layers=layers)
+    arena, tables = _arena(dtype, d, bs, hkv, final, num_layers=layers, kv=kv)
     ref_arena = _clone(arena)
     backend = CudaAttention(arena, d**-0.5)
     # request 0: chunks of 400 and 290, then decodes; request 1: one chunk of 297, then decodes
@@ -170,17 +194,19 @@ def test_chunked_prefill_then_decode_steps():
             refs = _reference(ref_arena, layer, q, k, v, meta, d**-0.5)
             _check(out, refs, meta, dtype, seed, f"step {q_lens}/{seq_lens} layer {layer}")
     torch.cuda.synchronize()
-    assert torch.equal(arena.kv, ref_arena.kv), f"seed={seed}"
+    assert _same_arena(arena, ref_arena), f"seed={seed}"
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("kv", KV)
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_graph_capture_and_replay(d, kv):
     """Capture one decode step (with KV splits, so the in-kernel combine runs), replay it on new steps."""
     from gpu.cuda_attention import CudaAttention
 
     seed = _new_seed()
-    dtype, d, bs, hq, hkv = torch.float16, 128, 16, 32, 8
+    dtype, bs, hq, hkv = torch.float16, 16, 32, 8
     seq0 = [3000, 1500, 17, 4000]
-    arena, tables = _arena(dtype, d, bs, hkv, [s + 8 for s in seq0])
+    arena, tables = _arena(dtype, d, bs, hkv, [s + 8 for s in seq0], kv=kv)
     ref_arena = _clone(arena)
     backend = CudaAttention(arena, d**-0.5)
     backend.warmup()
@@ -210,11 +236,12 @@ def test_cuda_graph_capture_and_replay():
         refs = _reference(ref_arena, 0, q, k, v, new, d**-0.5)
         _check(out, refs, new, dtype, seed, f"graph replay {step}")
     torch.cuda.synchronize()
-    assert torch.equal(arena.kv, ref_arena.kv), f"seed={seed}"
+    assert _same_arena(arena, ref_arena), f"seed={seed}"
 
 
 @pytest.mark.filterwarnings("ignore:.*Profiler clears events")
-def test_one_launch_per_layer_per_step():
+@pytest.mark.parametrize("kv", KV)
+def test_one_launch_per_layer_per_step(kv):
     """A mixed batch (prefill chunks + decodes) costs exactly one kernel launch per layer, all told."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -223,7 +250,7 @@ def test_one_launch_per_layer_per_step():
     _new_seed()
     dtype, d, bs, hq, hkv, layers = torch.bfloat16, 64, 16, 14, 2, 3
     q_lens, seq_lens = CASES["mixed"]
-    arena, tables = _arena(dtype, d, bs, hkv, seq_lens, num_layers=layers)
+    arena, tables = _arena(dtype, d, bs, hkv, seq_lens, num_layers=layers, kv=kv)
     backend = CudaAttention(arena, d**-0.5)
     backend.warmup()
     meta = build_metadata(q_lens, seq_lens, tables, bs, "cuda")

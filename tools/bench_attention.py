@@ -24,6 +24,7 @@ from gpu.cuda_attention import CudaAttention
 MODELS = {"qwen2.5-0.5b": (14, 2, 64), "llama-3-8b": (32, 8, 128)}  # (Hq, Hkv, D)
 DTYPE = torch.bfloat16
 BLOCK = 16
+KV_DTYPE = None  # None: the arena stores DTYPE; torch.int8: --kv-dtype int8
 MIN_WORKING_SET = 256 << 20  # replicate inputs below this so replays stream from HBM, not L2
 MAX_KV_BYTES = 20e9  # arena + dense peer copy must fit with room to spare on an 80 GB card
 
@@ -74,8 +75,12 @@ def ceilings() -> tuple[float, float]:
 def paged_calls(hq, hkv, d, q_lens, seq_lens, copies):
     """(thunks running CudaAttention on `copies` disjoint block sets of one arena, kv splits used)."""
     per = sum(-(-s // BLOCK) for s in seq_lens)
-    arena = KVArena(ArenaShape(1, per * copies, hkv, BLOCK, d), DTYPE, "cuda")
-    arena.kv.normal_()
+    arena = KVArena(ArenaShape(1, per * copies, hkv, BLOCK, d), DTYPE, "cuda", KV_DTYPE)
+    if KV_DTYPE == torch.int8:  # codes and per-token scales, never zeros
+        arena.kv.random_(-127, 128)
+        arena.scales.uniform_(0.005, 0.02)
+    else:
+        arena.kv.normal_()
     perm = torch.randperm(per * copies).tolist()  # scattered blocks, as after a long run
     backend = CudaAttention(arena, d**-0.5)
     backend.warmup()
@@ -202,8 +207,11 @@ def main() -> None:
     ap.add_argument("--m64-min-blocks", type=int, help="override the prefill kernel's launch bound")
     ap.add_argument("--m16-stages", type=int, help="override the decode kernel's pipeline depth")
     ap.add_argument("--block-size", type=int, default=16, help="arena block size (tokens)")
+    ap.add_argument("--kv-dtype", choices=["auto", "int8"], default="auto",
+                    help="our arena's storage: the compute dtype, or int8 codes with per-token scales")
     args = ap.parse_args()
     globals()["BLOCK"] = args.block_size
+    globals()["KV_DTYPE"] = torch.int8 if args.kv_dtype == "int8" else None
     if args.m64_min_blocks:
         gpu.cuda_attention._M64_MIN_BLOCKS = args.m64_min_blocks
     if args.m16_stages:

@@ -3,7 +3,14 @@
 // accumulation) and the in-kernel flash-decoding combine. Loaded by gpu/cuda_attention.py.
 //
 // Compiled by NVRTC (or nvcc) per specialisation with -DATTN_BF16=0|1 -DHEAD_DIM=64|128
-// -DBLOCK_SIZE=n. Header-free on purpose: f16/bf16 are raw 16-bit words, converted with PTX.
+// -DBLOCK_SIZE=n -DKV_INT8=0|1. Header-free on purpose: f16/bf16 are raw 16-bit words, converted
+// with PTX.
+//
+// KV_INT8=1: the arena holds int8 codes plus one float32 scale per (token, kv head) row (see
+// gpu/arena.py). The fused write quantizes (absmax / 127, round half to even); each K/V tile is
+// streamed as int8 + scales into shared memory, then dequantized into one 16-bit tile that the
+// unchanged mma loop reads. The step's own tokens, read from k_new/v_new, are quantized on the fly
+// by the same code as the write, so attention always sees exactly the stored codes.
 //
 // Grid: (x = q tile, y = kv head, z = KV split). A q tile is up to TQ = BM / G new tokens of one
 // request times the G q heads that share kv head y, so one K/V tile read from the arena serves
@@ -31,6 +38,10 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 // 16-byte async copy global -> shared; src_bytes = 0 zero-fills (keeps NaN garbage out of P*V).
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// 4-byte async copy (an int8 row's scale); src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
@@ -67,6 +78,78 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
   else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+template <bool BF16>
+__device__ __forceinline__ float to_f32(u32 h) {  // the 16-bit value in the low half of h
+  if constexpr (BF16) return __uint_as_float(h << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+  return f;
+}
+
+// ---- int8 KV (KV_INT8=1) ----------------------------------------------------------------------
+template <bool KV8> struct kv_elem { typedef u16 type; };
+template <> struct kv_elem<true> { typedef signed char type; };
+
+// 8 consecutive 16-bit values as floats; zeros when p is null.
+template <bool BF16>
+__device__ __forceinline__ void load8(const u16* p, float (&x)[8]) {
+  const uint4 w = p ? *reinterpret_cast<const uint4*>(p) : uint4{0u, 0u, 0u, 0u};
+  const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = to_f32<BF16>(ws[i] & 0xffffu);
+    x[2 * i + 1] = to_f32<BF16>(ws[i] >> 16);
+  }
+}
+// Symmetric int8 quantization of one D-wide row held by DC = D/8 consecutive lanes, 8 values each.
+// The same float ops as quantize_int8 in gpu/arena.py (scale = absmax * (1/127), x * (1/scale)
+// with IEEE rounding, round half to even), so codes and scales match torch bit for bit. Every lane
+// of the warp must call it: the row's absmax is a butterfly over its lanes. Returns the scale.
+template <int DC>
+__device__ __forceinline__ float quantize_row(const float (&x)[8], int (&c)[8]) {
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
+#pragma unroll
+  for (int o = 1; o < DC; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = __fmul_rn(amax, 1.0f / 127.0f);
+  const float inv = scale > 0.f ? __frcp_rn(scale) : 0.f;  // all-zero row: codes 0
+#pragma unroll
+  for (int e = 0; e < 8; ++e) c[e] = (int)fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -127.f), 127.f);
+  return scale;
+}
+__device__ __forceinline__ uint2 pack_i8x8(const int (&c)[8]) {
+  u32 w[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    w[h] = (u32)(c[4 * h] & 255) | (u32)(c[4 * h + 1] & 255) << 8 | (u32)(c[4 * h + 2] & 255) << 16 |
+           (u32)(c[4 * h + 3] & 255) << 24;
+  return uint2{w[0], w[1]};
+}
+__device__ __forceinline__ void unpack_i8x8(uint2 w, int (&c)[8]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    c[e] = (int)(w.x << (24 - 8 * e)) >> 24;  // sign-extend byte e
+    c[4 + e] = (int)(w.y << (24 - 8 * e)) >> 24;
+  }
+}
+// One lane's 8 values of a key/value row, dequantized (codes * scale in fp32) to 16-bit words for
+// the mma. History rows decode their codes; a fresh row (this step's token, `fresh_src` into
+// k_new/v_new) is quantized first, exactly as the fused write stores it. Warp-uniform entry.
+template <bool BF16, int DC>
+__device__ __forceinline__ uint4 dequant_chunk(const u16* fresh_src, const signed char* codes, float scale) {
+  int c[8];
+  if (__any_sync(0xffffffffu, fresh_src != nullptr)) {  // uniform branch: quantize_row shuffles
+    float x[8];
+    load8<BF16>(fresh_src, x);
+    const float s = quantize_row<DC>(x, c);
+    if (fresh_src) scale = s;
+  }
+  if (!fresh_src) unpack_i8x8(*reinterpret_cast<const uint2*>(codes), c);
+  return uint4{pack2<BF16>(c[0] * scale, c[1] * scale), pack2<BF16>(c[2] * scale, c[3] * scale),
+               pack2<BF16>(c[4] * scale, c[5] * scale), pack2<BF16>(c[6] * scale, c[7] * scale)};
+}
+
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -99,10 +182,12 @@ __device__ __forceinline__ u32 swz(int row, int ch) {
   return (u32)(row * D + ((ch ^ (row & 7)) << 3)) * 2u;
 }
 
-template <bool BF16, int D, int BS, int WARPS_N, int STAGES>  // STAGES: K/V tiles in shared memory
+// STAGES: K/V tiles in flight in shared memory. KV8: the arena holds int8 codes + float32 scales.
+template <bool BF16, bool KV8, int D, int BS, int WARPS_N, int STAGES>
 __device__ __forceinline__ void attention_tile(
     u16* __restrict__ out, const u16* __restrict__ q, const u16* __restrict__ k_new,
-    const u16* __restrict__ v_new, u16* __restrict__ k_cache, u16* __restrict__ v_cache,
+    const u16* __restrict__ v_new, typename kv_elem<KV8>::type* __restrict__ k_cache,
+    typename kv_elem<KV8>::type* __restrict__ v_cache, float* __restrict__ k_scales, float* __restrict__ v_scales,
     const int* __restrict__ cu_seqlens_q, const int* __restrict__ seq_lens, const int* __restrict__ cu_blocks,
     const int* __restrict__ block_tables, const long long* __restrict__ slot_mapping, float* __restrict__ ws_o,
     float* __restrict__ ws_ml, int* __restrict__ counters, int num_seqs, int num_q_heads, int num_kv_heads,
@@ -113,14 +198,21 @@ __device__ __forceinline__ void attention_tile(
   constexpr int NT = NW / 8;        // n8 score tiles per warp
   constexpr int DC = D / 8;         // 16-byte chunks per row
   constexpr int OS = D + 4;         // fp32 row stride of the epilogue buffer (padding vs bank conflicts)
-  static_assert(WARPS_N * BM * OS * 4 <= STAGES * 2 * BN * D * 2, "epilogue buffer must fit in the stages");
+  // 16-bit tiles the mma loop reads: every stage (16-bit arena), or one dequantized tile (int8).
+  constexpr int TILES16 = KV8 ? 1 : STAGES;
+  constexpr int SMEM = TILES16 * 2 * BN * D * 2 + (KV8 ? STAGES * 2 * BN * D : 0);  // gpu/cuda_attention.py
+  static_assert(WARPS_N * BM * OS * 4 <= SMEM, "epilogue buffer must fit in the stages");
   static_assert(STAGES >= 2 && BN <= NTHREADS && (BN * DC) % NTHREADS == 0, "tile shape");
+  static_assert(!KV8 || ((BN * D / 16) % NTHREADS == 0 && 32 % DC == 0), "int8 tile shape");
 
   extern __shared__ __align__(16) unsigned char smem[];
-  u16* sK = reinterpret_cast<u16*>(smem);    // STAGES x (BN, D)
-  u16* sV = sK + STAGES * BN * D;            // STAGES x (BN, D)
+  u16* sK = reinterpret_cast<u16*>(smem);    // TILES16 x (BN, D)
+  u16* sV = sK + TILES16 * BN * D;           // TILES16 x (BN, D)
+  signed char* s8K = reinterpret_cast<signed char*>(sV + TILES16 * BN * D);  // int8: STAGES x (BN, D)
+  signed char* s8V = s8K + STAGES * BN * D;                                   // int8: STAGES x (BN, D)
   float* sO = reinterpret_cast<float*>(sK);  // epilogue: (WARPS_N*BM, OS), reuses the stages
   __shared__ long long s_off[STAGES][BN];    // per stage: element offset of each key row's source
+  __shared__ __align__(16) float s_scale[2][KV8 ? STAGES : 1][BN];  // int8: K and V row scales per stage
   __shared__ float red_m[WARPS_N][BM], red_l[WARPS_N][BM];
   __shared__ int s_last;
 
@@ -160,7 +252,7 @@ __device__ __forceinline__ void attention_tile(
 
   // Fused scatter of this tile's new K/V into the arena (split 0 only, so each token once).
   // Nothing in this launch reads these slots: new positions are read from k_new/v_new below.
-  if (split == 0) {
+  if (split == 0 && !KV8) {
     for (int c = tid; c < nq * DC; c += NTHREADS) {
       const int tok = q_start + t0 + c / DC, ch = c % DC;
       const long long slot = slot_mapping[tok];
@@ -168,6 +260,28 @@ __device__ __forceinline__ void attention_tile(
       const long long src = ((long long)tok * num_kv_heads + kvh) * D + ch * 8;
       *reinterpret_cast<uint4*>(k_cache + dst) = *reinterpret_cast<const uint4*>(k_new + src);
       *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v_new + src);
+    }
+  }
+  if (split == 0 && KV8) {  // quantize: each row's DC lanes share its absmax, so every lane takes
+    for (int c0 = 0; c0 < nq * DC; c0 += NTHREADS) {  // the same trip count (spare rows hold zeros)
+      const int c = c0 + tid, ch = c % DC, tok = q_start + t0 + c / DC;
+      const bool ok = c < nq * DC;
+      const long long src = ((long long)tok * num_kv_heads + kvh) * D + ch * 8;
+      float xk[8], xv[8];
+      load8<BF16>(ok ? k_new + src : nullptr, xk);
+      load8<BF16>(ok ? v_new + src : nullptr, xv);
+      int ck[8], cv[8];
+      const float sk = quantize_row<DC>(xk, ck), sv = quantize_row<DC>(xv, cv);
+      if (ok) {
+        const long long slot = slot_mapping[tok];
+        const long long row = (slot / BS) * num_kv_heads * BS + (long long)kvh * BS + slot % BS;  // scale index
+        *reinterpret_cast<uint2*>(k_cache + row * D + ch * 8) = pack_i8x8(ck);
+        *reinterpret_cast<uint2*>(v_cache + row * D + ch * 8) = pack_i8x8(cv);
+        if (ch == 0) {
+          k_scales[row] = sk;
+          v_scales[row] = sv;
+        }
+      }
     }
   }
 
@@ -181,15 +295,35 @@ __device__ __forceinline__ void attention_tile(
     return (long long)bt[p / BS] * blk_stride + head_off + (long long)(p % BS) * D;
   };
   auto load_kv = [&](int tile, int stage) {
-    const u32 dk = smem_addr(sK + stage * BN * D), dv = smem_addr(sV + stage * BN * D);
+    if constexpr (KV8) {  // history rows' codes (D bytes) and scales; fresh rows are read later
+      constexpr int RC = D / 16;  // 16-byte chunks per int8 row
+      const u32 dk = smem_addr(s8K + stage * BN * D), dv = smem_addr(s8V + stage * BN * D);
+#pragma unroll
+      for (int i = 0; i < BN * RC / NTHREADS; ++i) {
+        const int c = tid + i * NTHREADS, row = c / RC, ch = c % RC, p = tile * BN + row;
+        const bool hist = p < ctx_start && p < kv_end;
+        const long long o = hist ? s_off[stage][row] + ch * 16 : 0;
+        cp_async16(dk + row * D + ch * 16, k_cache + o, hist ? 16 : 0);
+        cp_async16(dv + row * D + ch * 16, v_cache + o, hist ? 16 : 0);
+      }
+      if (tid < BN) {
+        const int p = tile * BN + tid;
+        const bool hist = p < ctx_start && p < kv_end;
+        const long long r = hist ? s_off[stage][tid] / D : 0;  // scales share the codes' row index
+        cp_async4(smem_addr(&s_scale[0][stage][tid]), k_scales + r, hist ? 4 : 0);
+        cp_async4(smem_addr(&s_scale[1][stage][tid]), v_scales + r, hist ? 4 : 0);
+      }
+    } else {
+      const u32 dk = smem_addr(sK + stage * BN * D), dv = smem_addr(sV + stage * BN * D);
 #pragma unroll 4
-    for (int i = 0; i < BN * DC / NTHREADS; ++i) {
-      const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
-      const long long o = s_off[stage][row] + ch * 8;
-      const bool hist = p < ctx_start;
-      const int bytes = p < kv_end ? 16 : 0;
-      cp_async16(dk + swz<D>(row, ch), (hist ? k_cache : k_new) + o, bytes);
-      cp_async16(dv + swz<D>(row, ch), (hist ? v_cache : v_new) + o, bytes);
+      for (int i = 0; i < BN * DC / NTHREADS; ++i) {
+        const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
+        const long long o = s_off[stage][row] + ch * 8;
+        const bool hist = p < ctx_start;
+        const int bytes = p < kv_end ? 16 : 0;
+        cp_async16(dk + swz<D>(row, ch), (hist ? k_cache : k_new) + o, bytes);
+        cp_async16(dv + swz<D>(row, ch), (hist ? v_cache : v_new) + o, bytes);
+      }
     }
   };
   // Pipeline: tile i lives in stage i % STAGES and is cp.async group i (empty groups past the end
@@ -244,7 +378,22 @@ __device__ __forceinline__ void attention_tile(
     const long long off_next = next_off ? row_off(tile + STAGES, tid) : 0;
     cp_async_wait<STAGES - 1>();  // group `it` (this tile) has landed, for this thread
     __syncthreads();  // sync point: this stage's tile visible to all warps
-    const u32 kb = smem_addr(sK + stage * BN * D), vb = smem_addr(sV + stage * BN * D);
+    if constexpr (KV8) {  // int8 stage -> the 16-bit tile (same swizzle), rows of D/8 lanes
+#pragma unroll 2
+      for (int i = 0; i < BN * DC / NTHREADS; ++i) {
+        const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
+        const bool fresh = p >= ctx_start && p < kv_end;  // this step's token: from k_new/v_new
+        const long long o = s_off[stage][row] + ch * 8;
+        const int at = (stage * BN + row) * D + ch * 8;
+        const uint4 kx = dequant_chunk<BF16, DC>(fresh ? k_new + o : nullptr, s8K + at, s_scale[0][stage][row]);
+        const uint4 vx = dequant_chunk<BF16, DC>(fresh ? v_new + o : nullptr, s8V + at, s_scale[1][stage][row]);
+        *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sK) + swz<D>(row, ch)) = kx;
+        *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sV) + swz<D>(row, ch)) = vx;
+      }
+      __syncthreads();  // sync point: the dequantized tile visible to all warps
+    }
+    const int t16 = KV8 ? 0 : stage;
+    const u32 kb = smem_addr(sK + t16 * BN * D), vb = smem_addr(sV + t16 * BN * D);
 
     // S = Q K^T for this warp's 16 rows x NW keys.
     float s[NT][4];
@@ -409,14 +558,20 @@ __device__ __forceinline__ void attention_tile(
 }
 
 #if defined(HEAD_DIM) && defined(BLOCK_SIZE) && defined(ATTN_BF16)
+#ifndef KV_INT8
+#define KV_INT8 0
+#endif
+// k_cache/v_cache: 16-bit words, or int8 codes with k_scales/v_scales (null for a 16-bit arena).
 #define ATTN_PARAMS                                                                                          \
-  u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, u16 *k_cache, u16 *v_cache,                    \
-      const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks, const int *block_tables,            \
-      const long long *slot_mapping, float *ws_o, float *ws_ml, int *counters, int num_seqs, int num_q_heads, \
-      int num_kv_heads, float scale_log2
-#define ATTN_ARGS                                                                                        \
-  out, q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, \
-      ws_o, ws_ml, counters, num_seqs, num_q_heads, num_kv_heads, scale_log2
+  u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, void *k_cache, void *v_cache, float *k_scales, \
+      float *v_scales, const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks,                    \
+      const int *block_tables, const long long *slot_mapping, float *ws_o, float *ws_ml, int *counters,       \
+      int num_seqs, int num_q_heads, int num_kv_heads, float scale_log2
+#define KV_T kv_elem<KV_INT8 != 0>::type
+#define ATTN_ARGS                                                                                          \
+  out, q, k_new, v_new, static_cast<KV_T*>(k_cache), static_cast<KV_T*>(v_cache), k_scales, v_scales,      \
+      cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, ws_o, ws_ml, counters, num_seqs,      \
+      num_q_heads, num_kv_heads, scale_log2
 
 // M64_MIN_BLOCKS=3 caps registers at 168 so three prefill blocks share an SM at D=128 (a few
 // spills; without it ptxas takes ~172 registers and two blocks fit). D=64 fits three unbounded.
@@ -426,7 +581,7 @@ __device__ __forceinline__ void attention_tile(
 #define M64_BOUNDS __launch_bounds__(NTHREADS)
 #endif
 extern "C" __global__ void M64_BOUNDS paged_attention_m64(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
+  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
 }
 // Decode is memory-bound: 3 stages (96 KB, 2 blocks/SM) measured best at D=128, 2 stages (32 KB,
 // 4+ blocks/SM) at D=64. The loader passes -DM16_STAGES (the bench can vary it).
@@ -434,6 +589,6 @@ extern "C" __global__ void M64_BOUNDS paged_attention_m64(ATTN_PARAMS) {
 #define M16_STAGES (HEAD_DIM == 64 ? 2 : 3)
 #endif
 extern "C" __global__ void __launch_bounds__(NTHREADS) paged_attention_m16(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
+  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
 }
 #endif
