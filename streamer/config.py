@@ -15,24 +15,12 @@ class EngineConfig:
     """Everything the engine needs to start; argparse in __main__ fills it from flags of the same names.
 
     `preemption = "recompute"`: a preempted request's KV blocks are freed and computed again from
-    prompt + generated tokens when it resumes. Chosen over swapping blocks to pinned host memory by
-    this estimate, per token of bf16 KV with our 16-token blocks (to be checked against the
-    `streamer_recomputed_tokens_total` counter before anyone builds swap):
-
-    - KV bytes a token: qwen2.5-0.5b 2 (K,V) * 24 layers * 2 kv heads * 64 * 2 B = 12 KiB;
-      llama-3-8b 2 * 32 * 8 * 128 * 2 B = 128 KiB.
-    - Swap, out and back in over PCIe at ~25 GB/s: ~1 us and ~10 us a token.
-    - Recompute at the matmul rate, 2 * non-embedding parameters FLOP a token: 0.72 GFLOP (~2.4 us
-      at ~300 TFLOP/s, a small model's rate) and 14 GFLOP (~23 us at ~600 TFLOP/s).
-
-    At peak PCIe swap would win by 2-2.5x, but peak needs large copies. The arena is laid out per
-    layer (gpu/arena.py), so one block is 2 * layers separate runs of kv_heads * 16 * head_dim * 2 B:
-    4 KiB for qwen2.5-0.5b, 32 KiB for llama-3-8b. Copies that small, one call each, move a few
-    GB/s (a few us of overhead apiece), ~16 us and ~50 us a token, so recompute wins unless a
-    gather kernel packs blocks first. Recompute also needs no host pool, copy stream or new state:
-    it is a prefill chunk inside the normal step budget. And with prefix caching (on by default) a
-    preempted request's full blocks stay cached, so it takes back those not evicted meanwhile and
-    recomputes only the rest.
+    prompt + generated tokens when it resumes; with prefix caching its full blocks stay cached, so
+    it takes back those not evicted meanwhile. Recompute needs no host pool, copy stream or new
+    state: it is a prefill chunk inside the normal step budget. It is NOT the faster choice: on an
+    H100, one gather + one pinned-memory copy of a request's blocks costs 1-10% of recomputing them
+    with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"), so swapping to a
+    host pool is the measured better policy and is still to be built.
     """
 
     model: str = "smollm2"  # "smollm2", a local HF folder, or "random:NAME"
