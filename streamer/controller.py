@@ -33,6 +33,15 @@ waiting request's age (a stalled queue counts before anyone gets a first token),
      itself bring TTFT back under its objective in overload: nothing but refusing work can.
    - relax (`cap *= 2`, lifted to None at `max_admit`) in a period with both objectives met.
 
+3. A cut must work. The period after a decrease compares ITL P99 with the value that caused it:
+   unless it fell below `EFFECTIVE` x that value, the gaps are not set by the step budget (on a
+   GPU they can be set by the host's per-token streaming work, which grows with the number of
+   live streams, not with the budget), so the budget goes back to where it was and ITL stops
+   steering it for `COOLDOWN` periods. Meanwhile backlog may grow the budget (for TTFT and
+   throughput), and the admission cap tightens only in overload at the ceiling, never for an ITL
+   the budget was just shown not to move. Without this check, host-bound ITL drove the budget to
+   its floor and the cap to 1, and TTFT grew to seconds (measured: docs/BENCHMARKS.md).
+
 The budget moves from floor to ceiling in about 1 / INCREASE_FRACTION periods and halves in one.
 """
 
@@ -44,6 +53,8 @@ DECREASE = 0.5  # multiplicative decrease of the budget when ITL is over its obj
 INCREASE_FRACTION = 1 / 32  # additive increase: this fraction of the ceiling per period
 HEADROOM = 0.8  # the budget grows only while ITL P99 is under this fraction of its objective
 MIN_STEPS = 4  # a decision needs at least this many steps of evidence
+EFFECTIVE = 0.9  # a budget cut counts as working if ITL P99 falls below this fraction of its cause
+COOLDOWN = 10  # periods ITL does not steer the budget after a cut that did not work
 DEFAULT_CEILING = 8192  # ceiling when neither --max-batch-tokens nor auto-tuning gives one
 DEFAULT_START = 512
 
@@ -67,7 +78,7 @@ class Decision:
     waiting: int
     budget: int
     admit_cap: int | None
-    action: str  # "decrease", "increase" or "hold" (the budget)
+    action: str  # "decrease", "increase", "restore" (a cut that did not work) or "hold" (the budget)
     cap_action: str  # "tighten", "relax" or "hold"
 
 
@@ -91,6 +102,8 @@ class Controller:
         self._oldest_wait = 0.0
         self._waiting = self._waiting_before = 0
         self._t_last = now
+        self._cut: tuple[int, float] | None = None  # (budget before, ITL P99 that caused it) of last period's cut
+        self._cooldown = 0  # periods left in which ITL does not steer the budget
 
     # --- observations (the step loop calls these) ----------------------------------------------
     def observe_token(self, gap_s: float) -> None:
@@ -119,16 +132,26 @@ class Controller:
         growing = self._waiting > self._waiting_before
         backlog = self._waiting > 0 or self._full_steps > 0
 
-        at_floor = self.budget == self.floor
         action = "hold"
-        if itl_over:
-            self.budget, action = max(self.floor, int(self.budget * DECREASE)), "decrease"
-        elif backlog and itl_room and self.budget < self.ceiling:
-            self.budget, action = min(self.ceiling, self.budget + self.increase), "increase"
+        steer = self._cooldown == 0  # ITL steers the budget (no recent cut failed)
+        self._cooldown = max(0, self._cooldown - 1)
+        cut, self._cut = self._cut, None
+        if cut is not None and itl is not None and itl > EFFECTIVE * cut[1]:
+            # the last cut did not shorten the gaps: the budget is not what sets them
+            self.budget, action, steer, self._cooldown = cut[0], "restore", False, COOLDOWN
+        at_floor = self.budget == self.floor
+        if action == "hold":
+            if itl_over and steer:
+                if self.budget > self.floor:
+                    self._cut = (self.budget, itl)
+                self.budget, action = max(self.floor, int(self.budget * DECREASE)), "decrease"
+            elif backlog and (itl_room or not steer) and self.budget < self.ceiling:
+                self.budget, action = min(self.ceiling, self.budget + self.increase), "increase"
 
         cap_action = "hold"
-        overloaded = ttft_over and growing and (not itl_room or self.budget == self.ceiling)
-        if overloaded or (itl_over and at_floor):
+        at_ceiling = self.budget == self.ceiling
+        overloaded = ttft_over and growing and (at_ceiling or (steer and not itl_room))
+        if overloaded or (itl_over and at_floor and steer and not ttft_over):
             self.admit_cap, cap_action = max(1, (self.admit_cap or self.max_admit) // 2), "tighten"
         elif self.admit_cap is not None and not ttft_over and not itl_over:
             cap = self.admit_cap * 2

@@ -3,7 +3,7 @@ additive increase / multiplicative decrease, its bounds, and the admission cap's
 
 from __future__ import annotations
 
-from streamer.controller import DEFAULT_CEILING, Controller, build_controller, p99
+from streamer.controller import COOLDOWN, DEFAULT_CEILING, Controller, build_controller, p99
 
 MS = 0.001
 
@@ -45,12 +45,32 @@ def test_no_decision_before_a_period_and_enough_steps():
 
 
 def test_budget_halves_when_itl_is_over_its_objective():
+    """A fake card whose ITL is proportional to the budget: each cut works, so cuts go on."""
     c = make(start=1024)
     f = Feed(c)
-    d = f.period(itl_ms=40, waiting=5)
+    d = f.period(itl_ms=80 * c.budget / 1024, waiting=5)
     assert d.action == "decrease" and c.budget == 512
-    f.period(itl_ms=40, waiting=5)
+    f.period(itl_ms=80 * c.budget / 1024, waiting=5)  # 40 ms: better, still over
     assert c.budget == 256
+
+
+def test_a_cut_that_does_not_shorten_the_gaps_is_undone_and_itl_stops_steering():
+    """Host-bound ITL (the same whatever the budget): one cut, then the budget goes back, grows for
+    the backlog during the cool-down, and the admission cap is never tightened for that ITL."""
+    c = make(start=1024, ceiling=4096, floor=64)
+    f = Feed(c)
+    d = f.period(itl_ms=40, ttft_ms=150, waiting=5)
+    assert d.action == "decrease" and c.budget == 512
+    d = f.period(itl_ms=40, ttft_ms=150, waiting=5)
+    assert d.action == "restore" and c.budget == 1024
+    for _ in range(COOLDOWN):
+        d = f.period(itl_ms=40, ttft_ms=150, waiting=5)
+        assert d.action == "increase" and d.cap_action == "hold"
+    assert c.budget == 1024 + COOLDOWN * c.increase and c.admit_cap is None
+    d = f.period(itl_ms=40, ttft_ms=150, waiting=5)  # cool-down over: one more probe
+    assert d.action == "decrease"
+    budgets = [f.period(itl_ms=40, ttft_ms=150, waiting=5) and c.budget for _ in range(100)]
+    assert min(budgets) > c.floor and c.admit_cap is None  # never driven to the floor
 
 
 def test_budget_grows_additively_under_the_objective_with_backlog():
@@ -75,7 +95,7 @@ def test_budget_stays_within_floor_and_ceiling():
     c = make(floor=64, ceiling=1024, start=512)
     f = Feed(c)
     for _ in range(20):
-        f.period(itl_ms=100, waiting=2)
+        f.period(itl_ms=0.5 * c.budget, waiting=2)  # ITL follows the budget: 32 ms over at the floor
         assert 64 <= c.budget <= 1024
     assert c.budget == 64
     for _ in range(40):
