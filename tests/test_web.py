@@ -137,6 +137,31 @@ async def test_two_generations_multiplexed(server):
     assert done["plain"]["usage"]["completion_tokens"] == 15
 
 
+async def test_batch_mode_sends_arrays_of_frames_in_order(server):
+    """/v1/stream?batch=1: every message is a JSON array; per id the frames are those of the plain
+    mode, in order, and several streams' tokens share messages."""
+    with trio.fail_after(TIMEOUT):
+        async with open_websocket_url(server.ws + "?batch=1") as ws:
+            for rid, n in (("a", 30), ("b", 25), ("c", 20)):
+                await send(ws, type="generate", id=rid, prompt="Once upon", max_tokens=n, ignore_eos=True)
+            frames: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+            sizes = []
+            while sum(bool(f) and f[-1]["type"] == "done" for f in frames.values()) < 3:
+                message = json.loads(await ws.get_message())
+                assert isinstance(message, list) and message, message
+                sizes.append(len(message))
+                for frame in message:
+                    frames[frame["id"]].append(frame)
+            await send(ws, type="cancel", id="nobody")  # errors come batched too
+            assert json.loads(await ws.get_message()) == [
+                {"type": "error", "id": "nobody", "code": "unknown_id", "message": "no live generation with id 'nobody'"}]
+    for rid, n in (("a", 30), ("b", 25), ("c", 20)):
+        assert [f["index"] for f in frames[rid][:-1]] == list(range(n))
+        assert frames[rid][-1]["type"] == "done" and frames[rid][-1]["usage"]["completion_tokens"] == n
+    assert max(sizes) > 1, "streams sharing steps share messages"
+    assert server.kv_all_free()
+
+
 async def test_cancel_mid_stream(server):
     with trio.fail_after(TIMEOUT):
         async with open_websocket_url(server.ws) as ws:

@@ -88,20 +88,24 @@ class Connection:
     async def read(self) -> None:
         async for message in _messages(self.ws):
             now = time.monotonic()
-            frame = json.loads(message)
-            entry = self.pending.get(frame.get("id"))
-            if entry is None:
-                continue
-            outcome, event = entry
-            if frame["type"] == "token":
-                outcome.token_times.append(now)
-            elif frame["type"] == "error":
-                outcome.error = frame["code"]
-                if not outcome.token_times:  # refused before starting: no done frame follows
-                    self._end(frame["id"], now)
-            elif frame["type"] == "done":
-                outcome.done = frame
+            data = json.loads(message)
+            for frame in data if isinstance(data, list) else (data,):  # ?batch=1: arrays of frames
+                self._route(frame, now)
+
+    def _route(self, frame: dict, now: float) -> None:
+        entry = self.pending.get(frame.get("id"))
+        if entry is None:
+            return
+        outcome, event = entry
+        if frame["type"] == "token":
+            outcome.token_times.append(now)
+        elif frame["type"] == "error":
+            outcome.error = frame["code"]
+            if not outcome.token_times:  # refused before starting: no done frame follows
                 self._end(frame["id"], now)
+        elif frame["type"] == "done":
+            outcome.done = frame
+            self._end(frame["id"], now)
 
     def _end(self, rid: str, now: float) -> None:
         outcome, event = self.pending.pop(rid)
@@ -160,6 +164,8 @@ async def progress(label: str, total: int, outcomes: list, t0: float) -> None:
 async def run_one(args, prompts: list[dict], rate: float | None, concurrency: int | None) -> dict:
     """One load level: open loop at `rate` req/s, or closed loop with `concurrency` clients."""
     ws_url = args.url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
+    if args.batch:
+        ws_url += "?batch=1"
     before = await wait_idle(args.url)
     outcomes: list[report.Outcome] = []
     label = f"{rate:g} req/s" if rate else f"{concurrency} clients"
@@ -241,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-prompt", type=int, help="clip workload prompt lengths (small machines)")
     p.add_argument("--cap-output", type=int, help="clip workload output lengths")
     p.add_argument("--connections", type=int, default=8, help="websockets shared by open-loop requests")
+    p.add_argument("--batch", action="store_true",
+                   help="open /v1/stream?batch=1: the server sends the frames ready together in one message")
     p.add_argument("--slo-ttft-ms", type=float, default=500.0)
     p.add_argument("--slo-itl-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=7, help="seed of the arrival times")

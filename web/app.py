@@ -53,7 +53,8 @@ def create_app(engine: Any, config: WebConfig | None = None, lifecycle: Lifecycl
         # Accept before reading so the handshake never waits on the first client frame.
         await websocket.accept()
         ws = websocket._get_current_object()  # the plain object: Connection knows nothing of quart
-        close = await Connection(engine, ws.send, config, lifecycle).run(ws.receive)
+        batch = websocket.args.get("batch") in ("1", "true")  # frames batched per message (docs/PROTOCOL.md)
+        close = await Connection(engine, ws.send, config, lifecycle, batch=batch).run(ws.receive)
         if close is not None:  # the server hangs up: shutting down (1001) or idle (4408)
             await websocket.close(*close)
 

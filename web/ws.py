@@ -40,8 +40,11 @@ Frame = dict[str, Any]
 
 class Connection:
     def __init__(self, engine: Any, send_text: Callable[[str], Awaitable[None]], config: WebConfig | None = None,
-                 lifecycle: Lifecycle | None = None) -> None:
+                 lifecycle: Lifecycle | None = None, batch: bool = False) -> None:
+        """`batch` (the client opened /v1/stream?batch=1): every message is a JSON array of the
+        frames that were ready together, in order; one socket write carries many streams' tokens."""
         self.engine = engine
+        self.batch = batch
         self.config = config or WebConfig()
         self.lifecycle = lifecycle or Lifecycle()
         self.number = next(_connection_numbers)
@@ -187,19 +190,33 @@ class Connection:
         await self._frames.send(done_frame(cid, ev))
 
     async def _write_frames(self) -> None:
-        """The only task that writes to the socket, so frames never interleave."""
+        """The only task that writes to the socket, so frames never interleave. In batch mode it
+        sends every frame queued by now in one message (a JSON array), else one frame a message."""
         async with self._frames_out:
             async for frame in self._frames_out:
-                if frame.get("type") == "_close":
-                    self._close = frame.get("code", CLOSE_GOING_AWAY)
+                frames = [frame]
+                if self.batch:
+                    while frame.get("type") != "_close":
+                        try:
+                            frame = self._frames_out.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        frames.append(frame)
+                close = frames.pop() if frames[-1].get("type") == "_close" else None
+                self._last_frame = trio.current_time()
+                try:
+                    if self.batch and frames:
+                        await self._send_text(json.dumps(frames, ensure_ascii=False))
+                    else:
+                        for f in frames:
+                            await self._send_text(json.dumps(f, ensure_ascii=False))
+                except Exception as exc:  # the peer is gone: nothing left to stream to
+                    log.debug("ws_send_failed", conn=self.number, error=repr(exc))
                     assert self._nursery is not None
                     self._nursery.cancel_scope.cancel()
                     return
-                self._last_frame = trio.current_time()
-                try:
-                    await self._send_text(json.dumps(frame, ensure_ascii=False))
-                except Exception as exc:  # the peer is gone: nothing left to stream to
-                    log.debug("ws_send_failed", conn=self.number, error=repr(exc))
+                if close is not None:
+                    self._close = close.get("code", CLOSE_GOING_AWAY)
                     assert self._nursery is not None
                     self._nursery.cancel_scope.cancel()
                     return
