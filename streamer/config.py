@@ -15,15 +15,16 @@ PREEMPTIONS = (None, "swap", "recompute")
 class EngineConfig:
     """Everything the engine needs to start; argparse in __main__ fills it from flags of the same names.
 
-    How a request preempted for memory resumes (`preemption`; None picks swap on CUDA,
-    recompute on the CPU):
+    How a request preempted for memory resumes (`preemption`; None picks swap on CUDA unless
+    `swap_space` is 0, recompute on the CPU):
 
     - `"swap"`: its computed KV blocks are copied to a host pool of `swap_space` GiB (pinned on
       CUDA), its device blocks freed, and when it is admitted again the blocks come back into
       fresh device blocks and it continues where it stopped, nothing recomputed. Measured on an
       H100, one gather + one pinned-memory copy of a request's blocks costs 1-10% of recomputing
       them with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"), hence the
-      default on CUDA. A victim whose blocks do not fit the pool's free slots is recomputed.
+      default on CUDA. A victim whose blocks do not fit the pool's free slots is recomputed. The
+      pool holds at most as many blocks as the arena (streamer/build.py, `swap_slots`).
     - `"recompute"`: its blocks are freed and computed again from prompt + generated tokens when
       it resumes; with prefix caching its full blocks stay cached, so it takes back those not
       evicted meanwhile. The CPU default: there the "device" arena is host memory already, so a
