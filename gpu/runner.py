@@ -1,7 +1,7 @@
 """The model runner: turns one step's ragged batch into a forward pass and sampled tokens.
 
-Owns the model, the KV arena and the attention backend. Called from one worker thread at a time
-(the engine's step loop); it holds no per-request state between steps.
+Owns the model, the KV arena, the host swap pool and the attention backend. Called from one worker
+thread at a time (the engine's step loop); it holds no per-request state between steps.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from gpu.arena import ArenaShape, KVArena
 from gpu.attention import TorchAttention, build_metadata
 from gpu.model import Transformer
 from gpu.sampler import SampleSpec, sample
+from gpu.swap import SwapPool
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,19 @@ def make_backend(name: str, arena: KVArena, scale: float):
 class ModelRunner:
     def __init__(
         self, model: Transformer, num_blocks: int, block_size: int, attention: str,
-        graph_batch: int = 0, capture: bool = True, kv_dtype: torch.dtype | None = None,
+        graph_batch: int = 0, capture: bool = True, kv_dtype: torch.dtype | None = None, swap_slots: int = 0,
     ) -> None:
         """`num_blocks` usable KV blocks (ids 0..num_blocks-1); one more, the scratch block, takes
         the writes of padding rows. `graph_batch` > 0: decode steps of up to that many requests
         run from static buffers, replayed as CUDA graphs when `capture`. `kv_dtype`: how the arena
-        stores K/V, the model's dtype (None) or torch.int8."""
+        stores K/V, the model's dtype (None) or torch.int8. `swap_slots` > 0: a host pool of that
+        many blocks for preempted requests' KV."""
         s = model.spec
         self.model = model
         self.device = model.device
         shape = ArenaShape(s.num_layers, num_blocks + 1, s.num_kv_heads, block_size, s.head_dim)
         self.arena = KVArena(shape, model.dtype, model.device, kv_dtype)
+        self.swap = SwapPool(self.arena, swap_slots) if swap_slots else None
         self.backend = make_backend(attention, self.arena, model.scale)
         # The "cuda" backend brings the fused elementwise kernels too; "torch" is torch ops throughout.
         self.ops = model.cuda_ops() if attention == "cuda" else model.torch_ops
@@ -75,9 +78,21 @@ class ModelRunner:
         """Run one forward pass over all `seqs`; return a sampled id per seq that samples."""
         return self.collect(self.launch(seqs))
 
-    def launch(self, seqs: list[SeqInput]) -> Launched:
+    def launch(self, seqs: list[SeqInput], swap_out: tuple[tuple[int, int], ...] = (),
+               swap_in: tuple[tuple[int, int], ...] = ()) -> Launched:
         """Queue the step's work on the device and return at once (on CUDA; the CPU computes here).
-        `collect` waits for the sampled ids. One step at a time: launch, collect, launch, ..."""
+        `collect` waits for the sampled ids. One step at a time: launch, collect, launch, ...
+
+        First the step's KV swaps, on the same stream as its forward: `swap_in` (slot, block)
+        pairs, then `swap_out` (block, slot) pairs. So a victim's blocks are copied out before
+        another request's forward overwrites them, swapped-in blocks are filled before the forward
+        reads them, and a host slot a swap-in reads may be written by a swap-out of the same step."""
+        if swap_in:
+            self.swap.swap_in([slot for slot, _ in swap_in], [block for _, block in swap_in])
+        if swap_out:
+            self.swap.swap_out([block for block, _ in swap_out], [slot for _, slot in swap_out])
+        if not seqs:  # only swaps this step
+            return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [])
         g = self.graphs
         if g is not None and len(seqs) <= g.bmax and all(len(s.token_ids) == 1 and s.sample for s in seqs):
             logits = g.logits([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs])

@@ -1,4 +1,5 @@
-"""The KV block allocator: a free list, refcounts, and the prefix cache's content index. Plain Python.
+"""The KV block allocator: a free list, refcounts, and the prefix cache's content index; and the
+free list of the host swap pool's slots. Plain Python.
 
 Owned by the scheduler (and so only ever touched from the step-loop task). The GPU never sees
 this object, only the int32 block ids it hands out.
@@ -11,6 +12,7 @@ recomputing it. Evictable blocks count as free: `allocate` evicts the least rece
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -92,3 +94,28 @@ class BlockAllocator:
     def statistics(self) -> AllocatorStats:
         free = self.num_free
         return AllocatorStats(self.num_blocks, free, self.num_blocks - free, len(self._evictable))
+
+
+class HostSlots:
+    """Free list of the host swap pool's slots (gpu/swap.py), owned by the scheduler beside the
+    BlockAllocator. Lowest ids first, so a request's slots are mostly one run: one copy each way."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._free = list(range(num_slots))  # a heap
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n slots, or None (and nothing taken) if fewer are free."""
+        if n > len(self._free):
+            return None
+        return [heapq.heappop(self._free) for _ in range(n)]
+
+    def free(self, slots: list[int]) -> None:
+        for s in slots:
+            assert 0 <= s < self.num_slots
+            heapq.heappush(self._free, s)
+        assert len(self._free) <= self.num_slots, "double free of a host slot"

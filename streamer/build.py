@@ -59,15 +59,35 @@ def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, k
     return blocks
 
 
+def swap_slots(config: EngineConfig, loaded: LoadedModel, device: torch.device, kv_dtype: torch.dtype,
+               num_blocks: int) -> int:
+    """Blocks of the host swap pool: 0 unless preemption is "swap" (the default on CUDA, unless
+    --swap-space is 0), else as many as --swap-space holds, at most the arena's own count. More
+    would be pinned and mostly idle: swapped-out requests come back before anything new is
+    admitted, so what they hold stays about what the arena held (a victim that finds no room left
+    is recomputed)."""
+    mode = config.preemption or ("swap" if device.type == "cuda" and config.swap_space else "recompute")
+    if mode != "swap":
+        return 0
+    s = loaded.model.spec
+    per_block = ArenaShape(s.num_layers, 1, s.num_kv_heads, config.block_size, s.head_dim).bytes_per_block(kv_dtype)
+    slots = min(num_blocks, int(config.swap_space * 2**30 // per_block))
+    if slots < 1:
+        raise ValueError(f"--swap-space {config.swap_space} holds no KV block ({per_block} bytes each)")
+    return slots
+
+
 def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int]:
-    """Load the model, size the KV arena, build and warm the runner: (model, runner, KV blocks)."""
+    """Load the model, size the KV arena and the swap pool, build and warm the runner: (model,
+    runner, KV blocks)."""
     device, dtype, attention = resolve_device(config)
     loaded = load_model(config.model, device, dtype, seed=config.seed)
     kv_dtype = kv_storage_dtype(config, dtype)
     num_blocks = kv_blocks(config, loaded, device, kv_dtype)
     graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
     runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
-                         graph_batch=min(config.max_running, 512) if graphs else 0, kv_dtype=kv_dtype)
+                         graph_batch=min(config.max_running, 512) if graphs else 0, kv_dtype=kv_dtype,
+                         swap_slots=swap_slots(config, loaded, device, kv_dtype, num_blocks))
     warmup(runner, scratch_block=num_blocks)
     return loaded, runner, num_blocks
 

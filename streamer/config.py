@@ -8,19 +8,27 @@ from streamer.policy import Policy
 
 DEFAULT_BATCH_TOKENS = 512  # the step budget when neither --max-batch-tokens nor auto-tuning sets one
 KV_DTYPES = ("auto", "int8")
+PREEMPTIONS = (None, "swap", "recompute")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start; argparse in __main__ fills it from flags of the same names.
 
-    `preemption = "recompute"`: a preempted request's KV blocks are freed and computed again from
-    prompt + generated tokens when it resumes; with prefix caching its full blocks stay cached, so
-    it takes back those not evicted meanwhile. Recompute needs no host pool, copy stream or new
-    state: it is a prefill chunk inside the normal step budget. It is NOT the faster choice: on an
-    H100, one gather + one pinned-memory copy of a request's blocks costs 1-10% of recomputing them
-    with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"), so swapping to a
-    host pool is the measured better policy and is still to be built.
+    How a request preempted for memory resumes (`preemption`; None picks swap on CUDA unless
+    `swap_space` is 0, recompute on the CPU):
+
+    - `"swap"`: its computed KV blocks are copied to a host pool of `swap_space` GiB (pinned on
+      CUDA), its device blocks freed, and when it is admitted again the blocks come back into
+      fresh device blocks and it continues where it stopped, nothing recomputed. Measured on an
+      H100, one gather + one pinned-memory copy of a request's blocks costs 1-10% of recomputing
+      them with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"), hence the
+      default on CUDA. A victim whose blocks do not fit the pool's free slots is recomputed. The
+      pool holds at most as many blocks as the arena (streamer/build.py, `swap_slots`).
+    - `"recompute"`: its blocks are freed and computed again from prompt + generated tokens when
+      it resumes; with prefix caching its full blocks stay cached, so it takes back those not
+      evicted meanwhile. The CPU default: there the "device" arena is host memory already, so a
+      swap pool is RAM better given to the arena itself.
     """
 
     model: str = "smollm2"  # "smollm2", a local HF folder, or "random:NAME"
@@ -45,7 +53,8 @@ class EngineConfig:
     policy: str = "fcfs"  # "fcfs", or a comma-separated set of priority, first-token, length, fair (streamer/policy.py)
     prefill_share: float = 0.25  # first-token: share of each step's budget kept for pending prefills
     aging_s: float = 10.0  # priority: seconds of waiting worth one class; length: end of the length penalty
-    preemption: str = "recompute"  # how a preempted request resumes; see the class docstring
+    preemption: str | None = None  # "swap" or "recompute"; None: swap on CUDA, recompute on the CPU (see above)
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (used by preemption "swap")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -74,7 +83,11 @@ class EngineConfig:
         Policy.parse(self.policy, self.prefill_share, self.aging_s)  # raises ValueError with the reason
         if self.static_batch is not None and self.policy != "fcfs":
             raise ValueError("static_batch is the FIFO baseline; it takes no --policy")
-        if self.preemption != "recompute":
-            raise ValueError("preemption must be 'recompute'")
+        if self.preemption not in PREEMPTIONS:
+            raise ValueError(f"preemption must be 'swap' or 'recompute', got {self.preemption!r}")
+        if not self.swap_space >= 0:
+            raise ValueError("swap_space must be >= 0 GiB")
+        if self.preemption == "swap" and self.swap_space == 0:
+            raise ValueError("preemption 'swap' needs swap_space > 0")
         if self.max_buffered_events < 2:
             raise ValueError("max_buffered_events must be >= 2")

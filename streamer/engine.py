@@ -22,7 +22,7 @@ import trio
 from gpu.models import LoadedModel
 from gpu.runner import ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
-from streamer.allocator import AllocatorStats, BlockAllocator
+from streamer.allocator import AllocatorStats, BlockAllocator, HostSlots
 from streamer.build import TuneResult, load_runner, tune_budget
 from streamer.config import DEFAULT_BATCH_TOKENS, EngineConfig
 from streamer.controller import build_controller
@@ -45,6 +45,12 @@ class EngineStats:
     prefix_hit_tokens: int
     kv: AllocatorStats
     recomputed_tokens: int = 0
+    swaps_out: int = 0  # preemptions that swapped the request's KV to the host pool
+    swaps_in: int = 0
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    swap_slots: int = 0  # the host pool's size in blocks (0: preemption recomputes)
+    swap_slots_free: int = 0
 
 
 class Engine:
@@ -61,6 +67,7 @@ class Engine:
         self.runner = runner
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.host_slots = HostSlots(runner.swap.num_slots if runner.swap else 0)
         # [controller] With objectives, the controller steers the budget and admission cap
         # (applied before each schedule()); else the budget is explicit, auto-tuned or the default.
         self.tuned = tuned
@@ -70,7 +77,8 @@ class Engine:
             config.max_batch_tokens or (tuned and tuned.budget) or DEFAULT_BATCH_TOKENS)
         self.scheduler = Scheduler(self.allocator, config.block_size, budget, config.max_running,
                                    config.static_batch, config.prefix_caching,
-                                   Policy.parse(config.policy, config.prefill_share, config.aging_s))
+                                   Policy.parse(config.policy, config.prefill_share, config.aging_s),
+                                   host_slots=self.host_slots)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
         # cancels at most once, so it holds at most as many messages as there are requests.
@@ -195,7 +203,9 @@ class Engine:
     def statistics(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), self._steps, s.num_preemptions, s.prefix_hit_tokens,
-                           self.allocator.statistics(), s.recomputed_tokens)
+                           self.allocator.statistics(), s.recomputed_tokens, s.num_swaps_out, s.num_swaps_in,
+                           s.swapped_out_blocks, s.swapped_in_blocks, self.host_slots.num_slots,
+                           self.host_slots.num_free)
 
     # --- the step loop (one task) --------------------------------------------------------------
     async def run(self) -> None:
@@ -215,7 +225,7 @@ class Engine:
                 self.scheduler.max_batch_tokens = self.controller.budget
                 self.scheduler.max_admit_per_step = self.controller.admit_cap
             plan = self.scheduler.schedule()
-            if not plan.chunks:
+            if not plan.chunks and not plan.swap_out:
                 self._emit_pending()
                 await trio.sleep(0)
                 continue
@@ -268,13 +278,15 @@ class Engine:
             # block_table is not copied: nothing changes it before launch() has read it
             inputs.append(SeqInput(c.seq.token_ids(c.start, c.start + c.length), c.start, c.seq.block_table, spec))
         try:
-            sampled = await self._run_on_device(inputs)
+            sampled = await self._run_on_device(inputs, plan)
         except Exception as exc:
             log.exception("step_failed", tokens=plan.num_tokens, requests=[c.seq.request_id for c in plan.chunks])
             self._emit_pending()
-            for c in plan.chunks:
-                if c.seq.request_id in self._requests:
-                    self._end(c.seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
+            # Those swapped out in this step go too: their copy to the host may not have run.
+            failed = [c.seq for c in plan.chunks] + [s for s in plan.preempted if s.swap_slots]
+            for seq in failed:
+                if seq.request_id in self._requests:
+                    self._end(seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
             return
         self._steps += 1
         now = time.monotonic()
@@ -284,16 +296,17 @@ class Engine:
         self._record_step(plan, t_start, now, len(outputs))
         self._pending = outputs  # sent while the device runs the next step
 
-    async def _run_on_device(self, inputs: list[SeqInput]) -> list[int | None]:
-        """Run one model step in the worker thread. Once the step is queued on the device, this task
-        sends the previous step's tokens, so detokenizing and streaming overlap the device's work.
-        Not abandoned on cancel: the arena is never left half-written."""
+    async def _run_on_device(self, inputs: list[SeqInput], plan: StepPlan) -> list[int | None]:
+        """Run one model step, the plan's KV swaps first, in the worker thread. Once the step is
+        queued on the device, this task sends the previous step's tokens, so detokenizing and
+        streaming overlap the device's work. Not abandoned on cancel: the arena is never left
+        half-written."""
         launched = trio.Event()
         token = trio.lowlevel.current_trio_token()
         result: dict = {}
 
         def work():
-            handle = self.runner.launch(inputs)
+            handle = self.runner.launch(inputs, plan.swap_out, plan.swap_in)
             token.run_sync_soon(launched.set)  # no round trip: the worker goes on to wait for the device
             return self.runner.collect(handle)
 
@@ -354,7 +367,9 @@ class Engine:
         self._last_step_end = t_end
         rec = StepRecord(t_end, t_end - t_start, gap, plan.num_tokens - decode, decode, generated,
                          len(self.scheduler.running), len(self.scheduler.waiting), kv.used_blocks, kv.free_blocks)
-        self.metrics.step(rec, len(plan.preempted), self.scheduler.prefix_hit_tokens, self.scheduler.recomputed_tokens)
+        s = self.scheduler
+        self.metrics.step(rec, len(plan.preempted), s.prefix_hit_tokens, s.recomputed_tokens,
+                          (s.num_swaps_out, s.num_swaps_in, s.swapped_out_blocks, s.swapped_in_blocks))
         if self.controller:  # [controller] may decide new knobs for the next schedule()
             first = next((s for s in self.scheduler.waiting if not s.output_ids), None)  # not a preempted one
             oldest = t_end - self._requests[first.request_id].t_arrival if first else 0.0

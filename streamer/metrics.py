@@ -117,13 +117,20 @@ class Metrics:
         self.errors = Counter("streamer_errors", "Errors by code", ["code"], registry=r)
         self.tokens = Counter("streamer_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("streamer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.preemptions = Counter("streamer_preemptions", "Requests preempted (KV freed, recomputed later)", registry=r)
+        self.preemptions = Counter("streamer_preemptions", "Requests preempted (KV swapped out or freed)", registry=r)
         self.prefix_hits = Counter("streamer_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                    registry=r)
         self._prefix_hits_seen = 0
         self.recomputed = Counter("streamer_recomputed_tokens", "Tokens computed again after a preemption freed their KV",
                                   registry=r)
         self._recomputed_seen = 0
+        self.swap_counters = (  # fed from the scheduler's running totals, in this order
+            Counter("streamer_swap_outs", "Preempted requests whose KV was swapped to host memory", registry=r),
+            Counter("streamer_swap_ins", "Swapped-out requests resumed from host memory", registry=r),
+            Counter("streamer_swapped_out_blocks", "KV blocks copied to the host swap pool", registry=r),
+            Counter("streamer_swapped_in_blocks", "KV blocks copied back from the host swap pool", registry=r),
+        )
+        self._swaps_seen = (0, 0, 0, 0)
         self.running = Gauge("streamer_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("streamer_waiting_requests", "Requests waiting for admission", registry=r)
         self.kv_used = Gauge("streamer_kv_used_blocks", "KV blocks in use", registry=r)
@@ -171,9 +178,14 @@ class Metrics:
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
 
-    def step(self, rec: StepRecord, preempted: int, prefix_hit_tokens: int = 0, recomputed_tokens: int = 0) -> None:
-        """`prefix_hit_tokens` and `recomputed_tokens` are the scheduler's running totals."""
+    def step(self, rec: StepRecord, preempted: int, prefix_hit_tokens: int = 0, recomputed_tokens: int = 0,
+             swaps: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        """`prefix_hit_tokens`, `recomputed_tokens` and `swaps` (swap-outs, swap-ins, blocks out,
+        blocks in) are the scheduler's running totals."""
         self.steps.append(rec)
+        for counter, now, seen in zip(self.swap_counters, swaps, self._swaps_seen, strict=True):
+            counter.inc(now - seen)
+        self._swaps_seen = swaps
         self.prefix_hits.inc(prefix_hit_tokens - self._prefix_hits_seen)
         self._prefix_hits_seen = prefix_hit_tokens
         self.recomputed.inc(recomputed_tokens - self._recomputed_seen)

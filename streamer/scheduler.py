@@ -6,6 +6,9 @@ computed tokens catch up towards its known tokens (prompt + generated) under one
 Decodes of running requests go first (least recently scheduled first), then chunks of running
 prefills, then new requests in the order of the policy (streamer/policy.py; arrival order by
 default). `schedule() -> StepPlan`, then `update(plan, sampled) -> [TokenOutput]`.
+
+A request preempted for memory is swapped out when the host pool has free slots (the plan lists
+the block -> slot copies for the runner) and resumes from where it stopped; else it is recomputed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from streamer.allocator import BlockAllocator
+from streamer.allocator import BlockAllocator, HostSlots
 from streamer.policy import Policy
 
 
@@ -50,6 +53,7 @@ class Sequence:
     t_arrival: float = 0.0  # the scheduler's clock at add
     last_step: int = 0  # the step that last scheduled it (least recently scheduled is preempted first)
     computed_high: int = 0  # most tokens it ever had computed: below this, computing again is recompute
+    swap_slots: list[int] = field(default_factory=list)  # swapped out: host slot i holds its block i
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +82,13 @@ class Chunk:
 class StepPlan:
     chunks: tuple[Chunk, ...]
     preempted: tuple[Sequence, ...] = ()
+    # KV copies the runner makes before the step's forward: swap-ins first (host slot -> device
+    # block), then swap-outs (device block -> host slot), so that a host slot freed by a swap-in
+    # may be reused by a swap-out of the same step (the first-token pass preempts after admission).
+    # They never share a device block: a swap-in's blocks come from an admission, which never
+    # follows a preemption of the same step, and an admitted request is never a victim.
+    swap_out: tuple[tuple[int, int], ...] = ()  # (block, slot)
+    swap_in: tuple[tuple[int, int], ...] = ()  # (slot, block)
 
     @property
     def num_tokens(self) -> int:
@@ -95,9 +106,10 @@ class Scheduler:
     def __init__(
         self, allocator: BlockAllocator, block_size: int, max_batch_tokens: int, max_running: int,
         static_batch: int | None = None, prefix_caching: bool = False, policy: Policy | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, host_slots: HostSlots | None = None,
     ) -> None:
         self.allocator = allocator
+        self.host_slots = host_slots or HostSlots(0)  # the swap pool's free slots; none: always recompute
         self.policy = policy or Policy()
         self.clock = clock
         self.prefix_caching = prefix_caching
@@ -116,6 +128,10 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self.recomputed_tokens = 0  # tokens computed again after their KV was freed by a preemption
+        self.num_swaps_out = self.num_swaps_in = 0  # preemptions that swapped; their resumptions
+        self.swapped_out_blocks = self.swapped_in_blocks = 0
+        self._swap_out: list[tuple[int, int]] = []  # this step's copies, for its plan
+        self._swap_in: list[tuple[int, int]] = []
         self.num_steps = 0
         self._arrivals = itertools.count()
 
@@ -137,6 +153,8 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self._release(seq)
+        self.host_slots.free(seq.swap_slots)  # a swapped-out request cancelled while it waits
+        seq.swap_slots = []
         seq.status, seq.finish_reason = Status.FINISHED, reason
         return seq
 
@@ -150,6 +168,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
+        self._swap_out, self._swap_in = [], []
         if self.static_batch and not self.running:
             while self.waiting and len(self.running) < self.static_batch:
                 seq = self.waiting.popleft()
@@ -167,7 +186,8 @@ class Scheduler:
             budget = self._admit(budget, chunks, scheduled)
         if keep:  # budget the prefills could not use goes to the decodes deferred for them
             self._schedule_running(order, True, budget, 0, chunks, scheduled, preempted)
-        return StepPlan(tuple(chunks), tuple(preempted))
+        assert not {b for b, _ in self._swap_out} & {b for _, b in self._swap_in}, "see StepPlan"
+        return StepPlan(tuple(chunks), tuple(preempted), tuple(self._swap_out), tuple(self._swap_in))
 
     def _schedule_running(self, order: list[Sequence], decode: bool, budget: int, keep: int, chunks: list[Chunk],
                           scheduled: set[int], preempted: list[Sequence]) -> int:
@@ -211,15 +231,18 @@ class Scheduler:
             if policy.fair and not seq.num_preemptions and running_of[seq.client] >= share and any(
                     n for c, n in waiting_of.items() if c != seq.client):
                 continue  # this client has its share while another waits
-            if self.prefix_caching and not seq.block_table:
+            if self.prefix_caching and not seq.block_table and not seq.swap_slots:
                 self._reuse_prefix(seq)
             length = min(seq.num_tokens - seq.num_computed, budget)
             need = self._blocks_needed(seq, seq.num_computed + length)
             if not self.allocator.can_allocate(need):
-                self._release(seq)  # give back any cached prefix it took; retried next step
-                seq.num_computed = 0
+                if not seq.swap_slots:  # (a swapped-out one holds no device block and keeps its KV)
+                    self._release(seq)  # give back any cached prefix it took; retried next step
+                    seq.num_computed = 0
                 break
             seq.block_table += self.allocator.allocate(need)
+            if seq.swap_slots:
+                self._swap_back(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             self._add_chunk(seq, length, chunks, scheduled)
@@ -299,12 +322,26 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free all of seq's blocks; it will be recomputed from prompt + generated tokens (with
-        prefix caching, its full blocks stay cached until evicted, and come back for free). It
-        waits ahead of every new arrival, among the preempted ones by arrival."""
+        """Free all of seq's blocks. If the host pool has room for its computed blocks they are
+        swapped out (copied before this step's forward may overwrite them) and it resumes from
+        num_computed; else it will be recomputed from prompt + generated tokens (with prefix
+        caching, its full blocks stay cached until evicted, and come back for free). Static
+        batching, a baseline, always recomputes. It waits ahead of every new arrival, among the
+        preempted ones by arrival."""
         self.running.remove(seq)
+        n = -(-seq.num_computed // self.block_size)
+        slots = self.host_slots.allocate(n) if n and not self.static_batch else None
+        if slots is not None:
+            self._swap_out += zip(seq.block_table[:n], slots, strict=True)
+            seq.swap_slots = slots
+            self.num_swaps_out += 1
+            self.swapped_out_blocks += n
+        else:
+            seq.num_computed = 0
+        # Its block hashes go too: they name blocks it no longer holds. When it is swapped back,
+        # update() registers its full blocks again under the same hashes (where no other block
+        # holds that prefix already), so its swapped-in blocks serve as prefix cache like any.
         self._release(seq)
-        seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -312,6 +349,16 @@ class Scheduler:
         while i < len(self.waiting) and self.waiting[i].num_preemptions and self.waiting[i].arrival < seq.arrival:
             i += 1
         self.waiting.insert(i, seq)
+
+    def _swap_back(self, seq: Sequence) -> None:
+        """seq, just given fresh blocks, gets its swapped-out KV back into the first of them. Its
+        slots are free at once: this step's swap-outs, the only writers that could reuse them,
+        run after its swap-ins (StepPlan)."""
+        self._swap_in += zip(seq.swap_slots, seq.block_table[: len(seq.swap_slots)], strict=True)
+        self.num_swaps_in += 1
+        self.swapped_in_blocks += len(seq.swap_slots)
+        self.host_slots.free(seq.swap_slots)
+        seq.swap_slots = []
 
     def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)

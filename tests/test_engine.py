@@ -179,11 +179,11 @@ async def test_failing_step_fails_its_requests_and_engine_keeps_serving(engine, 
     real_launch = engine.runner.launch
     calls = {"n": 0}
 
-    def flaky(inputs):
+    def flaky(inputs, *swaps):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return real_launch(inputs)
+        return real_launch(inputs, *swaps)
 
     monkeypatch.setattr(engine.runner, "launch", flaky)
     with trio.fail_after(30):

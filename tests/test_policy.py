@@ -71,8 +71,9 @@ def test_policy_names_compose_and_bad_ones_are_refused():
         EngineConfig(model="random:tiny-qwen3", policy="priority", static_batch=4)
     with pytest.raises(ValueError):
         EngineConfig(model="random:tiny-qwen3", prefill_share=1.0)
-    with pytest.raises(ValueError):
-        EngineConfig(model="random:tiny-qwen3", preemption="swap")
+    for bad in ({"preemption": "lifo"}, {"preemption": "swap", "swap_space": 0}, {"swap_space": -1}):
+        with pytest.raises(ValueError):
+            EngineConfig(model="random:tiny-qwen3", **bad)
 
 
 # --- admission order ---------------------------------------------------------------------------

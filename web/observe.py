@@ -42,6 +42,14 @@ def stats(engine: Any, step_window_s: float = 1.0, hdr: bool = False) -> dict:
         preemptions=s.preemptions,
         batching=engine.batching(),
         recomputed_tokens=s.recomputed_tokens,
+        swap={
+            "swaps_out": s.swaps_out,
+            "swaps_in": s.swaps_in,
+            "swapped_out_blocks": s.swapped_out_blocks,
+            "swapped_in_blocks": s.swapped_in_blocks,
+            "host_slots": s.swap_slots,
+            "host_slots_free": s.swap_slots_free,
+        },
         kv={
             "total_blocks": s.kv.total_blocks,
             "used_blocks": s.kv.used_blocks,
