@@ -75,7 +75,7 @@ def test_flags_and_the_pool_size_they_give():
         == ("swap", 0.5)
     assert parse("--preemption", "recompute").preemption == "recompute"
     tiny = dict(model="random:tiny-qwen3", kv_blocks=16, max_batch_tokens=64)
-    assert build_engine(EngineConfig(**tiny)).runner.swap is None  # the CPU's default: recompute
+    assert build_engine(EngineConfig(**tiny)).runner.swap is None  # the default: recompute
     engine = build_engine(EngineConfig(**tiny, preemption="swap"))  # 4 GiB: capped at the arena's 16 blocks
     assert engine.runner.swap.num_slots == engine.host_slots.num_slots == 16
     assert engine.runner.swap.nbytes == 16 * engine.runner.arena.shape.bytes_per_block(torch.float32)
