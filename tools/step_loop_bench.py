@@ -1,0 +1,74 @@
+"""The step loop's own cost: the engine with a runner that computes nothing.
+
+Every request decodes at once (batch = --requests), the fake runner returns a token for each
+sampling sequence immediately, so what is left per step is the host's work: scheduling, building
+the step's inputs, `scheduler.update`, detokenizing, sending each token and the metrics. On a GPU
+that work runs between the device's steps (all of it but the sending, which overlaps the next
+step), so it bounds the step rate. `--profile` adds a cProfile table.
+
+    python tools/step_loop_bench.py --requests 256 --tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from gpu.runner import Launched  # noqa: E402
+from streamer.config import EngineConfig  # noqa: E402
+from streamer.engine import open_engine  # noqa: E402
+from streamer.types import SamplingParams  # noqa: E402
+
+
+def fake_launch(seqs, swap_out=(), swap_in=()):
+    mask = [s.sample is not None for s in seqs]
+    return Launched(torch.full((sum(mask),), 65, dtype=torch.long), None, mask)
+
+
+async def main(args) -> None:
+    config = EngineConfig(model="random:tiny-qwen3", kv_blocks=args.requests * (args.tokens // 16 + 3),
+                          max_running=args.requests, max_batch_tokens=max(8192, args.requests * 8),
+                          max_waiting=args.requests + 1)
+    async with open_engine(config) as engine:
+        engine.runner.launch = fake_launch
+        steps0 = engine.statistics().steps
+
+        async def one(i: int) -> None:
+            async with engine.submit([100 + i % 50] * 8, SamplingParams(max_tokens=args.tokens, ignore_eos=True)) as gen:
+                async for _ in gen:
+                    pass
+
+        prof = cProfile.Profile() if args.profile else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        async with trio.open_nursery() as nursery:
+            for i in range(args.requests):
+                nursery.start_soon(one, i)
+        if prof:
+            prof.disable()
+        wall = time.perf_counter() - t0
+        steps = engine.statistics().steps - steps0
+    tokens = args.requests * args.tokens
+    print(f"{args.requests} requests x {args.tokens} tokens: {steps} steps in {wall:.2f} s = "
+          f"{wall / steps * 1e3:.2f} ms a step, {wall / tokens * 1e6:.1f} us a token, {tokens / wall:,.0f} tok/s")
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--profile", action="store_true")
+    trio.run(main, ap.parse_args())
