@@ -114,7 +114,7 @@ class Connection:
 
     async def request(self, rid: str, body: dict, outcomes: list) -> None:
         frame = {"type": "generate", "id": rid, **{k: v for k, v in body.items() if not k.startswith("_")}}
-        outcome = report.Outcome(time.monotonic(), body["_target"])
+        outcome = report.Outcome(time.monotonic(), body["_target"], priority=body.get("priority", 0))
         outcomes.append(outcome)
         event = trio.Event()
         self.pending[rid] = (outcome, event)
@@ -222,6 +222,8 @@ async def run_one(args, prompts: list[dict], rate: float | None, concurrency: in
         "goodput": report.goodput(outcomes, args.slo_ttft_ms, args.slo_itl_ms),
         "errors": dict(Counter(o.error for o in outcomes if o.error)),
         "client": report.client_side(outcomes), "server": report.server_side(before, after),
+        "by_priority": {str(p): report.client_side([o for o in outcomes if o.priority == p])
+                        for p in sorted({o.priority for o in outcomes})} if len({o.priority for o in outcomes}) > 1 else {},
     }
 
 
@@ -247,6 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-prompt", type=int, help="clip workload prompt lengths (small machines)")
     p.add_argument("--cap-output", type=int, help="clip workload output lengths")
     p.add_argument("--connections", type=int, default=8, help="websockets shared by open-loop requests")
+    p.add_argument("--priorities", help="comma-separated request classes, cycled over the requests "
+                   "(e.g. 0,0,0,5: a quarter at class 5); per-class percentiles are printed")
     p.add_argument("--batch", action="store_true",
                    help="open /v1/stream?batch=1: the server sends the frames ready together in one message")
     p.add_argument("--slo-ttft-ms", type=float, default=500.0)
@@ -268,6 +272,9 @@ async def main(args) -> list[dict]:
         tpw = await tokens_per_word(ws_url)
         print(f"calibration: {tpw:.2f} tokens per word on this server's tokenizer", file=sys.stderr)
         prompts = workload_prompts(args.workload, args.num_requests, args.cap_prompt, args.cap_output, tpw)
+    if args.priorities:  # request i gets the i-th class, cycling (the server's --policy priority uses it)
+        classes = [int(p) for p in args.priorities.split(",")]
+        prompts = [{**body, "priority": classes[i % len(classes)]} for i, body in enumerate(prompts)]
     levels = [(float(r), None) for r in args.rates.split(",")] if args.rates else \
              [(None, int(c)) for c in args.concurrency.split(",")]
     results = []
@@ -280,6 +287,9 @@ async def main(args) -> list[dict]:
               f"{result['output_tok_s']} output tok/s, goodput {result['goodput']:.0%} "
               f"(TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_itl_ms:g} ms), errors {result['errors'] or 'none'}")
         print(report.table(result))
+        for p, side in result["by_priority"].items():
+            print(f"  priority {p:>3}: {side['ttft']['count']} requests, TTFT p50 {side['ttft']['p50_ms']} "
+                  f"p99 {side['ttft']['p99_ms']} ms, ITL p99 {side['itl']['p99_ms']} ms (client)")
     return results
 
 

@@ -24,6 +24,7 @@ class Outcome:
     prompt_tokens_target: int
     token_times: list[float] = field(default_factory=list)
     t_done: float | None = None
+    priority: int = 0  # the request's class (--priorities)
     done: dict | None = None  # the server's done frame
     error: str | None = None  # an error code, or "timeout"
 
