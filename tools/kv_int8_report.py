@@ -1,6 +1,6 @@
 """int8 KV cache report: what int8 K/V costs in accuracy and buys in memory.
 
-On the embedded SmolLM2-135M (CPU, float32 weights, torch attention backend) it runs N chat prompts
+On the embedded SmolLM2-135M (CPU, float32 or --dtype bfloat16 weights, torch attention backend) it runs N chat prompts
 greedily with the model's native KV dtype and with int8 KV, and prints: greedy agreement (identical
 continuations, mean first divergence), teacher-forced log-prob drift of the native run's chosen
 tokens, KV bytes per token and blocks per memory budget, and how many requests' KV of the shared
@@ -126,14 +126,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per prompt (EOS stops early)")
     ap.add_argument("--memory-gib", type=float, default=10.0, help="KV budget for the capacity rows")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights and native KV dtype (bfloat16: the GPU's native KV, emulated on the CPU)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    loaded = load_model("smollm2", "cpu", torch.float32)
+    loaded = load_model("smollm2", "cpu", getattr(torch, args.dtype))
     model, native = loaded.model, loaded.model.dtype
     prompts = chat_prompts(loaded.tokenizer, args.prompts)
     lens = [len(p) for p in prompts]
-    print(f"smollm2 (float32, CPU): {len(prompts)} chat prompts of {min(lens)}-{max(lens)} tokens "
+    print(f"smollm2 ({args.dtype}, CPU): {len(prompts)} chat prompts of {min(lens)}-{max(lens)} tokens "
           f"(mean {statistics.mean(lens):.1f}), up to {args.new_tokens} greedy tokens each", file=sys.stderr)
     t0 = time.perf_counter()
     base = greedy(model, None, prompts, args.new_tokens, loaded.eos_token_ids, "greedy, native KV")
@@ -157,7 +159,7 @@ def main() -> None:
     models += [(name, shapes(cfg), torch.bfloat16) for name, cfg in spec["models"].items()]
 
     lines = [
-        f"Accuracy: smollm2-135m-instruct, float32 weights, native KV = float32, {len(prompts)} chat prompts "
+        f"Accuracy: smollm2-135m-instruct, {args.dtype} weights, native KV = {args.dtype}, {len(prompts)} chat prompts "
         f"({min(lens)}-{max(lens)} tokens), {args.new_tokens} greedy tokens max, EOS stops; {wall:.0f} s",
         "",
         "| metric | value |",
