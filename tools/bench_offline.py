@@ -50,6 +50,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def cuda_ms(fn, n: int, warmup: bool = True) -> float:
+    """Median device time of `fn` over `n` runs, in ms, timed with CUDA events (after one untimed
+    run unless `warmup` is False)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
 # --- ceilings and floors ---------------------------------------------------------------------
 def ceilings(device) -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
@@ -60,21 +76,8 @@ def ceilings(device) -> tuple[float, float]:
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
 
-    def timed(fn, n=10):
-        fn()
-        sync()
-        times = []
-        for _ in range(n):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
-        return statistics.median(times)
-
-    bw = 2 * x.numel() * 2 / timed(lambda: y.copy_(x))
-    flops = 2 * 8192**3 / timed(lambda: a @ b)
+    bw = 2 * x.numel() * 2 / (cuda_ms(lambda: y.copy_(x), 10) / 1000)
+    flops = 2 * 8192**3 / (cuda_ms(lambda: a @ b, 10) / 1000)
     return bw, flops  # the tensors die here; free_gpu() returns their memory
 
 

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+import bench_offline  # noqa: E402
 from bench_offline import free_gpu, run_engine  # noqa: E402
 from workload import load_spec, requests  # noqa: E402
 
@@ -46,15 +47,7 @@ def category(name: str) -> str:
 
 
 def cuda_ms(fn, n: int = 20) -> float:
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return bench_offline.cuda_ms(fn, n, warmup=False)
 
 
 def kernel_table(fn, label: str) -> None:

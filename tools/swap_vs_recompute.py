@@ -11,7 +11,6 @@ Recompute is one eager prefill step of the same tokens through the runner.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+import bench_offline  # noqa: E402
 from bench_offline import free_gpu  # noqa: E402
 
 from gpu.runner import SeqInput  # noqa: E402
@@ -29,16 +29,7 @@ from streamer.engine import build_engine  # noqa: E402
 
 
 def cuda_ms(fn, n: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return bench_offline.cuda_ms(fn, n)
 
 
 def measure(name: str, lengths: list[int]) -> list[tuple]:
