@@ -131,12 +131,14 @@ class Transformer:
         q_size = s.num_heads * s.head_dim
         ops = ops or self.torch_ops
         rope = ops.rope(positions, self.dtype)
+        # qk-norm models rotate with torch ops: their gathered cos/sin, once per step
+        qk_rope = self.torch_ops.rope(positions, self.dtype) if s.qk_norm else None
         x, delta = self.embed[input_ids], None  # the residual stream (T, H) and what the last block adds
         for i, layer in enumerate(self.layers):
             x, h = ops.add_rms_norm(x, delta, layer["ln1"], s.rms_eps)
             qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # (T, q_size + 2*kv_size)
             if s.qk_norm:  # per-head norm before RoPE: torch ops (no fused kernel for it)
-                q, k, v = self._split_norm_rope(qkv, layer, positions)
+                q, k, v = self._split_norm_rope(qkv, layer, qk_rope)
             else:
                 q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim)
             attn = backend.forward(i, q, k, v, meta)  # (T, Hq, D)
@@ -145,11 +147,11 @@ class Transformer:
         _, x = ops.add_rms_norm(x[logit_rows], delta[logit_rows], self.norm, s.rms_eps)  # only rows that sample
         return F.linear(x, self.lm_head).float()  # (S, V)
 
-    def _split_norm_rope(self, qkv, layer, positions):
+    def _split_norm_rope(self, qkv, layer, rope):
         s = self.spec
         q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
         q = rms_norm(q.reshape(-1, s.num_heads, s.head_dim), layer["q_norm"], s.rms_eps)
         k = rms_norm(k.reshape(-1, s.num_kv_heads, s.head_dim), layer["k_norm"], s.rms_eps)
-        cos, sin = self.torch_ops.rope(positions, self.dtype)
+        cos, sin = rope
         return (apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(),
                 v.reshape(-1, s.num_kv_heads, s.head_dim).contiguous())
