@@ -414,6 +414,7 @@ class Engine:
 
     def _close_all(self, reason: str, error: RequestError) -> None:
         self._closing = True
+        self._emit_pending()  # the last step's tokens were computed: deliver them (and finishes) first
         for rid in list(self._requests):
             self._end(rid, reason, error)
 
