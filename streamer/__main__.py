@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(length policy: waiting this long lifts the length penalty)")
     serve.add_argument("--preemption", choices=("swap", "recompute"), default=None,
                        help="how a request preempted for memory resumes: its KV swapped to host memory and "
-                            "back (measured 10-100x cheaper on an H100; its GPU test has not run yet), or "
-                            "recomputed (the default)")
+                            "back (measured 10-100x cheaper on an H100; the default on CUDA), or "
+                            "recomputed (the default elsewhere)")
     serve.add_argument("--swap-space", type=float, default=defaults["swap_space"],
                        help="GiB of host memory (pinned on CUDA) for swapped-out KV blocks (--preemption swap)")
     serve.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=defaults["prefix_caching"],

@@ -61,11 +61,12 @@ def kv_blocks(config: EngineConfig, loaded: LoadedModel, device: torch.device, k
 
 def swap_slots(config: EngineConfig, loaded: LoadedModel, device: torch.device, kv_dtype: torch.dtype,
                num_blocks: int) -> int:
-    """Blocks of the host swap pool: 0 unless preemption is "swap", else as many as --swap-space holds, at most the arena's own count. More
+    """Blocks of the host swap pool: 0 when preemption is "recompute" (the default off CUDA), else
+    as many as --swap-space holds, at most the arena's own count. More
     would be pinned and mostly idle: swapped-out requests come back before anything new is
     admitted, so what they hold stays about what the arena held (a victim that finds no room left
     is recomputed)."""
-    mode = config.preemption or "recompute"  # swap is opt-in until its CUDA test has run on a GPU
+    mode = config.preemption or ("swap" if device.type == "cuda" else "recompute")
     if mode != "swap":
         return 0
     s = loaded.model.spec

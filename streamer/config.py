@@ -15,20 +15,21 @@ PREEMPTIONS = (None, "swap", "recompute")
 class EngineConfig:
     """Everything the engine needs to start; argparse in __main__ fills it from flags of the same names.
 
-    How a request preempted for memory resumes (`preemption`; None is recompute, see below):
+    How a request preempted for memory resumes (`preemption`; None is swap on CUDA, recompute
+    elsewhere, see below):
 
     - `"swap"`: its computed KV blocks are copied to a host pool of `swap_space` GiB (pinned on
       CUDA), its device blocks freed, and when it is admitted again the blocks come back into
       fresh device blocks and it continues where it stopped, nothing recomputed. Measured on an
       H100, one gather + one pinned-memory copy of a request's blocks costs 1-10% of recomputing
-      them with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"). It is not
-      yet the default: its CUDA test (tests/test_swap_gpu.py) has not run on a GPU; it is tested
-      on the CPU, where its outputs equal recompute's token for token. A victim whose blocks do not fit the pool's free slots is recomputed. The
-      pool holds at most as many blocks as the arena (streamer/build.py, `swap_slots`).
+      them with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"), so it is
+      the default on CUDA (tests/test_swap_gpu.py; on the CPU its outputs equal recompute's
+      token for token). A victim whose blocks do not fit the pool's free slots is recomputed.
+      The pool holds at most as many blocks as the arena (streamer/build.py, `swap_slots`).
     - `"recompute"`: its blocks are freed and computed again from prompt + generated tokens when
       it resumes; with prefix caching its full blocks stay cached, so it takes back those not
-      evicted meanwhile. The default everywhere for now (on the CPU the "device" arena is host
-      memory already, so a swap pool is RAM better given to the arena itself).
+      evicted meanwhile. The default off CUDA (on the CPU the "device" arena is host memory
+      already, so a swap pool is RAM better given to the arena itself).
     """
 
     model: str = "smollm2"  # "smollm2", a local HF folder, or "random:NAME"
@@ -53,7 +54,7 @@ class EngineConfig:
     policy: str = "fcfs"  # "fcfs", or a comma-separated set of priority, first-token, length, fair (streamer/policy.py)
     prefill_share: float = 0.25  # first-token: share of each step's budget kept for pending prefills
     aging_s: float = 10.0  # priority: seconds of waiting worth one class; length: end of the length penalty
-    preemption: str | None = None  # "swap" or "recompute"; None: recompute (see above)
+    preemption: str | None = None  # "swap" or "recompute"; None: swap on CUDA, else recompute
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (used by preemption "swap")
 
     def __post_init__(self) -> None:

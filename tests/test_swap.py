@@ -75,10 +75,21 @@ def test_flags_and_the_pool_size_they_give():
         == ("swap", 0.5)
     assert parse("--preemption", "recompute").preemption == "recompute"
     tiny = dict(model="random:tiny-qwen3", kv_blocks=16, max_batch_tokens=64)
-    assert build_engine(EngineConfig(**tiny)).runner.swap is None  # the default: recompute
+    assert build_engine(EngineConfig(**tiny)).runner.swap is None  # the CPU default: recompute
     engine = build_engine(EngineConfig(**tiny, preemption="swap"))  # 4 GiB: capped at the arena's 16 blocks
     assert engine.runner.swap.num_slots == engine.host_slots.num_slots == 16
     assert engine.runner.swap.nbytes == 16 * engine.runner.arena.shape.bytes_per_block(torch.float32)
+
+
+def test_swap_is_the_default_on_cuda_and_recompute_elsewhere():
+    from streamer.build import swap_slots
+    from gpu.models import load_model
+
+    loaded = load_model("random:tiny-qwen3", torch.device("cpu"), torch.float32)
+    slots = lambda device, **kw: swap_slots(EngineConfig(model="random:tiny-qwen3", **kw), loaded,  # noqa: E731
+                                            torch.device(device), torch.float32, 16)
+    assert slots("cuda") == 16 and slots("cpu") == 0
+    assert slots("cuda", preemption="recompute") == 0 and slots("cpu", preemption="swap") == 16
 
 
 # --- the scheduler -----------------------------------------------------------------------------
