@@ -17,6 +17,7 @@ import logging
 import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import structlog
@@ -110,6 +111,7 @@ async def run_engine(name: str, items: list[Item], args, static: bool) -> tuple[
                           max_batch_tokens=args.max_batch_tokens, static_batch=64 if static else None,
                           max_waiting=max(1024, len(items) + 1))
     async with open_engine(config) as engine:
+        engine.metrics.steps = deque(maxlen=None)  # keep every step for the breakdown below
         total = sum(i.output_len for i in items)
         done = [0]
         label = "static" if static else "engine"
@@ -136,7 +138,25 @@ async def run_engine(name: str, items: list[Item], args, static: bool) -> tuple[
         wall = time.perf_counter() - t0
         progress(label, done[0], total, t0)
         print(file=sys.stderr)
+        print_steps(label, list(engine.metrics.steps), wall)
         return wall, done[0]
+
+
+def print_steps(label: str, steps: list, wall: float) -> None:
+    """Where the engine's wall time went, from its own step records: decode-only steps (CUDA graph
+    replays where the batch fits), steps with prefill tokens (eager), and the host's time between
+    steps (scheduling and bookkeeping while the device waits)."""
+    groups = {"decode-only": [s for s in steps if s.prefill_tokens == 0],
+              "with prefill": [s for s in steps if s.prefill_tokens > 0]}
+    print(f"  {label} steps: {len(steps)} in {wall:.2f} s; between steps {sum(s.idle_gap for s in steps):.2f} s",
+          file=sys.stderr)
+    for name, group in groups.items():
+        if group:
+            secs = sorted(s.seconds for s in group)
+            tokens = sum(s.prefill_tokens + s.decode_tokens for s in group)
+            print(f"  {label} {name:>12}: {len(group):5d} steps, {sum(secs):6.2f} s, median {secs[len(secs) // 2] * 1e3:6.2f} ms, "
+                  f"{tokens / len(group):7.1f} tokens a step, {sum(s.decode_tokens for s in group) / len(group):6.1f} decodes",
+                  file=sys.stderr)
 
 
 def run_hf_cb(model, items: list[Item]) -> tuple[float, int]:

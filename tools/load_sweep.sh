@@ -5,7 +5,9 @@
 #   tools/load_sweep.sh artifacts/fcfs "--model random:qwen2.5-0.5b --max-running 256" "--rates 2,6,16"
 #
 # The server's log goes to OUT_DIR/server.log, the load generator's JSON (and PNG, where
-# matplotlib is installed) to OUT_DIR. PYTHON (default python3) and PORT (default 8123) may be set.
+# matplotlib is installed) to OUT_DIR, and the server's /stats, once a second while the load runs
+# (step budget, admission cap and controller state included), to OUT_DIR/stats.jsonl.
+# PYTHON (default python3) and PORT (default 8123) may be set.
 set -euo pipefail
 out=$1
 server_flags=$2
@@ -27,5 +29,19 @@ for _ in range(1200):
         time.sleep(0.5)
 sys.exit("server did not become ready in 10 minutes")
 PY
+$py - "$port" "$out/stats.jsonl" <<'PY' &
+import sys, time, urllib.request
+with open(sys.argv[2], "a") as f:
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/stats", timeout=2).read()
+        except Exception:
+            break
+        f.write(body.decode().replace("\n", " ") + "\n")
+        f.flush()
+        time.sleep(1)
+PY
+stats_pid=$!
+trap 'kill $stats_pid 2>/dev/null || true; kill -INT $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
 # shellcheck disable=SC2086
 $py tools/loadgen.py --url "http://127.0.0.1:$port" --out "$out" $load_flags
