@@ -10,6 +10,7 @@ The torch reference below is the CPU path and the oracle for the CUDA kernel (gp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -37,7 +38,7 @@ class AttnMetadata:
     max_seq_len: int
     q_lens_host: tuple[int, ...]
     seq_lens_host: tuple[int, ...]
-    block_tables_host: tuple[tuple[int, ...], ...]
+    block_tables_host: tuple[Sequence[int], ...]  # read by the torch reference backend only
 
     @property
     def num_seqs(self) -> int:
@@ -77,7 +78,7 @@ def build_metadata(
         max_seq_len=int(lens.max()),
         q_lens_host=tuple(q_lens),
         seq_lens_host=tuple(seq_lens),
-        block_tables_host=tuple(tuple(t) for t in block_tables),
+        block_tables_host=tuple(block_tables),  # the callers' lists: not changed while the step runs
     )
 
 
