@@ -1,4 +1,5 @@
-// Chat page client: one websocket to /v1/stream, one answer streaming at a time,
+// Chat page client: one websocket to /v1/stream?batch=1 (each message an array of the frames ready
+// together: parallel chats share one socket), one answer streaming at a time,
 // the conversation kept here and sent whole as "messages" so the server applies the chat template.
 // "Launch N parallel chats" fires N independent one-question generations on the same socket.
 "use strict";
@@ -29,7 +30,7 @@ async function ensureKey() {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const query = apiKey.value ? `?api_key=${encodeURIComponent(apiKey.value)}` : "";
+  const query = "?batch=1" + (apiKey.value ? `&api_key=${encodeURIComponent(apiKey.value)}` : "");
   const ws = new WebSocket(scheme + location.host + "/v1/stream" + query);
   ws.onopen = () => {
     state.retryMs = 500;
@@ -47,7 +48,7 @@ function connect() {
     setTimeout(connect, state.retryMs);
     state.retryMs = Math.min(state.retryMs * 2, 8000);
   };
-  ws.onmessage = (event) => onFrame(JSON.parse(event.data));
+  ws.onmessage = (event) => JSON.parse(event.data).forEach(onFrame);
   state.ws = ws;
 }
 
