@@ -1,48 +1,56 @@
 """The latency controller: holds `--slo-ttft-ms` / `--slo-itl-ms` by setting the step token budget
-and the admission cap. Plain synchronous Python, owned and called only by the step loop; every
-observation carries its own time, so tests drive it with a fake clock.
+and a cap on running requests. Plain synchronous Python, owned and called only by the step loop;
+every observation carries its own time, so tests drive it with a fake clock.
 
 What it sees: each inter-token gap (ITL), each time to first token (TTFT), and after each step the
-step's tokens, the number of waiting requests and how long the oldest of them has waited for its
-first token. What it sets: `budget` (the scheduler's `max_batch_tokens`) and `admit_cap` (the
-scheduler's `max_admit_per_step`; None means no cap).
+step's tokens, the number of running and of waiting requests, and how long the oldest waiting one
+has waited for its first token. What it sets: `budget` (the scheduler's `max_batch_tokens`) and
+`running_cap` (the scheduler's `max_running`; None means the configured `--max-running`).
+
+Two levers, because a step's time has two parts: the model's work, which grows with the step's
+tokens (the budget), and the host's per-token work for every running request (step bookkeeping,
+detokenizing, streaming), which grows with the number running. On an H100 serving a small model
+the second dominates: with 256 requests running a step took ~30 ms whatever the budget
+(docs/BENCHMARKS.md, "the latency controller"), so ITL is set by how many requests run, and the
+budget mostly sets how fast prompts are prefilled (TTFT, throughput). So the budget starts at its
+ceiling, the throughput-maximal budget, and gives throughput up only while a cut is shown to
+shorten the gaps; otherwise the running cap holds ITL.
 
 The rule. Once a period (`period_s`, and at least `MIN_STEPS` steps) has passed, it takes the P99
 (nearest rank) of the ITLs and of the TTFTs observed in that period, the TTFT raised to the oldest
-waiting request's age (a stalled queue counts before anyone gets a first token), then:
+waiting request's age (a stalled queue counts before anyone gets a first token), and the most
+requests running in a step of the period, then:
 
-1. Budget, additive increase / multiplicative decrease between `floor` and `ceiling`:
-   - ITL P99 over its objective: `budget = max(floor, budget * DECREASE)`. A running request waits
-     one step between tokens, and the step time grows with the step's tokens, so a smaller budget
-     is the direct way to shorten the gap (prefill chunks shrink; decodes always go first).
-   - else, with backlog (requests waiting, or a step that used its whole budget) and ITL P99 under
-     `HEADROOM` x its objective (or no ITL objective): `budget = min(ceiling, budget + increase)`.
-     A bigger step prefills more prompt tokens, so waiting requests reach their first token sooner
-     and throughput rises; the headroom stops it from climbing straight back into a violation.
-   - else it holds: no backlog means a bigger budget would buy nothing.
-2. Admission cap, the brake once the budget has nothing left to give:
-   - tighten (`cap = max(1, (cap or max_admit) // 2)`) when TTFT P99 is over its objective while the
-     queue grows and the budget cannot grow (ITL has no headroom, or the budget is at the ceiling):
-     the engine is past what it can serve within the objectives. Admitting faster would only
-     enlarge the running batch (every admitted request adds a decode token to each step, and KV
-     blocks that later force preemptions, whose recomputation wastes work) and push ITL over for
-     everyone, while the queue still would not shrink. Also tighten when ITL P99 is over its
-     objective with the budget already at the floor: only a smaller batch can shorten steps then.
-     A capped engine keeps its admitted requests within ITL; the queue, bounded by
-     `--max-waiting`, fills and refuses the excess at once ("overloaded"). The cap does not by
-     itself bring TTFT back under its objective in overload: nothing but refusing work can.
-   - relax (`cap *= 2`, lifted to None at `max_admit`) in a period with both objectives met.
+1. A cut must work. After a budget cut, ITL P99 must fall below `EFFECTIVE` x the value that caused
+   it; else the budget goes back to where it was and ITL stops steering the budget for `COOLDOWN`
+   periods: the gaps are not set by the budget.
+2. ITL P99 over its objective:
+   - budget, when it is the lever (ITL steers it, it is above its `floor`, and the running cap is
+     not engaged or already at its floor): `budget = max(floor, budget * DECREASE)`. A running
+     request waits one step between tokens, and a smaller budget shrinks the prefill chunks that
+     share a step with the decodes (decodes always go first).
+   - else the running cap: `cap = max(RUNNING_FLOOR, min(cap, RUNNING_DECREASE x running))`. The
+     scheduler then admits nobody until fewer than `cap` run; nothing running is preempted, so the
+     count falls only as requests finish, over about one request's lifetime. Cutting from the
+     count observed (not from the cap) paces the cuts to that fall: they stop once few enough
+     requests run for ITL to meet its objective. While the cap is engaged, the budget is not cut
+     for ITL: the falling count shortens the gaps whatever the budget does, so a budget cut would
+     look effective and ratchet throughput away.
+3. ITL P99 under `HEADROOM` x its objective (or no ITL objective), each knob up to its bound:
+   - budget, with backlog (requests waiting, steps that used their whole budget, or TTFT over its
+     objective): `budget += ceiling * INCREASE_FRACTION`. Also during a cool-down whatever the ITL:
+     the budget was just shown not to set it.
+   - running cap, with requests waiting or TTFT over its objective: `cap += max_running *
+     RUNNING_INCREASE_FRACTION`, lifted to None at `max_running`.
+   So a TTFT over its objective grows both while ITL has room: a larger cap admits waiting
+   requests sooner, a larger budget prefills them sooner. Between `HEADROOM` x and the ITL
+   objective both hold; no backlog means more would buy nothing.
 
-3. A cut must work. The period after a decrease compares ITL P99 with the value that caused it:
-   unless it fell below `EFFECTIVE` x that value, the gaps are not set by the step budget (on a
-   GPU they can be set by the host's per-token streaming work, which grows with the number of
-   live streams, not with the budget), so the budget goes back to where it was and ITL stops
-   steering it for `COOLDOWN` periods. Meanwhile backlog may grow the budget (for TTFT and
-   throughput), and the admission cap tightens only in overload at the ceiling, never for an ITL
-   the budget was just shown not to move. Without this check, host-bound ITL drove the budget to
-   its floor and the cap to 1, and TTFT grew to seconds (measured: docs/BENCHMARKS.md).
-
-The budget moves from floor to ceiling in about 1 / INCREASE_FRACTION periods and halves in one.
+In overload (more arrives than the card serves within both objectives) ITL wins: the cap keeps the
+running requests within it while the queue, bounded by `--max-waiting`, fills and refuses the excess
+at once ("overloaded"); no knob brings TTFT back under its objective then, only refusing work.
+The budget halves in one period and climbs from floor to ceiling in 1 / INCREASE_FRACTION periods;
+the cap climbs from its floor to none in 1 / RUNNING_INCREASE_FRACTION periods.
 """
 
 from __future__ import annotations
@@ -50,13 +58,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DECREASE = 0.5  # multiplicative decrease of the budget when ITL is over its objective
-INCREASE_FRACTION = 1 / 32  # additive increase: this fraction of the ceiling per period
-HEADROOM = 0.8  # the budget grows only while ITL P99 is under this fraction of its objective
+INCREASE_FRACTION = 1 / 32  # additive increase of the budget: this fraction of the ceiling per period
+RUNNING_DECREASE = 0.85  # the running cap's multiplicative decrease, of the running count observed
+RUNNING_INCREASE_FRACTION = 1 / 16  # its additive increase: this fraction of max_running per period
+RUNNING_FLOOR = 8  # the running cap never goes below this (or max_running, if smaller)
+HEADROOM = 0.8  # the knobs grow only while ITL P99 is under this fraction of its objective
 MIN_STEPS = 4  # a decision needs at least this many steps of evidence
 EFFECTIVE = 0.9  # a budget cut counts as working if ITL P99 falls below this fraction of its cause
 COOLDOWN = 10  # periods ITL does not steer the budget after a cut that did not work
 DEFAULT_CEILING = 8192  # ceiling when neither --max-batch-tokens nor auto-tuning gives one
-DEFAULT_START = 512
 
 
 def p99(values: list[float]) -> float | None:
@@ -75,32 +85,37 @@ class Decision:
     steps: int
     itl_p99_s: float | None
     ttft_p99_s: float | None
+    running: int  # the most running in a step of the period
     waiting: int
     budget: int
-    admit_cap: int | None
-    action: str  # "decrease", "increase", "restore" (a cut that did not work) or "hold" (the budget)
-    cap_action: str  # "tighten", "relax" or "hold"
+    running_cap: int | None
+    action: str  # the budget: "decrease", "increase", "restore" (a cut that did not work) or "hold"
+    cap_action: str  # the running cap: "tighten", "relax" or "hold"
 
 
 class Controller:
     def __init__(
-        self, *, ttft_slo_s: float | None, itl_slo_s: float | None, floor: int, ceiling: int, start: int,
-        max_admit: int, now: float, period_s: float = 0.5,
+        self, *, ttft_slo_s: float | None, itl_slo_s: float | None, floor: int, ceiling: int, max_running: int,
+        now: float, start: int | None = None, period_s: float = 0.5,
     ) -> None:
         assert ttft_slo_s is not None or itl_slo_s is not None, "a controller needs an objective"
-        assert 1 <= floor <= start <= ceiling and max_admit >= 1
+        start = ceiling if start is None else start
+        assert 1 <= floor <= start <= ceiling and max_running >= 1
         self.ttft_slo_s, self.itl_slo_s = ttft_slo_s, itl_slo_s
-        self.floor, self.ceiling, self.max_admit, self.period_s = floor, ceiling, max_admit, period_s
+        self.floor, self.ceiling, self.max_running, self.period_s = floor, ceiling, max_running, period_s
         self.increase = max(1, int(ceiling * INCREASE_FRACTION))
+        self.running_floor = min(RUNNING_FLOOR, max_running)
+        self.running_increase = max(1, int(max_running * RUNNING_INCREASE_FRACTION))
         self.budget = start
-        self.admit_cap: int | None = None
+        self.running_cap: int | None = None
         self.decisions = 0
         self.last: Decision | None = None
         self._itl: list[float] = []
         self._ttft: list[float] = []
         self._steps = self._full_steps = 0
+        self._running = 0  # the most running in a step of this period
         self._oldest_wait = 0.0
-        self._waiting = self._waiting_before = 0
+        self._waiting = 0
         self._t_last = now
         self._cut: tuple[int, float] | None = None  # (budget before, ITL P99 that caused it) of last period's cut
         self._cooldown = 0  # periods left in which ITL does not steer the budget
@@ -113,10 +128,12 @@ class Controller:
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.append(seconds)
 
-    def observe_step(self, now: float, tokens: int, waiting: int, oldest_wait_s: float) -> None:
-        """After each step: its tokens, requests still waiting, the oldest one's age; may decide."""
+    def observe_step(self, now: float, tokens: int, running: int, waiting: int, oldest_wait_s: float) -> None:
+        """After each step: its tokens, requests running and still waiting, the oldest waiting
+        one's age; may decide."""
         self._steps += 1
         self._full_steps += tokens >= self.budget
+        self._running = max(self._running, running)
         self._waiting = waiting
         self._oldest_wait = max(self._oldest_wait, oldest_wait_s)
         if now - self._t_last >= self.period_s and self._steps >= MIN_STEPS:
@@ -129,40 +146,37 @@ class Controller:
         itl_over = self.itl_slo_s is not None and itl is not None and itl > self.itl_slo_s
         itl_room = self.itl_slo_s is None or itl is None or itl < HEADROOM * self.itl_slo_s
         ttft_over = self.ttft_slo_s is not None and ttft is not None and ttft > self.ttft_slo_s
-        growing = self._waiting > self._waiting_before
-        backlog = self._waiting > 0 or self._full_steps > 0
+        backlog = self._waiting > 0 or self._full_steps > 0 or ttft_over
+        cap = self.running_cap
 
-        action = "hold"
+        action = cap_action = "hold"
         steer = self._cooldown == 0  # ITL steers the budget (no recent cut failed)
         self._cooldown = max(0, self._cooldown - 1)
         cut, self._cut = self._cut, None
         if cut is not None and itl is not None and itl > EFFECTIVE * cut[1]:
             # the last cut did not shorten the gaps: the budget is not what sets them
             self.budget, action, steer, self._cooldown = cut[0], "restore", False, COOLDOWN
-        at_floor = self.budget == self.floor
         if action == "hold":
-            if itl_over and steer:
-                if self.budget > self.floor:
-                    self._cut = (self.budget, itl)
+            if itl_over and steer and self.budget > self.floor and cap in (None, self.running_floor):
+                self._cut = (self.budget, itl)
                 self.budget, action = max(self.floor, int(self.budget * DECREASE)), "decrease"
             elif backlog and (itl_room or not steer) and self.budget < self.ceiling:
                 self.budget, action = min(self.ceiling, self.budget + self.increase), "increase"
 
-        cap_action = "hold"
-        at_ceiling = self.budget == self.ceiling
-        overloaded = ttft_over and growing and (at_ceiling or (steer and not itl_room))
-        if overloaded or (itl_over and at_floor and steer and not ttft_over):
-            self.admit_cap, cap_action = max(1, (self.admit_cap or self.max_admit) // 2), "tighten"
-        elif self.admit_cap is not None and not ttft_over and not itl_over:
-            cap = self.admit_cap * 2
-            self.admit_cap, cap_action = (None if cap >= self.max_admit else cap), "relax"
+        if itl_over and action != "decrease":  # the budget is not the lever: fewer requests run
+            tighter = max(self.running_floor, min(cap or self.max_running, int(RUNNING_DECREASE * self._running)))
+            if tighter < (cap or self.max_running):
+                self.running_cap, cap_action = tighter, "tighten"
+        elif itl_room and cap is not None and (self._waiting > 0 or ttft_over):
+            looser = cap + self.running_increase
+            self.running_cap, cap_action = (None if looser >= self.max_running else looser), "relax"
 
         self.decisions += 1
-        self.last = Decision(now, self._steps, itl, ttft, self._waiting, self.budget, self.admit_cap, action, cap_action)
+        self.last = Decision(now, self._steps, itl, ttft, self._running, self._waiting, self.budget,
+                             self.running_cap, action, cap_action)
         self._itl, self._ttft = [], []
-        self._steps = self._full_steps = 0
+        self._steps = self._full_steps = self._running = 0
         self._oldest_wait = 0.0
-        self._waiting_before = self._waiting
         self._t_last = now
 
     def stats(self) -> dict:
@@ -170,10 +184,11 @@ class Controller:
         d = self.last
         return {
             "slo_ttft_ms": ms(self.ttft_slo_s), "slo_itl_ms": ms(self.itl_slo_s),
-            "floor": self.floor, "ceiling": self.ceiling, "decisions": self.decisions,
+            "floor": self.floor, "ceiling": self.ceiling, "running_floor": self.running_floor,
+            "decisions": self.decisions,
             "last": None if d is None else {
-                "itl_p99_ms": ms(d.itl_p99_s), "ttft_p99_ms": ms(d.ttft_p99_s), "waiting": d.waiting,
-                "steps": d.steps, "action": d.action, "cap_action": d.cap_action,
+                "itl_p99_ms": ms(d.itl_p99_s), "ttft_p99_ms": ms(d.ttft_p99_s), "running": d.running,
+                "waiting": d.waiting, "steps": d.steps, "action": d.action, "cap_action": d.cap_action,
             },
         }
 
@@ -182,15 +197,14 @@ def build_controller(
     slo_ttft_ms: float | None, slo_itl_ms: float | None, max_batch_tokens: int | None, tuned_budget: int | None,
     max_running: int, now: float,
 ) -> Controller | None:
-    """The engine's controller, or None without objectives. Ceiling: an explicit --max-batch-tokens,
-    else the auto-tuned budget (more buys no throughput), else DEFAULT_CEILING. Floor: one decode
-    token for every request the batch may hold."""
+    """The engine's controller, or None without objectives. Ceiling, and start: an explicit
+    --max-batch-tokens, else the auto-tuned budget (more buys no throughput), else DEFAULT_CEILING.
+    Floor: one decode token for every request the batch may hold."""
     if slo_ttft_ms is None and slo_itl_ms is None:
         return None
     ceiling = max_batch_tokens or tuned_budget or DEFAULT_CEILING
-    floor = min(ceiling, max_running)
     return Controller(
         ttft_slo_s=None if slo_ttft_ms is None else slo_ttft_ms / 1000,
         itl_slo_s=None if slo_itl_ms is None else slo_itl_ms / 1000,
-        floor=floor, ceiling=ceiling, start=max(floor, min(DEFAULT_START, ceiling)), max_admit=max_running, now=now,
+        floor=min(ceiling, max_running), ceiling=ceiling, max_running=max_running, now=now,
     )

@@ -68,7 +68,7 @@ class Engine:
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
         self.host_slots = HostSlots(runner.swap.num_slots if runner.swap else 0)
-        # [controller] With objectives, the controller steers the budget and admission cap
+        # [controller] With objectives, the controller steers the budget and the running cap
         # (applied before each schedule()); else the budget is explicit, auto-tuned or the default.
         self.tuned = tuned
         self.controller = build_controller(config.slo_ttft_ms, config.slo_itl_ms, config.max_batch_tokens,
@@ -94,7 +94,7 @@ class Engine:
         self._pending: list = []  # TokenOutputs of the last step, sent while the next one runs
         self.metrics = Metrics()
         self.metrics.watch_knobs(lambda: self.scheduler.max_batch_tokens,  # [controller] read at scrape time
-                                 lambda: self.scheduler.max_admit_per_step or config.max_running)
+                                 lambda: self.scheduler.max_running)
 
     # --- request side (any task) ---------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -187,11 +187,11 @@ class Engine:
         return "config" if self.config.max_batch_tokens else "auto-tune" if self.tuned else "default"
 
     def batching(self) -> dict:
-        """The step budget and admission cap in force, who set them, and why (for /stats)."""
+        """The step budget and running cap in force, who set them, and why (for /stats)."""
         t = self.tuned
         return {
             "max_batch_tokens": self.scheduler.max_batch_tokens,
-            "admit_cap": self.scheduler.max_admit_per_step,
+            "running_cap": self.controller and self.controller.running_cap,
             "source": self.budget_source,
             "auto_tune": t and {"budget": t.budget, "tok_s": {str(b): round(v, 1) for b, v in t.tok_s.items()}},
             "controller": self.controller and self.controller.stats(),
@@ -223,7 +223,8 @@ class Engine:
             self._reap_departed()
             if self.controller:  # [controller] its knobs, as decided after the last step
                 self.scheduler.max_batch_tokens = self.controller.budget
-                self.scheduler.max_admit_per_step = self.controller.admit_cap
+                # Lowering it preempts nobody: the scheduler only stops admitting until fewer run.
+                self.scheduler.max_running = self.controller.running_cap or self.config.max_running
             plan = self.scheduler.schedule()
             if not plan.chunks and not plan.swap_out:
                 self._emit_pending()
@@ -373,7 +374,8 @@ class Engine:
         if self.controller:  # [controller] may decide new knobs for the next schedule()
             first = next((s for s in self.scheduler.waiting if not s.output_ids), None)  # not a preempted one
             oldest = t_end - self._requests[first.request_id].t_arrival if first else 0.0
-            self.controller.observe_step(t_end, plan.num_tokens, len(self.scheduler.waiting), oldest)
+            self.controller.observe_step(t_end, plan.num_tokens, len(self.scheduler.running),
+                                         len(self.scheduler.waiting), oldest)
 
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""

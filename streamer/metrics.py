@@ -137,8 +137,8 @@ class Metrics:
         self.kv_free = Gauge("streamer_kv_free_blocks", "KV blocks free", registry=r)
         self.batch_tokens = Gauge("streamer_batch_tokens", "Tokens in the last step", registry=r)
         self.step_budget = Gauge("streamer_step_token_budget", "Token budget of a step, now", registry=r)
-        self.admit_cap = Gauge("streamer_admit_cap", "Most new requests admitted per step, now "
-                               "(--max-running when uncapped)", registry=r)
+        self.running_cap = Gauge("streamer_running_cap", "Most requests running at once, now "
+                                 "(--max-running when uncapped)", registry=r)
         self.step_seconds = Histogram("streamer_step_seconds", "Model step wall time", buckets=LATENCY_BUCKETS, registry=r)
         self.t_start = time.monotonic()
         self.total = {s: _hdr() for s in SERIES}
@@ -147,10 +147,10 @@ class Metrics:
         self.generated = 0
         self.finished = 0
 
-    def watch_knobs(self, budget, admit_cap) -> None:
+    def watch_knobs(self, budget, running_cap) -> None:
         """The two batching knobs, as functions the gauges read when scraped."""
         self.step_budget.set_function(budget)
-        self.admit_cap.set_function(admit_cap)
+        self.running_cap.set_function(running_cap)
 
     def observe(self, series: str, seconds: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

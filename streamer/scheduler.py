@@ -121,6 +121,8 @@ class Scheduler:
         # Knobs a controller may turn between steps (from the step loop, like everything here):
         self.max_batch_tokens = max_batch_tokens  # token budget of one step
         self.max_admit_per_step: int | None = None  # requests admitted per step, resumed ones included; None: no cap
+        # Most running requests. Lowered below the running count, it preempts nobody: admission
+        # stops until fewer run (only _admit and _pending_prefill read it).
         self.max_running = max_running
         # Arrival order, except that preempted requests wait at the front, oldest first.
         self.waiting: deque[Sequence] = deque()

@@ -55,9 +55,9 @@ async def test_controller_steers_the_scheduler_from_the_step_loop():
     async with open_engine(config) as engine:
         c = engine.controller
         assert c is not None and engine.budget_source == "controller"
-        assert (c.floor, c.ceiling) == (8, 8192) and engine.scheduler.max_batch_tokens == c.budget
+        assert (c.floor, c.ceiling, c.budget) == (8, 8192, 8192) and engine.scheduler.max_batch_tokens == c.budget
         c.period_s = 0.0  # decide every few steps: this test is about the wiring, not the timing
-        c.budget, c.admit_cap = 40, 1  # as if it had decided so; applied before the next schedule()
+        c.budget, c.running_cap = 40, 1  # as if it had decided so; applied before the next schedule()
         with trio.fail_after(60):
             done = await run_all(engine, 4, 12)  # all four in the inbox before the first step
         assert [d.finish_reason for d in done] == ["length"] * 4
@@ -65,9 +65,11 @@ async def test_controller_steers_the_scheduler_from_the_step_loop():
         assert (first.running, first.waiting) == (1, 3)  # the cap of 1 held the first step
         assert c.decisions > 0 and c.last.steps >= 4
         assert c.floor <= c.budget <= c.ceiling
+        assert engine.batching()["running_cap"] == c.running_cap
         stats = engine.batching()["controller"]
         assert stats["slo_ttft_ms"] == 200 and stats["slo_itl_ms"] == 25 and stats["last"]["action"] in (
-            "decrease", "increase", "hold")
+            "decrease", "increase", "restore", "hold")
+        assert 1 <= stats["last"]["running"] <= 4
         kv = engine.kv_statistics()
         assert kv.free_blocks == kv.total_blocks
 

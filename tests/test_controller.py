@@ -1,5 +1,6 @@
-"""The latency controller alone, on a fake clock with synthetic observations: the budget's
-additive increase / multiplicative decrease, its bounds, and the admission cap's brake."""
+"""The latency controller alone, on a fake clock with synthetic observations: the budget starts at
+its ceiling and is cut only while cuts shorten the gaps; otherwise the running cap holds ITL, and
+both grow back with ITL headroom."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from streamer.controller import COOLDOWN, DEFAULT_CEILING, Controller, build_con
 MS = 0.001
 
 
-def make(ttft_ms=200.0, itl_ms=25.0, floor=64, ceiling=4096, start=512, max_admit=64) -> Controller:
+def make(ttft_ms=200.0, itl_ms=25.0, floor=64, ceiling=4096, start=None, max_running=256) -> Controller:
     return Controller(ttft_slo_s=ttft_ms and ttft_ms * MS, itl_slo_s=itl_ms and itl_ms * MS, floor=floor,
-                      ceiling=ceiling, start=start, max_admit=max_admit, now=0.0, period_s=0.5)
+                      ceiling=ceiling, start=start, max_running=max_running, now=0.0, period_s=0.5)
 
 
 class Feed:
@@ -19,15 +20,20 @@ class Feed:
     def __init__(self, c: Controller) -> None:
         self.c, self.t = c, 0.0
 
-    def period(self, itl_ms=10.0, ttft_ms=None, waiting=0, oldest_ms=0.0, tokens=None):
+    def period(self, itl_ms=10.0, ttft_ms=None, waiting=0, oldest_ms=0.0, tokens=None, running=64):
         for _ in range(8):
             self.t += 1 / 16
             for _ in range(8):
                 self.c.observe_token(itl_ms * MS)
             if ttft_ms is not None:
                 self.c.observe_ttft(ttft_ms * MS)
-            self.c.observe_step(self.t, self.c.budget if tokens is None else tokens, waiting, oldest_ms * MS)
+            self.c.observe_step(self.t, self.c.budget if tokens is None else tokens, running, waiting, oldest_ms * MS)
         return self.c.last
+
+
+def host_bound_itl_ms(running: int) -> float:
+    """A fake host-bound card: the gap grows with the requests running, not with the budget."""
+    return 10 + 30 * running / 256
 
 
 def test_p99_is_nearest_rank():
@@ -39,65 +45,133 @@ def test_p99_is_nearest_rank():
 def test_no_decision_before_a_period_and_enough_steps():
     c = make()
     c.observe_token(1.0)  # far over the ITL objective
-    c.observe_step(0.4, 512, 0, 0.0)  # not a period yet
-    c.observe_step(0.6, 512, 0, 0.0)  # a period, but only two steps
-    assert c.budget == 512 and c.decisions == 0
+    c.observe_step(0.4, 512, 8, 0, 0.0)  # not a period yet
+    c.observe_step(0.6, 512, 8, 0, 0.0)  # a period, but only two steps
+    assert c.budget == 4096 and c.decisions == 0
 
 
-def test_budget_halves_when_itl_is_over_its_objective():
-    """A fake card whose ITL is proportional to the budget: each cut works, so cuts go on."""
-    c = make(start=1024)
+def test_build_controller_starts_at_the_ceiling():
+    assert build_controller(None, None, None, None, 64, 0.0) is None
+    c = build_controller(200, 25, None, None, 64, 0.0)
+    assert (c.floor, c.ceiling, c.budget, c.running_cap, c.running_floor) == (64, DEFAULT_CEILING, DEFAULT_CEILING,
+                                                                               None, 8)
+    c = build_controller(200, None, None, 2048, 256, 0.0)  # the auto-tuned budget is the ceiling and the start
+    assert (c.ceiling, c.budget, c.max_running) == (2048, 2048, 256)
+    assert c.itl_slo_s is None and c.ttft_slo_s == 0.2
+    c = build_controller(None, 25, 128, 2048, 256, 0.0)  # an explicit budget wins, and bounds the floor
+    assert (c.floor, c.ceiling, c.budget) == (128, 128, 128)
+    assert build_controller(None, 25, None, None, 4, 0.0).running_floor == 4  # never above max_running
+
+
+def test_budget_halves_while_cuts_shorten_the_gaps():
+    """A fake card whose ITL is proportional to the budget: each cut works, so cuts go on until
+    ITL meets its objective; the running cap is never touched."""
+    c = make(ceiling=4096)
     f = Feed(c)
-    d = f.period(itl_ms=80 * c.budget / 1024, waiting=5)
-    assert d.action == "decrease" and c.budget == 512
-    f.period(itl_ms=80 * c.budget / 1024, waiting=5)  # 40 ms: better, still over
-    assert c.budget == 256
+    seen = [f.period(itl_ms=90 * c.budget / 4096, waiting=5, running=256) for _ in range(3)]
+    assert [(d.action, d.budget) for d in seen] == [("decrease", 2048), ("decrease", 1024), ("hold", 1024)]
+    assert [d.cap_action for d in seen] == ["hold"] * 3 and c.running_cap is None  # 22.5 ms: no headroom, holds
 
 
-def test_a_cut_that_does_not_shorten_the_gaps_is_undone_and_itl_stops_steering():
-    """Host-bound ITL (the same whatever the budget): one cut, then the budget goes back, grows for
-    the backlog during the cool-down, and the admission cap is never tightened for that ITL."""
-    c = make(start=1024, ceiling=4096, floor=64)
+def test_an_ineffective_cut_is_undone_and_the_running_cap_takes_over():
+    """Host-bound ITL: one budget cut, undone the next period, and the running cap falls from the
+    running count until ITL meets its objective; the budget stays at its ceiling."""
+    c = make(ceiling=4096, max_running=256)
     f = Feed(c)
-    d = f.period(itl_ms=40, ttft_ms=150, waiting=5)
-    assert d.action == "decrease" and c.budget == 512
-    d = f.period(itl_ms=40, ttft_ms=150, waiting=5)
-    assert d.action == "restore" and c.budget == 1024
-    for _ in range(COOLDOWN):
-        d = f.period(itl_ms=40, ttft_ms=150, waiting=5)
-        assert d.action == "increase" and d.cap_action == "hold"
-    assert c.budget == 1024 + COOLDOWN * c.increase and c.admit_cap is None
-    d = f.period(itl_ms=40, ttft_ms=150, waiting=5)  # cool-down over: one more probe
-    assert d.action == "decrease"
-    budgets = [f.period(itl_ms=40, ttft_ms=150, waiting=5) and c.budget for _ in range(100)]
-    assert min(budgets) > c.floor and c.admit_cap is None  # never driven to the floor
+    d = f.period(itl_ms=host_bound_itl_ms(256), ttft_ms=150, waiting=5, running=256)
+    assert (d.action, c.budget, d.cap_action) == ("decrease", 2048, "hold")
+    d = f.period(itl_ms=host_bound_itl_ms(256), ttft_ms=150, waiting=5, running=256)  # 40 ms still
+    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("restore", 4096, "tighten", 217)
+    caps = []
+    for _ in range(6):  # as if the running count fell to the cap within a period
+        running = c.running_cap
+        caps.append(f.period(itl_ms=host_bound_itl_ms(running), ttft_ms=150, waiting=5, running=running).running_cap)
+    assert caps == [184, 156, 132, 112, 112, 112]  # 112 running: 23.1 ms, under 25 but without headroom
+    assert c.budget == 4096
 
 
-def test_budget_grows_additively_under_the_objective_with_backlog():
-    c = make(start=512, ceiling=4096)
+def test_while_the_cap_is_engaged_itl_does_not_cut_the_budget():
+    """After the cool-down the budget is not probed again while the cap is engaged: the falling
+    running count would make any budget cut look effective."""
+    c = make(ceiling=4096, max_running=256)
     f = Feed(c)
-    d = f.period(itl_ms=10, waiting=3)
-    assert d.action == "increase" and c.budget == 512 + 4096 // 32
-    f.period(itl_ms=10, waiting=0, tokens=c.budget)  # no queue, but steps fill the budget: still backlog
-    assert c.budget == 512 + 2 * 128
+    f.period(itl_ms=40, waiting=5, running=256)
+    f.period(itl_ms=40, waiting=5, running=256)
+    assert (c.budget, c.running_cap) == (4096, 217)
+    for _ in range(COOLDOWN + 2):
+        d = f.period(itl_ms=22, waiting=5, running=c.running_cap)  # no headroom: both hold
+        assert (d.action, d.cap_action) == ("hold", "hold")
+    d = f.period(itl_ms=30, waiting=5, running=217)  # over again, cool-down long over
+    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("hold", 4096, "tighten", 184)
+
+
+def test_the_running_cap_relaxes_to_none_with_headroom_and_waiting_requests():
+    c = make(ceiling=4096, max_running=256)
+    f = Feed(c)
+    f.period(itl_ms=40, waiting=5, running=256)
+    f.period(itl_ms=40, waiting=5, running=256)
+    assert c.running_cap == 217
+    d = f.period(itl_ms=10, waiting=0, running=100)  # headroom, but nobody waits: the cap does not bind
+    assert d.cap_action == "hold" and c.running_cap == 217
+    caps = [f.period(itl_ms=10, waiting=5, running=217).running_cap for _ in range(4)]
+    assert caps == [233, 249, None, None]  # +256/16 a period, lifted at max_running
+    assert c.last.cap_action == "hold"
+
+
+def test_ttft_over_with_itl_headroom_grows_the_budget_and_the_cap():
+    c = make(start=1024, ceiling=4096, max_running=256)
+    c.running_cap = 100  # as if ITL had brought them down earlier
+    f = Feed(c)
+    d = f.period(itl_ms=10, ttft_ms=500, waiting=0, tokens=10, running=100)  # TTFT alone is the demand
+    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("increase", 1024 + 128, "relax", 116)
+
+
+def test_overload_within_the_itl_band_holds_both():
+    """TTFT over, ITL between the headroom and its objective: ITL wins, nothing moves."""
+    c = make(start=2048, ceiling=4096)
+    c.running_cap = 100
+    f = Feed(c)
+    d = f.period(itl_ms=22, ttft_ms=3000, waiting=500, running=100)
+    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("hold", 2048, "hold", 100)
 
 
 def test_budget_holds_without_backlog_or_without_headroom():
-    c = make(start=512)
+    c = make(start=1024, ceiling=4096)
     f = Feed(c)
-    d = f.period(itl_ms=10, waiting=0, tokens=100)  # steps not full, nobody waiting
-    assert d.action == "hold" and c.budget == 512
+    d = f.period(itl_ms=10, waiting=0, tokens=100)  # steps not full, nobody waiting, TTFT fine
+    assert d.action == "hold" and c.budget == 1024
     d = f.period(itl_ms=22, waiting=4)  # under 25 ms, but above the 80 % headroom
-    assert d.action == "hold" and c.budget == 512
+    assert d.action == "hold" and c.budget == 1024
+    d = f.period(itl_ms=10, waiting=0, tokens=c.budget)  # nobody waits, but steps fill the budget
+    assert d.action == "increase" and c.budget == 1024 + 128
+
+
+def test_bounds_hold_when_nothing_brings_itl_under():
+    """ITL over whatever either knob does: the cap stops at its floor, the budget at one probe's
+    cut; the budget probe comes back only once the cap has nothing left to give."""
+    c = make(floor=64, ceiling=1024, max_running=64)
+    f = Feed(c)
+    budgets, caps = [], []
+    for _ in range(40):
+        f.period(itl_ms=60, waiting=5, running=c.running_cap or 64)
+        budgets.append(c.budget)
+        caps.append(c.running_cap)
+    assert caps[:11] == [None, 54, 45, 38, 32, 27, 22, 18, 15, 12, 10]
+    assert min(c for c in caps if c is not None) == 8 and caps[-1] == 8
+    assert min(budgets) == 512 and budgets[:2] == [512, 1024]
+    # the first probe (period 0), then, the cap at its floor from period 11, one after each
+    # cool-down that the previous failed probe started: a probe and its undo take 2 periods
+    assert [i for i, b in enumerate(budgets) if b == 512] == [k * (2 + COOLDOWN) for k in range(4)]
 
 
 def test_budget_stays_within_floor_and_ceiling():
-    c = make(floor=64, ceiling=1024, start=512)
+    c = make(floor=64, ceiling=1024)
     f = Feed(c)
     for _ in range(20):
-        f.period(itl_ms=0.5 * c.budget, waiting=2)  # ITL follows the budget: 32 ms over at the floor
+        f.period(itl_ms=0.05 * c.budget, waiting=2)  # ITL follows the budget: 3.2 ms at the floor
         assert 64 <= c.budget <= 1024
-    assert c.budget == 64
+    c = make(floor=64, ceiling=1024, start=64)
+    f = Feed(c)
     for _ in range(40):
         f.period(itl_ms=1, waiting=2)
         assert 64 <= c.budget <= 1024
@@ -105,86 +179,46 @@ def test_budget_stays_within_floor_and_ceiling():
 
 
 def test_aimd_settles_around_the_budget_that_holds_the_itl_objective():
-    """A fake card whose step time (the ITL) is 5 ms + 10 us per token: 25 ms at 2000 tokens."""
-    c = make(floor=64, ceiling=8192, start=512, itl_ms=25)
+    """A fake compute-bound card whose step time (the ITL) is 5 ms + 10 us per token: 25 ms at
+    2000 tokens. The cuts all work, so the cap is never engaged."""
+    c = make(floor=64, ceiling=8192, itl_ms=25)
     f = Feed(c)
     seen = []
     for _ in range(200):
         f.period(itl_ms=5 + 0.01 * c.budget, waiting=10)
         seen.append(c.budget)
+    assert seen[:3] == [4096, 2048, 1024]
     tail = seen[-100:]
     assert max(tail) <= 2000 + c.increase  # never more than one increase past the objective
     assert min(tail) >= 1000 * 0.5  # a halving from just past the edge, no further
-
-
-def test_admission_cap_tightens_when_ttft_is_over_because_the_queue_grows():
-    c = make(start=4096, ceiling=4096)  # the budget has nothing more to give
-    f = Feed(c)
-    d = f.period(itl_ms=10, ttft_ms=500, waiting=10)
-    assert d.cap_action == "tighten" and c.admit_cap == 32
-    f.period(itl_ms=10, ttft_ms=600, waiting=20)
-    assert c.admit_cap == 16
-    for n in range(30, 200, 10):
-        f.period(itl_ms=10, ttft_ms=900, waiting=n)
-    assert c.admit_cap == 1  # never 0: the engine always makes progress
+    assert c.running_cap is None
 
 
 def test_ttft_counts_the_oldest_waiting_request_before_any_first_token():
-    c = make(start=4096, ceiling=4096)
+    c = make(start=1024, ceiling=4096)
     f = Feed(c)
     d = f.period(itl_ms=10, ttft_ms=None, waiting=10, oldest_ms=900)
-    assert d.ttft_p99_s == 0.9 and d.cap_action == "tighten"
-
-
-def test_ttft_over_with_itl_headroom_raises_the_budget_instead():
-    c = make(start=512, ceiling=4096)
-    f = Feed(c)
-    d = f.period(itl_ms=5, ttft_ms=500, waiting=10)
-    assert d.action == "increase" and d.cap_action == "hold" and c.admit_cap is None
-
-
-def test_ttft_over_but_queue_shrinking_does_not_tighten():
-    c = make(start=4096, ceiling=4096)
-    f = Feed(c)
-    f.period(itl_ms=10, ttft_ms=500, waiting=30)
-    assert c.admit_cap == 32
-    d = f.period(itl_ms=10, ttft_ms=500, waiting=20)
-    assert d.cap_action == "hold" and c.admit_cap == 32
-
-
-def test_admission_cap_tightens_when_itl_is_over_at_the_floor():
-    c = make(floor=64, start=64)
-    f = Feed(c)
-    d = f.period(itl_ms=60, waiting=0)
-    assert d.action == "decrease" and c.budget == 64 and d.cap_action == "tighten" and c.admit_cap == 32
-
-
-def test_admission_cap_relaxes_and_lifts_once_objectives_are_met():
-    c = make(start=4096, ceiling=4096, max_admit=64)
-    f = Feed(c)
-    for n in (10, 20, 30, 40):
-        f.period(itl_ms=10, ttft_ms=500, waiting=n)
-    assert c.admit_cap == 4
-    caps = [f.period(itl_ms=10, ttft_ms=50, waiting=0).admit_cap for _ in range(5)]
-    assert caps == [8, 16, 32, None, None]
+    assert d.ttft_p99_s == 0.9 and d.action == "increase"
 
 
 def test_itl_only_and_ttft_only_objectives():
-    c = make(ttft_ms=None, itl_ms=25)
+    c = make(ttft_ms=None, itl_ms=25, start=1024)
     f = Feed(c)
-    f.period(itl_ms=10, ttft_ms=10_000, waiting=50)  # no TTFT objective: no brake
-    assert c.admit_cap is None
+    d = f.period(itl_ms=22, ttft_ms=10_000, waiting=0, tokens=10)  # no TTFT objective: no demand from it
+    assert (d.action, d.cap_action) == ("hold", "hold")
     c = make(ttft_ms=200, itl_ms=None, start=512)
     f = Feed(c)
-    d = f.period(itl_ms=500, waiting=5)  # no ITL objective: backlog alone raises the budget
-    assert d.action == "increase"
+    for _ in range(5):
+        d = f.period(itl_ms=500, waiting=5, running=256)  # no ITL objective: the cap never engages
+    assert d.action == "increase" and c.budget == 512 + 5 * 128 and c.running_cap is None
 
 
-def test_build_controller_bounds():
-    assert build_controller(None, None, None, None, 64, 0.0) is None
-    c = build_controller(200, 25, None, None, 64, 0.0)
-    assert (c.floor, c.ceiling, c.budget) == (64, DEFAULT_CEILING, 512)
-    c = build_controller(200, None, None, 2048, 64, 0.0)  # the auto-tuned budget is the ceiling
-    assert c.ceiling == 2048 and c.itl_slo_s is None and c.ttft_slo_s == 0.2
-    c = build_controller(None, 25, 128, 2048, 256, 0.0)  # an explicit budget wins, and bounds the floor
-    assert (c.floor, c.ceiling, c.budget) == (128, 128, 128)
+def test_stats_show_the_last_decision():
+    c = make()
+    assert c.stats()["last"] is None
+    f = Feed(c)
+    f.period(itl_ms=40, waiting=5, running=200)
+    s = c.stats()
+    assert (s["slo_itl_ms"], s["floor"], s["ceiling"], s["running_floor"], s["decisions"]) == (25, 64, 4096, 8, 1)
+    assert s["last"] == {"itl_p99_ms": 40.0, "ttft_p99_ms": None, "running": 200, "waiting": 5, "steps": 8,
+                         "action": "decrease", "cap_action": "hold"}

@@ -42,7 +42,7 @@ async def test_metrics_and_stats_after_traffic(tiny_server):
     assert 'streamer_requests_total{finish_reason="length"} 3.0' in text
     assert 'streamer_errors_total{code="invalid_json"} 1.0' in text  # counted at the websocket edge
     assert "streamer_generated_tokens_total 30.0" in text
-    assert "streamer_step_token_budget 256.0" in text and "streamer_admit_cap 8.0" in text  # uncapped: max_running
+    assert "streamer_step_token_budget 256.0" in text and "streamer_running_cap 8.0" in text  # uncapped: max_running
     assert stats["model"] == engine.model_name
     assert stats["since_start"]["ttft"]["count"] == 3 and stats["since_start"]["itl"]["count"] == 27
     assert stats["window"]["e2e"]["count"] == 3
@@ -50,7 +50,7 @@ async def test_metrics_and_stats_after_traffic(tiny_server):
     assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] <= p["max_ms"]
     assert stats["tokens_generated"] == 30 and stats["requests_finished"] == 3
     assert stats["running"] == stats["waiting"] == 0
-    assert stats["batching"] == {"max_batch_tokens": 256, "admit_cap": None, "source": "config", "auto_tune": None,
+    assert stats["batching"] == {"max_batch_tokens": 256, "running_cap": None, "source": "config", "auto_tune": None,
                                  "controller": None}
     kv = stats["kv"]
     assert kv["used_blocks"] == 0 and kv["free_blocks"] == kv["total_blocks"] > 0 and kv["usage"] == 0

@@ -67,6 +67,27 @@ def test_max_running_caps_admission():
     assert [q.request_id for q in s.waiting] == ["c"]
 
 
+def test_lowering_max_running_at_run_time_preempts_nobody():
+    """A controller lowers the cap below the running count: all keep decoding, nobody is
+    admitted until fewer run than the cap, and then only up to it."""
+    alloc, s = make(budget=64, max_running=8)
+    for i in range(4):
+        s.add(seq(f"r{i}", 2, max_tokens=2 + i))  # r0 ends first, then r1, ...
+    run_step(s)
+    for i in range(4, 7):
+        s.add(seq(f"r{i}", 2))
+    s.max_running = 2
+    plan = run_step(s)  # r0..r3 decode, r0 ends; nobody is admitted
+    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1", "r2", "r3"] and not plan.preempted
+    assert [q.request_id for q in s.waiting] == ["r4", "r5", "r6"] and s.num_preemptions == 0
+    plan = run_step(s)  # r1..r3 still over the cap of 2: r1 ends, still nobody admitted
+    assert [c.seq.request_id for c in plan.chunks] == ["r1", "r2", "r3"] and not plan.preempted
+    run_step(s)  # r2 ends: one runs, a slot under the cap
+    plan = run_step(s)
+    assert [c.seq.request_id for c in plan.chunks] == ["r3", "r4"]
+    assert [q.request_id for q in s.waiting] == ["r5", "r6"] and s.num_preemptions == 0
+
+
 def test_finish_on_eos_and_length_frees_blocks():
     alloc, s = make()
     s.add(seq("eos", 3, max_tokens=10, eos=frozenset({9})))

@@ -1,6 +1,6 @@
 // Dashboard client: one websocket to /v1/stats (a JSON snapshot about once a second) feeding
 // six uPlot charts with the last five minutes, and the number tiles above them. The batching
-// knobs (step budget, admission cap) and the latency objectives, when set, are drawn too.
+// knobs (step budget, running cap) and the latency objectives, when set, are drawn too.
 "use strict";
 
 const HISTORY = 300;  // points kept per chart (5 minutes at 1 Hz)
@@ -99,7 +99,7 @@ function onSnapshot(snap) {
   const b = snap.batching;
   document.getElementById("t-budget").textContent = b.max_batch_tokens;
   document.getElementById("t-budget-src").textContent = `step budget (${b.source})`;
-  document.getElementById("t-cap").textContent = b.admit_cap == null ? "none" : b.admit_cap;
+  document.getElementById("t-cap").textContent = b.running_cap == null ? "none" : b.running_cap;
   document.getElementById("model").textContent =
     `${snap.model} · ${snap.requests_finished} requests · up ${Math.round(snap.uptime_s)} s`;
   prev = snap;
