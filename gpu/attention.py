@@ -9,8 +9,8 @@ The torch reference below is the CPU path and the oracle for the CUDA kernel (gp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np

@@ -82,8 +82,8 @@ def test_flags_and_the_pool_size_they_give():
 
 
 def test_swap_is_the_default_on_cuda_and_recompute_elsewhere():
-    from streamer.build import swap_slots
     from gpu.models import load_model
+    from streamer.build import swap_slots
 
     loaded = load_model("random:tiny-qwen3", torch.device("cpu"), torch.float32)
     slots = lambda device, **kw: swap_slots(EngineConfig(model="random:tiny-qwen3", **kw), loaded,  # noqa: E731
