@@ -29,7 +29,8 @@ requests running in a step of the period, then:
      not engaged or already at its floor): `budget = max(floor, budget * DECREASE)`. A running
      request waits one step between tokens, and a smaller budget shrinks the prefill chunks that
      share a step with the decodes (decodes always go first).
-   - else the running cap: `cap = max(RUNNING_FLOOR, min(cap, RUNNING_DECREASE x running))`. The
+   - else, while TTFT P99 is within its objective, the running cap:
+     `cap = max(RUNNING_FLOOR, min(cap, RUNNING_DECREASE x running))`. The
      scheduler then admits nobody until fewer than `cap` run; nothing running is preempted, so the
      count falls only as requests finish, over about one request's lifetime. Cutting from the
      count observed (not from the cap) paces the cuts to that fall: they stop once few enough
@@ -40,15 +41,20 @@ requests running in a step of the period, then:
    - budget, with backlog (requests waiting, steps that used their whole budget, or TTFT over its
      objective): `budget += ceiling * INCREASE_FRACTION`. Also during a cool-down whatever the ITL:
      the budget was just shown not to set it.
-   - running cap, with requests waiting or TTFT over its objective: `cap += max_running *
-     RUNNING_INCREASE_FRACTION`, lifted to None at `max_running`.
-   So a TTFT over its objective grows both while ITL has room: a larger cap admits waiting
-   requests sooner, a larger budget prefills them sooner. Between `HEADROOM` x and the ITL
-   objective both hold; no backlog means more would buy nothing.
+   - running cap, with requests waiting: `cap += max_running * RUNNING_INCREASE_FRACTION`,
+     lifted to None at `max_running`.
+   Between `HEADROOM` x and the ITL objective both hold; no backlog means more would buy nothing.
+4. TTFT P99 over its objective: the running cap relaxes as in 3, whatever the ITL, and is never
+   tightened. A capped batch sheds throughput, the queue grows, and TTFT runs away: measured on an
+   H100, capping for ITL while TTFT was over took TTFT P99 from ~0.1 s to 3.6 s at 32 req/s while
+   ITL P99 stayed over its objective anyway (docs/BENCHMARKS.md). With ITL headroom the budget
+   grows too (3), prefilling the waiting requests sooner.
 
-In overload (more arrives than the card serves within both objectives) ITL wins: the cap keeps the
-running requests within it while the queue, bounded by `--max-waiting`, fills and refuses the excess
-at once ("overloaded"); no knob brings TTFT back under its objective then, only refusing work.
+In overload (more arrives than the card serves within both objectives) TTFT wins: a chat user
+waits for nothing longer than for the first token, and a stream at 40 ms a token still outpaces
+reading. The cap lifts, the budget follows ITL as in 1-3, and the queue, bounded by
+`--max-waiting`, refuses the excess at once ("overloaded"); only refusing work brings TTFT back
+under its objective then.
 The budget halves in one period and climbs from floor to ceiling in 1 / INCREASE_FRACTION periods;
 the cap climbs from its floor to none in 1 / RUNNING_INCREASE_FRACTION periods.
 """
@@ -163,11 +169,11 @@ class Controller:
             elif backlog and (itl_room or not steer) and self.budget < self.ceiling:
                 self.budget, action = min(self.ceiling, self.budget + self.increase), "increase"
 
-        if itl_over and action != "decrease":  # the budget is not the lever: fewer requests run
+        if itl_over and action != "decrease" and not ttft_over:  # the budget is not the lever: fewer run
             tighter = max(self.running_floor, min(cap or self.max_running, int(RUNNING_DECREASE * self._running)))
             if tighter < (cap or self.max_running):
                 self.running_cap, cap_action = tighter, "tighten"
-        elif itl_room and cap is not None and (self._waiting > 0 or ttft_over):
+        elif cap is not None and (ttft_over or (itl_room and self._waiting > 0)):  # TTFT first
             looser = cap + self.running_increase
             self.running_cap, cap_action = (None if looser >= self.max_running else looser), "relax"
 

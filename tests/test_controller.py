@@ -126,13 +126,27 @@ def test_ttft_over_with_itl_headroom_grows_the_budget_and_the_cap():
     assert (d.action, c.budget, d.cap_action, c.running_cap) == ("increase", 1024 + 128, "relax", 116)
 
 
-def test_overload_within_the_itl_band_holds_both():
-    """TTFT over, ITL between the headroom and its objective: ITL wins, nothing moves."""
+def test_ttft_over_relaxes_the_cap_even_without_itl_headroom():
+    """TTFT over, ITL between the headroom and its objective: the budget holds, the cap relaxes."""
     c = make(start=2048, ceiling=4096)
     c.running_cap = 100
     f = Feed(c)
     d = f.period(itl_ms=22, ttft_ms=3000, waiting=500, running=100)
-    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("hold", 2048, "hold", 100)
+    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("hold", 2048, "relax", 116)
+
+
+def test_overload_never_tightens_the_cap_and_lifts_it():
+    """Both objectives over, the budget shown not to be the lever: the cap does not fall (that
+    would starve the queue); an engaged cap climbs back to none."""
+    c = make(ceiling=4096, max_running=256)
+    f = Feed(c)
+    d = f.period(itl_ms=40, ttft_ms=3000, waiting=50, running=256)
+    assert (d.action, c.budget, d.cap_action) == ("decrease", 2048, "hold")
+    d = f.period(itl_ms=40, ttft_ms=3000, waiting=50, running=256)  # the cut did not work
+    assert (d.action, c.budget, d.cap_action, c.running_cap) == ("restore", 4096, "hold", None)
+    c.running_cap = 200  # engaged earlier, while TTFT was fine
+    caps = [f.period(itl_ms=40, ttft_ms=3000, waiting=50, running=200).running_cap for _ in range(5)]
+    assert caps == [216, 232, 248, None, None]
 
 
 def test_budget_holds_without_backlog_or_without_headroom():
