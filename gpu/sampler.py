@@ -92,7 +92,7 @@ def _draw(logits: torch.Tensor, drawn: list[SampleSpec], p: _Params) -> torch.Te
         if n_seeded:
             c = _vocab(x) if cols is None else cols.index_select(0, p.seeded)
             u[p.seeded] = seeded_uniform(p.seed[p.seeded], p.index[p.seeded], c)
-    pick = x.add_(u.log_().neg_().log_().neg_()).argmax(dim=-1)  # finite noise, x <= 0: no NaN
+    pick = x.sub_(u.log_().neg_().log_()).argmax(dim=-1)  # x - log(-log u); finite noise, x <= 0: no NaN
     return pick if cols is None else cols.gather(1, pick[:, None]).squeeze(1)
 
 
@@ -118,8 +118,8 @@ def seeded_uniform(seed: torch.Tensor, index: torch.Tensor, cols: torch.Tensor) 
     k = _mix32((seed >> 32) ^ 0x9E3779B9)
     k = _mix32(k ^ (seed & _M32))
     k = _mix32(k ^ (index & _M32))
-    ka = (_mix32(k ^ 0x85EBCA6B) | 1)[:, None]  # odd: col -> col * ka + kb is one-to-one mod 2**32
-    kb = _mix32(k ^ 0xC2B2AE35)[:, None]
+    ka = (k | 1)[:, None]  # odd: col -> col * ka + kb is one-to-one mod 2**32
+    kb = _mix32(k ^ 0x85EBCA6B)[:, None]
     h = _mix32((cols * ka).add_(kb).bitwise_and_(_M32))  # (R, V); col < 2**31, so no overflow
     return h.bitwise_right_shift_(9).mul_(2).add_(1).float().mul_(2.0**-24)  # < 2**24: exact in float32
 

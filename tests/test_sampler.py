@@ -39,7 +39,7 @@ def _uniform_ref(seed: int, index: int, col: int) -> float:
     k = _lowbias32((seed >> 32) ^ 0x9E3779B9)
     k = _lowbias32(k ^ (seed & 0xFFFFFFFF))
     k = _lowbias32(k ^ index)
-    ka, kb = _lowbias32(k ^ 0x85EBCA6B) | 1, _lowbias32(k ^ 0xC2B2AE35)
+    ka, kb = k | 1, _lowbias32(k ^ 0x85EBCA6B)
     h = _lowbias32((col * ka + kb) & 0xFFFFFFFF)
     return ((h >> 9) * 2 + 1) / 2**24
 
