@@ -48,13 +48,13 @@ def run(mode: str, tokenizer, ids: list[list[int]], stop: tuple[str, ...]) -> tu
     t0 = time.perf_counter()
     for step in range(len(ids[0])):
         if mode == "add":
-            deltas = [d.add(s[step]) for d, s in zip(dets, ids)]
+            deltas = [d.add(s[step]) for d, s in zip(dets, ids, strict=True)]
         else:
-            deltas = detok.add_batch([(d, s[step]) for d, s in zip(dets, ids)])
-        for o, delta in zip(out, deltas):
+            deltas = detok.add_batch([(d, s[step]) for d, s in zip(dets, ids, strict=True)])
+        for o, delta in zip(out, deltas, strict=True):
             o.append(delta)
     wall = time.perf_counter() - t0
-    for o, d in zip(out, dets):
+    for o, d in zip(out, dets, strict=True):
         o.append(d.finish())
     return wall, out
 
