@@ -26,7 +26,7 @@ from streamer.allocator import AllocatorStats, BlockAllocator, HostSlots
 from streamer.build import TuneResult, load_runner, tune_budget
 from streamer.config import DEFAULT_BATCH_TOKENS, EngineConfig
 from streamer.controller import build_controller
-from streamer.detok import Detokenizer
+from streamer.detok import Detokenizer, add_batch
 from streamer.metrics import Metrics, StepRecord
 from streamer.policy import Policy
 from streamer.request import AbortAll, Cancel, Generation, Request, Submit
@@ -333,6 +333,7 @@ class Engine:
             return
         now = time.monotonic()
         gaps: list[float] = []
+        live = []  # (request, output); ending one request below never ends another, so all are looked up first
         for out in outputs:
             req = self._requests.get(out.seq.request_id)
             if req is None:
@@ -345,7 +346,9 @@ class Engine:
             elif req.t_last is not None:
                 gaps.append(now - req.t_last)
             req.t_last = now
-            text = req.detok.add(out.token_id)
+            live.append((req, out))
+        texts = add_batch([(req.detok, out.token_id) for req, out in live])  # one decode call for the step
+        for (req, out), text in zip(live, texts, strict=True):
             reason = out.finish_reason
             if req.detok.stopped and reason is None:
                 reason = "stop"
