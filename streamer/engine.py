@@ -381,11 +381,19 @@ class Engine:
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""
         outbox = req.outbox
-        stats = outbox.statistics() if isinstance(event, TokenEvent) else None
-        if stats is not None and stats.current_buffer_used >= stats.max_buffer_size - 1:
-            # The client stopped reading: keep the last slot for the error, abort, free the KV.
-            self._end(req.seq.request_id, "error", RequestError("slow_consumer", "the client stopped reading its tokens"))
-            return
+        if isinstance(event, TokenEvent):
+            # A token may take any slot but the last. Looking at the outbox costs about as much as
+            # the send, so look only once the tokens sent since the last look could have filled
+            # what was free then (`room` never exceeds the true room: reading only adds to it).
+            if req.room <= 0:
+                stats = outbox.statistics()
+                req.room = stats.max_buffer_size - 1 - stats.current_buffer_used
+                if req.room <= 0:
+                    # The client stopped reading: keep the last slot for the error, abort, free the KV.
+                    self._end(req.seq.request_id, "error",
+                              RequestError("slow_consumer", "the client stopped reading its tokens"))
+                    return
+            req.room -= 1
         try:
             outbox.send_nowait(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
