@@ -69,7 +69,9 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[: end - n]
 
 
-@dataclass(frozen=True)
+# Chunk and TokenOutput, made once per token, are plain slotted records: a frozen dataclass's
+# __init__ (one object.__setattr__ a field) costs three times as much. Nothing changes them.
+@dataclass(slots=True)
 class Chunk:
     """Tokens [start, start+length) of `seq` run this step; `sample` when they reach its end."""
 
@@ -96,7 +98,7 @@ class StepPlan:
         return sum(c.length for c in self.chunks)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenOutput:
     seq: Sequence
     token_id: int
