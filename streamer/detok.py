@@ -1,5 +1,5 @@
 """Incremental detokenization and stop strings, one request at a time (`Detokenizer.add`) or for a
-whole step's tokens in one decode call (`add_batch`); the step loop calls it.
+whole step's tokens at once (`add_batch`); the step loop calls it.
 
 Deltas never split a UTF-8 character and concatenate to exactly
 ``tokenizer.decode(ids, skip_special_tokens=True)``. With stop strings, the last few characters
@@ -94,10 +94,14 @@ class Detokenizer:
         return delta
 
 
-def add_batch(pairs: list[tuple[Detokenizer, int]]) -> list[str]:
+def add_batch(pairs: list[tuple[Detokenizer, int]], one_call: bool = False) -> list[str]:
     """Feed one token to each detokenizer (none twice); their deltas, exactly as `add` would
-    give them. The windows of all that share the first one's Rust backend (in the engine: all)
-    are decoded in one `decode_batch` call (which releases the GIL); others decode one by one."""
+    give them, with the step's decode windows gathered first and decoded in one pass.
+
+    Each window costs the Rust decode about the same, one call each or all in one
+    `decode_batch` (`one_call`): that spreads them over the tokenizers' thread pool (and releases
+    the GIL), which on the 2-core dev VM costs ~18 us a call and gains nothing at any batch size
+    (tools/detok_bench.py). Detokenizers without the first one's Rust backend decode one by one."""
     backend = pairs[0][0]._backend if pairs else None
     if backend is None:
         return [d.add(t) for d, t in pairs]
@@ -113,7 +117,11 @@ def add_batch(pairs: list[tuple[Detokenizer, int]]) -> list[str]:
             windows.append(ids[d.prefix_offset : d.read_offset])
         windows.append(ids[d.prefix_offset :])
         decoded.append(True)
-    texts = iter(backend.decode_batch(windows, True) if windows else ())
+    if one_call and windows:
+        texts = iter(backend.decode_batch(windows, True))
+    else:
+        decode = backend.decode
+        texts = iter([decode(w, True) for w in windows])
     deltas = []
     for (d, t), done in zip(pairs, decoded, strict=True):
         if not done:

@@ -347,7 +347,7 @@ class Engine:
                 gaps.append(now - req.t_last)
             req.t_last = now
             live.append((req, out))
-        texts = add_batch([(req.detok, out.token_id) for req, out in live])  # one decode call for the step
+        texts = add_batch([(req.detok, out.token_id) for req, out in live])
         for (req, out), text in zip(live, texts, strict=True):
             reason = out.finish_reason
             if req.detok.stopped and reason is None:

@@ -5,7 +5,9 @@ models' byte tokenizer on the same text's UTF-8, so many tokens end mid-characte
 (the byte tokenizer fed ids drawn uniformly from qwen2.5's 151,936-id vocabulary, as a
 random-weights model emits them: nearly all decode to nothing). Modes: `add` (one
 `Detokenizer.add` per token) and, where streamer/detok.py has it, `batch` (one `add_batch` per
-step for all requests). Both must give the same deltas; the tool checks that.
+step for all requests) and `batch1` (the same with `one_call`: one Rust `decode_batch` a step,
+on the tokenizers' thread pool; TOKENIZERS_PARALLELISM=false keeps it on this thread). All must
+give the same deltas; the tool checks that.
 
     python tools/detok_bench.py --requests 256 --tokens 200
 """
@@ -50,7 +52,7 @@ def run(mode: str, tokenizer, ids: list[list[int]], stop: tuple[str, ...]) -> tu
         if mode == "add":
             deltas = [d.add(s[step]) for d, s in zip(dets, ids, strict=True)]
         else:
-            deltas = detok.add_batch([(d, s[step]) for d, s in zip(dets, ids, strict=True)])
+            deltas = detok.add_batch([(d, s[step]) for d, s in zip(dets, ids, strict=True)], mode == "batch1")
         for o, delta in zip(out, deltas, strict=True):
             o.append(delta)
     wall = time.perf_counter() - t0
@@ -67,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     smol = AutoTokenizer.from_pretrained(ensure_smollm2(), local_files_only=True)
     tokenizers = {"smollm2": smol, "bytes": byte_tokenizer(), "vocab": byte_tokenizer()}
-    modes = ["add"] + (["batch"] if hasattr(detok, "add_batch") else [])
+    modes = ["add"] + (["batch", "batch1"] if hasattr(detok, "add_batch") else [])
     tokens = args.requests * args.tokens
     print(f"{args.requests} requests x {args.tokens} tokens, best of {args.repeat}, µs a token:")
     for kind, tok in tokenizers.items():
