@@ -1,4 +1,5 @@
-"""Incremental detokenization and stop strings for one request.
+"""Incremental detokenization and stop strings, one request at a time (`Detokenizer.add`) or for a
+whole step's tokens at once (`add_batch`); the step loop calls it.
 
 Deltas never split a UTF-8 character and concatenate to exactly
 ``tokenizer.decode(ids, skip_special_tokens=True)``. With stop strings, the last few characters
@@ -7,7 +8,18 @@ are held back until it is certain they do not begin a stop string.
 
 from __future__ import annotations
 
+import functools
+
 REPLACEMENT = "\ufffd"
+
+
+@functools.lru_cache(maxsize=8)
+def _silent_ids(backend) -> tuple[int, frozenset[int]]:
+    """(limit, special): ids >= limit name no token and special ids are skipped, so the Rust
+    decode drops them before its decoder runs: in any context they add no text and change none."""
+    limit = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    return limit, special
 
 
 class Detokenizer:
@@ -16,6 +28,9 @@ class Detokenizer:
         # A fast tokenizer's Rust backend decodes exactly as `tokenizer.decode(ids,
         # skip_special_tokens=True, clean_up_tokenization_spaces=False)`, without the Python layers.
         self._backend = getattr(tokenizer, "_tokenizer", None)
+        # Ids the backend decodes to nothing wherever they stand stay out of the decode windows
+        # (a random-weights model emits mostly those: the window would grow with every token).
+        self._limit, self._special = _silent_ids(self._backend) if self._backend is not None else (1 << 62, frozenset())
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         # Decode windows start a few tokens back so word-boundary rules (leading spaces) apply.
@@ -33,13 +48,22 @@ class Detokenizer:
             return self._backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def _silent(self, token_id: int) -> bool:
+        return token_id >= self._limit or token_id in self._special
+
     def add(self, token_id: int) -> str:
         """Feed one token; return the text that may be sent now ("" if none yet)."""
+        if self._silent(token_id):
+            return self._release(final=False)
         self.ids.append(token_id)
         if self._prefix is None:  # the window's start moved: decode its fixed part once
             self._prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        return self._take(self._decode(self.ids[self.prefix_offset :]))
+
+    def _take(self, full: str) -> str:
+        """Given the decode of the window ids[prefix_offset:], take its new text once it ends on a
+        whole character, and release what may be sent."""
         prefix = self._prefix
-        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -68,3 +92,42 @@ class Detokenizer:
         delta = self.text[self.sent : end]
         self.sent = end
         return delta
+
+
+def add_batch(pairs: list[tuple[Detokenizer, int]], one_call: bool = False) -> list[str]:
+    """Feed one token to each detokenizer (none twice); their deltas, exactly as `add` would
+    give them, with the step's decode windows gathered first and decoded in one pass.
+
+    Each window costs the Rust decode about the same, one call each or all in one
+    `decode_batch` (`one_call`): that spreads them over the tokenizers' thread pool (and releases
+    the GIL), which on the 2-core dev VM costs ~18 us a call and gains nothing at any batch size
+    (tools/detok_bench.py). Detokenizers without the first one's Rust backend decode one by one."""
+    backend = pairs[0][0]._backend if pairs else None
+    if backend is None:
+        return [d.add(t) for d, t in pairs]
+    windows: list[list[int]] = []  # per decoded detokenizer: its prefix window if needed, its full window
+    decoded: list[bool] = []  # per pair: whether its windows are in `windows`
+    for d, t in pairs:
+        if d._backend is not backend or t >= d._limit or t in d._special:
+            decoded.append(False)
+            continue
+        ids = d.ids
+        ids.append(t)
+        if d._prefix is None:
+            windows.append(ids[d.prefix_offset : d.read_offset])
+        windows.append(ids[d.prefix_offset :])
+        decoded.append(True)
+    if one_call and windows:
+        texts = iter(backend.decode_batch(windows, True))
+    else:
+        decode = backend.decode
+        texts = iter([decode(w, True) for w in windows])
+    deltas = []
+    for (d, t), done in zip(pairs, decoded, strict=True):
+        if not done:
+            deltas.append(d.add(t))  # a silent id (add decodes nothing), or another backend
+            continue
+        if d._prefix is None:
+            d._prefix = next(texts)
+        deltas.append(d._take(next(texts)))
+    return deltas

@@ -26,7 +26,7 @@ from streamer.allocator import AllocatorStats, BlockAllocator, HostSlots
 from streamer.build import TuneResult, load_runner, tune_budget
 from streamer.config import DEFAULT_BATCH_TOKENS, EngineConfig
 from streamer.controller import build_controller
-from streamer.detok import Detokenizer
+from streamer.detok import Detokenizer, add_batch
 from streamer.metrics import Metrics, StepRecord
 from streamer.policy import Policy
 from streamer.request import AbortAll, Cancel, Generation, Request, Submit
@@ -334,6 +334,7 @@ class Engine:
             return
         now = time.monotonic()
         gaps: list[float] = []
+        live = []  # (request, output); ending one request below never ends another, so all are looked up first
         for out in outputs:
             req = self._requests.get(out.seq.request_id)
             if req is None:
@@ -346,7 +347,9 @@ class Engine:
             elif req.t_last is not None:
                 gaps.append(now - req.t_last)
             req.t_last = now
-            text = req.detok.add(out.token_id)
+            live.append((req, out))
+        texts = add_batch([(req.detok, out.token_id) for req, out in live])
+        for (req, out), text in zip(live, texts, strict=True):
             reason = out.finish_reason
             if req.detok.stopped and reason is None:
                 reason = "stop"
@@ -380,11 +383,19 @@ class Engine:
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""
         outbox = req.outbox
-        stats = outbox.statistics() if isinstance(event, TokenEvent) else None
-        if stats is not None and stats.current_buffer_used >= stats.max_buffer_size - 1:
-            # The client stopped reading: keep the last slot for the error, abort, free the KV.
-            self._end(req.seq.request_id, "error", RequestError("slow_consumer", "the client stopped reading its tokens"))
-            return
+        if isinstance(event, TokenEvent):
+            # A token may take any slot but the last. Looking at the outbox costs about as much as
+            # the send, so look only once the tokens sent since the last look could have filled
+            # what was free then (`room` never exceeds the true room: reading only adds to it).
+            if req.room <= 0:
+                stats = outbox.statistics()
+                req.room = stats.max_buffer_size - 1 - stats.current_buffer_used
+                if req.room <= 0:
+                    # The client stopped reading: keep the last slot for the error, abort, free the KV.
+                    self._end(req.seq.request_id, "error",
+                              RequestError("slow_consumer", "the client stopped reading its tokens"))
+                    return
+            req.room -= 1
         try:
             outbox.send_nowait(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -25,6 +25,7 @@ class Request:
     t_scheduled: float | None = None
     t_first: float | None = None
     t_last: float | None = None  # last token sent
+    room: int = 0  # tokens that may be sent before the outbox must be looked at again (engine._send)
 
 
 @dataclass(frozen=True)

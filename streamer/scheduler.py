@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from streamer.allocator import BlockAllocator, HostSlots
 from streamer.policy import Policy
@@ -68,7 +69,9 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[: end - n]
 
 
-@dataclass(frozen=True)
+# Chunk and TokenOutput, made once per token, are plain slotted records: a frozen dataclass's
+# __init__ (one object.__setattr__ a field) costs three times as much. Nothing changes them.
+@dataclass(slots=True)
 class Chunk:
     """Tokens [start, start+length) of `seq` run this step; `sample` when they reach its end."""
 
@@ -95,7 +98,7 @@ class StepPlan:
         return sum(c.length for c in self.chunks)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenOutput:
     seq: Sequence
     token_id: int
@@ -180,7 +183,7 @@ class Scheduler:
         # Running requests, least recently scheduled first (a decode deferred last step goes first
         # now): decodes (one token to catch up), then unfinished prefills. With the `first-token`
         # policy, decodes leave a share of the budget to pending prefills.
-        order = sorted(self.running, key=lambda s: (s.last_step, s.arrival))
+        order = sorted(self.running, key=attrgetter("last_step", "arrival"))
         keep = self.policy.prefill_reserve(budget, self._pending_prefill(budget)) if self.policy.first_token else 0
         budget = self._schedule_running(order, True, budget, keep, chunks, scheduled, preempted)
         budget = self._schedule_running(order, False, budget, 0, chunks, scheduled, preempted)
@@ -195,12 +198,13 @@ class Scheduler:
                           scheduled: set[int], preempted: list[Sequence]) -> int:
         """Chunks for the running decodes (or prefills) in `order`, leaving `keep` tokens of the
         budget unused; returns the budget left."""
+        running = Status.RUNNING
         for seq in order:
             if budget <= keep:
                 break
-            if seq.status is not Status.RUNNING or id(seq) in scheduled:
+            if seq.status is not running or id(seq) in scheduled:
                 continue
-            todo = seq.num_tokens - seq.num_computed
+            todo = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed  # (num_tokens, inlined)
             if (todo == 1) != decode:
                 continue
             length = min(todo, budget - keep)
@@ -280,16 +284,18 @@ class Scheduler:
     def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenOutput]:
         """Record the step's results: one sampled id per chunk with `sample`, else None."""
         outputs = []
+        running, prefix_caching, block_size = Status.RUNNING, self.prefix_caching, self.block_size
         for chunk, token in zip(plan.chunks, sampled, strict=True):
             seq = chunk.seq
-            if seq.status is not Status.RUNNING:
+            if seq.status is not running:
                 continue  # finished (cancelled) while the step ran: its result is dropped
             end = chunk.start + chunk.length
             if chunk.start < seq.computed_high:  # KV freed by a preemption, computed again
                 self.recomputed_tokens += min(end, seq.computed_high) - chunk.start
-            seq.computed_high = max(seq.computed_high, end)
+            if end > seq.computed_high:
+                seq.computed_high = end
             seq.num_computed = end
-            if self.prefix_caching:
+            if prefix_caching and end // block_size > len(seq.block_hashes):  # a block got full
                 self._register_full_blocks(seq)
             if not chunk.sample:
                 continue
@@ -314,6 +320,8 @@ class Scheduler:
         this step (`seq` among them) in the policy's victim order: least recently scheduled first,
         then the latest arrival. False if `seq` itself was preempted."""
         need = self._blocks_needed(seq, seq.num_computed + length)
+        if not need:  # most decode steps: the last block has room
+            return True
         while not self.allocator.can_allocate(need):
             victim = min((s for s in self.running if id(s) not in scheduled), key=self.policy.victim_key)
             self._preempt(victim)

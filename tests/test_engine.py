@@ -251,6 +251,20 @@ async def test_client_that_stops_reading_is_aborted_as_slow_consumer():
         assert events[-1].finish_reason == "error" and events[-1].error.code == "slow_consumer"
 
 
+async def test_a_reader_that_falls_behind_later_is_aborted_once_its_outbox_is_full():
+    async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_buffered_events=8)) as eng:
+        gen = eng.generate("read a while", SamplingParams(max_tokens=500, ignore_eos=True))
+        async with gen:
+            with trio.fail_after(30):
+                for i in range(20):  # more than the outbox holds, so the engine looks at it again
+                    assert (await gen.__anext__()).index == i
+                while eng.metrics.finished == 0:  # then the client reads nothing
+                    await trio.sleep(0.01)
+            events = [ev async for ev in gen]
+        assert [e.index for e in events[:-1]] == list(range(20, 27))  # every slot but the last
+        assert events[-1].finish_reason == "error" and events[-1].error.code == "slow_consumer"
+
+
 async def test_waiting_queue_is_bounded_and_cancel_is_never_stuck_behind_it():
     async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_waiting=4, max_running=1)) as eng:
         with trio.fail_after(30):
