@@ -3,18 +3,20 @@
 Owned by the model runner. A decode step of n requests (one new token each) replays the graph of
 the smallest bucket >= n; rows n..bucket-1 are padding that read and write only the arena's
 scratch block. Step inputs are packed on the host into pinned buffers and reach the graph's
-static device buffers in two non-blocking copies. Attention is the same one launch per layer,
-captured inside the graph.
+static device buffers in two non-blocking copies; decodes whose ids the previous step sampled get
+them there, on the device, before the replay. Attention is the same one launch per layer, captured
+inside the graph.
 """
 
 from __future__ import annotations
 
-import itertools
+import gc
+from array import array
 
 import numpy as np
 import torch
 
-from gpu.attention import AttnMetadata
+from gpu.attention import AttnMetadata, flat_tables
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -24,16 +26,24 @@ class DecodeGraphs:
                  capture: bool = True) -> None:
         self.model, self.backend, self.ops = model, backend, ops
         self.bs, self.scratch = block_size, scratch_block
+        self._pad_table = array("i", [scratch_block])  # a padding row's table
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.bmax = bmax = max_batch
         dev = model.device
         cap = bmax * max_blocks_per_seq
-        # int64: [ids | positions | slots], each bmax long.   int32: [cu_q | seq_lens | cu_blocks | tables]
+        # int64: [ids | positions | slots], each bmax long; int32: [cu_q | seq_lens | cu_blocks | tables];
+        # fed: [rows fed | their rows in the last step's samples], each bmax long
         self.dev64 = torch.zeros(3 * bmax, dtype=torch.int64, device=dev)
+        self.fed = torch.zeros(2 * bmax, dtype=torch.int64, device=dev)
         self.dev32 = torch.zeros(3 * bmax + 2 + cap, dtype=torch.int32, device=dev)
         pin = dev.type == "cuda"
-        self.host64 = torch.zeros(3 * bmax, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.zeros(3 * bmax + 2 + cap, dtype=torch.int32, pin_memory=pin)
+        # Two sets of pinned staging buffers, used in turn: step N packs into one while the copies
+        # of step N-1 (which may not have run yet: steps overlap) read the other. Step N-2's copies
+        # are done by then: it was collected before step N was launched.
+        # (The int64 one holds dev64 then fed.)
+        self._staging = [(torch.zeros(5 * bmax, dtype=torch.int64, pin_memory=pin),
+                       torch.zeros(3 * bmax + 2 + cap, dtype=torch.int32, pin_memory=pin)) for _ in range(2)]
+        self._turn = 0
         self.rows = torch.arange(bmax, device=dev)
         self.max_context = model.spec.max_position
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -57,29 +67,40 @@ class DecodeGraphs:
                             tuple(seq_lens_host), tuple(tables_host))
 
     # --- fill -----------------------------------------------------------------------------------
-    def _fill(self, b: int, ids: list[int], positions: list[int], tables: list[list[int]]) -> None:
-        """Pack one decode step (n <= b real rows, the rest padding) and copy it to the device."""
+    def _fill(self, b: int, ids: list[int], positions: list[int], tables: list[list[int]],
+              feed: list[tuple[int, int]] = (), last: torch.Tensor | None = None) -> None:
+        """Pack one decode step (n <= b real rows, the rest padding) and copy it to the device;
+        then rows r of `feed` (r, j) take id j of `last`, the previous step's samples."""
         n, m, bs = len(ids), self.bmax, self.bs
         pad = b - n
         pos = np.asarray(positions + [0] * pad, dtype=np.int64)
-        tabs = tables + [[self.scratch]] * pad
+        tabs = tables + [self._pad_table] * pad
         lens = pos + 1
         nblocks = np.fromiter((len(t) for t in tabs), dtype=np.int64, count=b)
-        flat = np.fromiter(itertools.chain.from_iterable(tabs), dtype=np.int64, count=int(nblocks.sum()))
+        flat = flat_tables(tabs).astype(np.int64)
         cu_b = np.concatenate(([0], np.cumsum(nblocks)))
         slots = flat[cu_b[:-1] + pos // bs] * bs + pos % bs
-        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        host64, host32 = self._staging[self._turn]
+        self._turn ^= 1
+        h64, h32 = host64.numpy(), host32.numpy()
         h64[:b] = ids + [0] * pad
         h64[m : m + b] = pos
         h64[2 * m : 2 * m + b] = slots
+        k = len(feed)
+        if k:
+            h64[3 * m : 3 * m + k] = [r for r, _ in feed]
+            h64[4 * m : 4 * m + k] = [j for _, j in feed]
         h32[: b + 1] = np.arange(b + 1)
         h32[m + 1 : m + 1 + b] = lens
         h32[2 * m + 1 : 2 * m + 2 + b] = cu_b
         h32[3 * m + 2 : 3 * m + 2 + len(flat)] = flat
         used32 = 3 * m + 2 + len(flat)
-        # Safe to reuse the pinned buffers next step: every step ends in a device-to-host sync.
-        self.dev64.copy_(self.host64, non_blocking=True)
-        self.dev32[:used32].copy_(self.host32[:used32], non_blocking=True)
+        self.dev64.copy_(host64[: 3 * m], non_blocking=True)
+        self.dev32[:used32].copy_(host32[:used32], non_blocking=True)
+        if k:
+            self.fed.copy_(host64[3 * m :], non_blocking=True)
+            # index_put_, not index_copy_: on an H100 the latter made the host wait for the device
+            self.dev64.index_put_((self.fed[:k],), last.index_select(0, self.fed[m : m + k]))
 
     def _host(self, b: int, positions: list[int], tables: list[list[int]]) -> tuple:
         """(seq_lens, tables) as tuples, for the torch reference backend's eager run only: a
@@ -91,13 +112,15 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= n), None)
 
     # --- run ------------------------------------------------------------------------------------
-    def logits(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def logits(self, ids: list[int], positions: list[int], tables: list[list[int]],
+               feed: list[tuple[int, int]] = (), last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (n, V) of a decode step, by graph replay (or eagerly over the same static
-        buffers when nothing was captured, e.g. on the CPU)."""
+        buffers when nothing was captured, e.g. on the CPU). `feed`: (row, j) pairs, row's id is
+        `last[j]` (the previous step's samples) instead of ids[row]."""
         n = len(ids)
         b = self.bucket(n)
         assert b is not None and n >= 1
-        self._fill(b, ids, positions, tables)
+        self._fill(b, ids, positions, tables, feed, last)
         if b in self.graphs:
             graph, out = self.graphs[b]
             graph.replay()
@@ -108,6 +131,18 @@ class DecodeGraphs:
         return out[:n]
 
     def _capture_all(self) -> None:
+        # No Python garbage may be finalized mid-capture: freeing, say, an earlier engine's graphs
+        # makes CUDA calls that invalidate the capture. So collect it now and pause the collector.
+        gc.collect()
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture()
+        finally:
+            if paused:
+                gc.enable()
+
+    def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory

@@ -2,10 +2,16 @@
 
 Owns the model, the KV arena, the host swap pool and the attention backend. Called from one worker
 thread at a time (the engine's step loop); it holds no per-request state between steps.
+
+Steps may overlap: step N+1 may be launched before step N is collected (at most one step ahead),
+so the host prepares the next step while the device runs this one. A decode whose token step N
+samples names that row of step N's ids (`SeqInput.feed`); the runner copies it on the device, so
+the id never makes a round trip through the host first.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +23,7 @@ from gpu.sampler import SampleSpec, sample
 from gpu.swap import SwapPool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one a token each step: slotted, not frozen (cheaper to build); nothing changes it
 class SeqInput:
     """One request's slice of a step: tokens at positions start_pos.. and its whole block table."""
 
@@ -25,6 +31,9 @@ class SeqInput:
     start_pos: int
     block_table: list[int]
     sample: SampleSpec | None  # None: a prefill chunk that does not reach the prompt's end
+    # >= 0: this one-token decode's id is row `feed` of the previous launched step's sampled ids
+    # (token_ids holds a placeholder); -1: token_ids are the ids
+    feed: int = -1
 
 
 @dataclass
@@ -34,6 +43,8 @@ class Launched:
     ids: torch.Tensor  # (S,) int64, pinned host memory on CUDA
     done: torch.cuda.Event | None  # None: already computed (CPU)
     mask: list[bool]  # per seq of the step: whether it sampled
+    begin: torch.cuda.Event | float  # when the device started it: a timing event, or (CPU) the clock
+    end: float = 0.0  # CPU: when the computation ended
 
 
 def make_backend(name: str, arena: KVArena, scale: float):
@@ -67,6 +78,7 @@ class ModelRunner:
         self.ops = model.cuda_ops() if attention == "cuda" else model.torch_ops
         if attention == "cuda":
             self.ops.warmup(model.dtype)
+        self._last_ids = torch.empty(0, dtype=torch.long, device=self.device)  # the last launched step's samples
         self.graphs = None
         if graph_batch:
             from gpu.graphs import DecodeGraphs
@@ -81,26 +93,38 @@ class ModelRunner:
     def launch(self, seqs: list[SeqInput], swap_out: tuple[tuple[int, int], ...] = (),
                swap_in: tuple[tuple[int, int], ...] = ()) -> Launched:
         """Queue the step's work on the device and return at once (on CUDA; the CPU computes here).
-        `collect` waits for the sampled ids. One step at a time: launch, collect, launch, ...
+        `collect` waits for the sampled ids. At most two steps in flight, collected in launch
+        order: launch N, launch N+1, collect N, launch N+2, collect N+1, ...
 
         First the step's KV swaps, on the same stream as its forward: `swap_in` (slot, block)
         pairs, then `swap_out` (block, slot) pairs. So a victim's blocks are copied out before
         another request's forward overwrites them, swapped-in blocks are filled before the forward
         reads them, and a host slot a swap-in reads may be written by a swap-out of the same step."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+        else:
+            begin = time.perf_counter()
         if swap_in:
             self.swap.swap_in([slot for slot, _ in swap_in], [block for _, block in swap_in])
         if swap_out:
             self.swap.swap_out([block for block, _ in swap_out], [slot for _, slot in swap_out])
         if not seqs:  # only swaps this step
-            return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [])
+            return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [], begin)
+        feed = [(i, s.feed) for i, s in enumerate(seqs) if s.feed >= 0]
         g = self.graphs
         if g is not None and len(seqs) <= g.bmax and all(len(s.token_ids) == 1 and s.sample for s in seqs):
-            logits = g.logits([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs])
-            return self._sampled(sample(logits, [s.sample for s in seqs]), [True] * len(seqs))
+            logits = g.logits([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs],
+                              feed, self._last_ids)
+            return self._sampled(sample(logits, [s.sample for s in seqs]), [True] * len(seqs), begin)
         ids: list[int] = []
         positions: list[int] = []
         q_lens, seq_lens, rows, specs = [], [], [], []
+        fed = []  # (row of ids, row of the last step's samples)
         for s in seqs:
+            if s.feed >= 0:
+                fed.append((len(ids), s.feed))
             ids += s.token_ids
             positions += range(s.start_pos, s.start_pos + len(s.token_ids))
             q_lens.append(len(s.token_ids))
@@ -110,21 +134,27 @@ class ModelRunner:
                 specs.append(s.sample)
         dev = self.device
         meta = build_metadata(q_lens, seq_lens, [s.block_table for s in seqs], self.arena.block_size, dev)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        row_idx = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+        t, k = len(ids), len(fed)
+        # One host-to-device copy, from pinned memory (reused only once the copy is done):
+        # [ids | positions | logit rows | fed rows | their rows in the last step's samples]
+        host = ids + positions + rows + [r for r, _ in fed] + [f for _, f in fed]
+        packed = torch.tensor(host, dtype=torch.long, pin_memory=cuda).to(dev, non_blocking=cuda)
+        input_ids, pos, row_idx, fed_rows, fed_src = packed.split([t, t, len(rows), k, k])
+        if k:
+            input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (not index_copy_: graphs.py)
         logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)  # writes the KV
         ids = sample(logits, specs) if specs else torch.empty(0, dtype=torch.long, device=dev)
-        return self._sampled(ids, [s.sample is not None for s in seqs])
+        return self._sampled(ids, [s.sample is not None for s in seqs], begin)
 
-    def _sampled(self, ids: torch.Tensor, mask: list[bool]) -> Launched:
+    def _sampled(self, ids: torch.Tensor, mask: list[bool], begin) -> Launched:
+        self._last_ids = ids  # the next step's decodes may take their ids from it (SeqInput.feed)
         if ids.device.type != "cuda":
-            return Launched(ids, None, mask)
+            return Launched(ids, None, mask, begin, time.perf_counter())
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         host.copy_(ids, non_blocking=True)  # the step's one device-to-host copy
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return Launched(host, done, mask)
+        return Launched(host, done, mask, begin)
 
     @staticmethod
     def collect(launched: Launched) -> list[int | None]:
@@ -134,3 +164,14 @@ class ModelRunner:
             launched.done.synchronize()
         it = iter(launched.ids.tolist())
         return [next(it) if m else None for m in launched.mask]
+
+    @staticmethod
+    def timing(launched: Launched, previous: Launched | None) -> tuple[float, float]:
+        """(seconds the device spent on a collected step, seconds it sat idle between `previous`
+        and it); on the CPU, the host's clock around the computation."""
+        if launched.done is None:
+            idle = launched.begin - previous.end if previous is not None and previous.done is None else 0.0
+            return launched.end - launched.begin, max(0.0, idle)
+        seconds = launched.begin.elapsed_time(launched.done) / 1000
+        idle = previous.done.elapsed_time(launched.begin) / 1000 if previous is not None and previous.done else 0.0
+        return seconds, max(0.0, idle)

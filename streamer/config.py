@@ -47,6 +47,10 @@ class EngineConfig:
     seed: int = 0  # seed of random:NAME weights
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs (CUDA only)
+    # Plan and launch step N+1 before step N's ids are back, so the device need not wait on the
+    # host. None: on for CUDA; off on the CPU, where a launch computes the step before it returns,
+    # so overlapping would only hold each token back a step.
+    overlap: bool | None = None
     static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
     auto_tune: bool | None = None  # time candidate budgets at warm-up; None: on for CUDA, off on the CPU
     slo_ttft_ms: float | None = None  # latency objectives: set, the controller steers budget and admission

@@ -4,6 +4,13 @@
 it owns. The step loop is the only code that touches the scheduler, the allocator and request
 state; each request's task holds just the two ends of its channels. The model step runs in a
 worker thread so websockets keep flowing while the device computes.
+
+With `overlap` (CUDA's default) the loop keeps one step queued ahead of the device: it plans and
+launches step N+1 (the launch in the worker thread), waits there for step N's ids, then records,
+detokenizes and sends them while the device runs N+1. So the host's work per step hides behind
+the device's, as long as it is shorter. The scheduler plans N+1 without N's ids
+(streamer/scheduler.py says how), and the runner feeds them to N+1 on the device
+(gpu/runner.py). Without overlap, step N+1 is planned after N's ids are back.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import structlog
 import trio
 
 from gpu.models import LoadedModel
-from gpu.runner import ModelRunner, SeqInput
+from gpu.runner import Launched, ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
 from streamer.allocator import AllocatorStats, BlockAllocator, HostSlots
 from streamer.build import TuneResult, load_runner, tune_budget
@@ -34,6 +41,15 @@ from streamer.scheduler import Scheduler, Sequence, StepPlan
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
 
 log = structlog.get_logger("streamer")
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A launched step whose ids are not collected yet."""
+
+    plan: StepPlan
+    launched: Launched
+    rows: dict[int, int]  # id(seq) -> its row in the step's sampled ids (for the next step's feeds)
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,7 @@ class Engine:
         # whole KV arena if that is smaller.
         self.capacity = min(self.max_context, num_blocks * config.block_size)
         self.runner = runner
+        self.overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
         self.host_slots = HostSlots(runner.swap.num_slots if runner.swap else 0)
@@ -89,9 +106,10 @@ class Engine:
         self._closing = False
         self._accepting = True  # False once stop_accepting() was called (drain)
         self._drained = trio.Event()  # set by the step loop once, after stop_accepting, nothing is live
-        self._last_step_end: float | None = None  # None while idle
         self._last_reap = 0.0
-        self._pending: list = []  # TokenOutputs of the last step, sent while the next one runs
+        self._inflight: InFlight | None = None  # the launched step not collected yet (overlap)
+        self._pending: list = []  # TokenOutputs recorded and not sent yet
+        self._last_collected: Launched | None = None  # the step before, for the device's idle gap; None after idle
         self.metrics = Metrics()
         self.metrics.watch_knobs(lambda: self.scheduler.max_batch_tokens,  # [controller] read at scrape time
                                  lambda: self.scheduler.max_running)
@@ -139,7 +157,8 @@ class Engine:
         seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
                        priority=priority, client=client)
         request = Request(seq, params, send, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
-                          request_id or key)
+                          request_id or key,
+                          SampleSpec(params.temperature, params.top_k, params.top_p, params.seed))
         try:
             self._inbox_send.send_nowait(Submit(request))
         except trio.WouldBlock:
@@ -210,9 +229,9 @@ class Engine:
     # --- the step loop (one task) --------------------------------------------------------------
     async def run(self) -> None:
         while True:
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and self._inflight is None:
                 self._emit_pending()
-                self._last_step_end = None
+                self._last_collected = None
                 if not self._accepting and not self._requests and not self._inbox.statistics().current_buffer_used:
                     self._drained.set()  # stays drained: nothing new is accepted any more
                 self._handle(await self._inbox.receive())  # block when idle
@@ -225,8 +244,10 @@ class Engine:
                 self.scheduler.max_batch_tokens = self.controller.budget
                 # Lowering it preempts nobody: the scheduler only stops admitting until fewer run.
                 self.scheduler.max_running = self.controller.running_cap or self.config.max_running
-            plan = self.scheduler.schedule()
-            if not plan.chunks and not plan.swap_out:
+            plan = self.scheduler.schedule() if self.scheduler.has_work() else None
+            if plan is not None and not plan.chunks and not plan.swap_out:
+                plan = None
+            if plan is None and self._inflight is None:
                 self._emit_pending()
                 await trio.sleep(0)
                 continue
@@ -264,71 +285,91 @@ class Engine:
             if req.outbox.statistics().open_receive_channels == 0:
                 self._end(rid, "cancelled")
 
-    async def _step(self, plan: StepPlan) -> None:
-        t_start = time.monotonic()
+    async def _step(self, plan: StepPlan | None) -> None:
+        """Launch `plan` (None: nothing new to run), then collect the step launched before it
+        (overlap) or `plan` itself, in the worker thread; then record and send the collected ids."""
+        prev, self._inflight = self._inflight, None
+        inputs, rows = self._inputs(plan, prev) if plan is not None else (None, None)
+        runner, overlap, out = self.runner, self.overlap, {}
+
+        def work() -> None:
+            if plan is not None:
+                try:
+                    out["launched"] = runner.launch(inputs, plan.swap_out, plan.swap_in)
+                except Exception as exc:
+                    out["launch_error"] = exc
+            handle = prev.launched if prev is not None else None if overlap else out.get("launched")
+            if handle is not None:
+                try:
+                    out["sampled"] = runner.collect(handle)
+                except Exception as exc:
+                    out["collect_error"] = exc
+
+        # Shielded: a launched step is always collected and its ids recorded (the arena is never
+        # left half-written, nothing computed is lost); a cancel lands right after.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(work, limiter=self._limiter)
+        launched = InFlight(plan, out["launched"], rows) if "launched" in out else None
+        done = prev if overlap else launched
+        if overlap:
+            self._inflight = launched
+        if done is not None and ("sampled" in out or "collect_error" in out):
+            if "collect_error" in out:
+                self._fail(done.plan, out["collect_error"])
+            else:
+                self._retire(done, out["sampled"])
+        if "launch_error" in out:
+            self._fail(plan, out["launch_error"])
+
+    def _inputs(self, plan: StepPlan, prev: InFlight | None) -> tuple[list[SeqInput], dict[int, int]]:
+        """The runner's inputs for `plan`, and each sampling request's row in its sampled ids."""
+        now = time.monotonic()
         inputs = []
+        rows: dict[int, int] = {}
         for c in plan.chunks:
-            req = self._requests[c.seq.request_id]
+            seq = c.seq
+            req = self._requests[seq.request_id]
             if req.t_scheduled is None:
-                req.t_scheduled = t_start
-                self.metrics.observe("queue", t_start - req.t_arrival, t_start)
+                req.t_scheduled = now
+                self.metrics.observe("queue", now - req.t_arrival, now)
             spec = None
             if c.sample:
-                p = req.params
-                spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(c.seq.output_ids))
+                spec = req.spec
+                if spec.seed is not None:  # a seeded draw depends on which completion token it is:
+                    p = req.params        # those known, then those still in flight
+                    spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(seq.output_ids) + seq.pending - 1)
+                rows[id(seq)] = len(rows)
+            end = c.start + c.length
             # block_table is not copied: nothing changes it before launch() has read it
-            inputs.append(SeqInput(c.seq.token_ids(c.start, c.start + c.length), c.start, c.seq.block_table, spec))
-        try:
-            sampled = await self._run_on_device(inputs, plan)
-        except Exception as exc:
-            log.exception("step_failed", tokens=plan.num_tokens, requests=[c.seq.request_id for c in plan.chunks])
-            self._emit_pending()
-            # Those swapped out in this step go too: their copy to the host may not have run.
-            failed = [c.seq for c in plan.chunks] + [s for s in plan.preempted if s.swap_slots]
-            for seq in failed:
-                if seq.request_id in self._requests:
-                    self._end(seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
-            return
+            if end > seq.num_tokens:  # a decode of the token the step in flight samples
+                inputs.append(SeqInput([0], c.start, seq.block_table, spec, prev.rows[id(seq)]))
+            else:
+                inputs.append(SeqInput(seq.token_ids(c.start, end), c.start, seq.block_table, spec))
+        return inputs, rows
+
+    def _retire(self, step: InFlight, sampled: list[int | None]) -> None:
+        """A collected step: record its ids, then detokenize and send them (with overlap, while
+        the device runs the next step). A request that ended while the step ran (cancel, stop
+        string) gets no token from it: update() skips it."""
         self._steps += 1
-        now = time.monotonic()
-        # A request that ended while the step ran (cancel, stop string) gets no token from it:
-        # update() skips sequences that are no longer running.
-        outputs = self.scheduler.update(plan, sampled)
-        self._record_step(plan, t_start, now, len(outputs))
-        self._pending = outputs  # sent while the device runs the next step
+        self._pending = self.scheduler.update(step.plan, sampled)
+        self._record_step(step, len(self._pending))
+        self._emit_pending()
 
-    async def _run_on_device(self, inputs: list[SeqInput], plan: StepPlan) -> list[int | None]:
-        """Run one model step, the plan's KV swaps first, in the worker thread. Once the step is
-        queued on the device, this task sends the previous step's tokens, so detokenizing and
-        streaming overlap the device's work. Not abandoned on cancel: the arena is never left
-        half-written."""
-        launched = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-        result: dict = {}
-
-        def work():
-            handle = self.runner.launch(inputs, plan.swap_out, plan.swap_in)
-            token.run_sync_soon(launched.set)  # no round trip: the worker goes on to wait for the device
-            return self.runner.collect(handle)
-
-        async def worker():
-            try:
-                result["sampled"] = await trio.to_thread.run_sync(work, limiter=self._limiter)
-            except Exception as exc:
-                result["error"] = exc
-            finally:
-                launched.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker)
-            await launched.wait()
-            self._emit_pending()
-        if "error" in result:
-            raise result["error"]
-        return result["sampled"]
+    def _fail(self, plan: StepPlan, exc: Exception) -> None:
+        """A step that raised fails its own requests; the engine serves on."""
+        self._emit_pending()  # tokens computed before it still go out first
+        log.error("step_failed", tokens=plan.num_tokens, requests=[c.seq.request_id for c in plan.chunks],
+                  exc_info=exc)
+        self._last_collected = None
+        # Those swapped out in this step go too: their copy to the host may not have run.
+        failed = [c.seq for c in plan.chunks] + [s for s in plan.preempted if s.swap_slots]
+        for seq in failed:
+            if seq.request_id in self._requests:
+                self._end(seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
 
     def _emit_pending(self) -> None:
-        """Send the tokens of the last finished step: detokenize, apply stop strings, stamp metrics."""
+        """Send the last collected step's tokens: detokenize, apply stop strings, stamp metrics."""
         outputs, self._pending = self._pending, []
         if not outputs:
             return
@@ -353,7 +394,7 @@ class Engine:
             reason = out.finish_reason
             if req.detok.stopped and reason is None:
                 reason = "stop"
-                self.scheduler.finish(req.seq.request_id, reason)  # its token of an in-flight step is dropped
+                self.scheduler.finish(req.seq.request_id, reason)  # its token of the step in flight is dropped
             if reason:
                 text += req.detok.finish()
             self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
@@ -364,12 +405,14 @@ class Engine:
             for gap in gaps:
                 self.controller.observe_token(gap)
 
-    def _record_step(self, plan: StepPlan, t_start: float, t_end: float, generated: int) -> None:
+    def _record_step(self, step: InFlight, generated: int) -> None:
+        plan, t_end = step.plan, time.monotonic()
         decode = sum(c.length for c in plan.chunks if c.length == 1 and c.sample)
         kv = self.allocator.statistics()
-        gap = t_start - self._last_step_end if self._last_step_end is not None else 0.0
-        self._last_step_end = t_end
-        rec = StepRecord(t_end, t_end - t_start, gap, plan.num_tokens - decode, decode, generated,
+        # The device's own time for the step, and how long it sat idle before it (CUDA events)
+        seconds, gap = self.runner.timing(step.launched, self._last_collected)
+        self._last_collected = step.launched
+        rec = StepRecord(t_end, seconds, gap, plan.num_tokens - decode, decode, generated,
                          len(self.scheduler.running), len(self.scheduler.waiting), kv.used_blocks, kv.free_blocks)
         s = self.scheduler
         self.metrics.step(rec, len(plan.preempted), s.prefix_hit_tokens, s.recomputed_tokens,
@@ -427,7 +470,16 @@ class Engine:
 
     def _close_all(self, reason: str, error: RequestError) -> None:
         self._closing = True
-        self._emit_pending()  # the last step's tokens were computed: deliver them (and finishes) first
+        # The last steps' tokens are (being) computed: deliver them (and finishes) first.
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            try:
+                sampled = self.runner.collect(step.launched)  # blocks up to a step's time, once, at shutdown
+            except Exception as exc:
+                self._fail(step.plan, exc)
+            else:
+                self._retire(step, sampled)
+        self._emit_pending()
         for rid in list(self._requests):
             self._end(rid, reason, error)
 

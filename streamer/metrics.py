@@ -32,7 +32,7 @@ class StepRecord:
     """What one engine step did."""
 
     t_end: float
-    seconds: float  # wall time of the model step
+    seconds: float  # the device's time for the step (CUDA events; on the CPU the host's clock)
     idle_gap: float  # time the device sat idle before this step while work was pending
     prefill_tokens: int
     decode_tokens: int

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import trio
 
+from gpu.sampler import SampleSpec
 from streamer.detok import Detokenizer
 from streamer.scheduler import Sequence
 from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent
@@ -22,6 +23,7 @@ class Request:
     detok: Detokenizer
     t_arrival: float
     label: str  # the client's id, for logs
+    spec: SampleSpec  # how its tokens are drawn (unseeded: the same for every token)
     t_scheduled: float | None = None
     t_first: float | None = None
     t_last: float | None = None  # last token sent

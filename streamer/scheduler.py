@@ -7,6 +7,14 @@ Decodes of running requests go first (least recently scheduled first), then chun
 prefills, then new requests in the order of the policy (streamer/policy.py; arrival order by
 default). `schedule() -> StepPlan`, then `update(plan, sampled) -> [TokenOutput]`.
 
+A plan counts as computed once it is scheduled: `num_computed` moves at schedule(), and a chunk
+that samples leaves its request one `pending` token whose id only update() learns. So the next
+step may be scheduled before this one's ids are back (the engine overlaps them): a pending token
+is scheduled as a decode like any other, its id fed on the device from the step that samples it.
+A request that has every token it may get, pending ones included, is not scheduled again; one
+that an update ends (EOS, a stop string) may already be in the next plan, whose token for it is
+dropped. A request preempted while its sample is in flight still gets that token.
+
 A request preempted for memory is swapped out when the host pool has free slots (the plan lists
 the block -> slot copies for the runner) and resumes from where it stopped; else it is recomputed.
 """
@@ -17,6 +25,7 @@ import enum
 import hashlib
 import itertools
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,8 +50,10 @@ class Sequence:
     max_tokens: int  # already capped so prompt + output fits the model's context
     eos_ids: frozenset[int] = frozenset()
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the arena
-    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the arena, or written by a step already planned
+    pending: int = 0  # tokens sampled by a planned step whose ids update() has not brought yet (0 or 1)
+    # int32 block ids: packed for a step by joining the buffers, not element by element (gpu/attention.py)
+    block_table: array = field(default_factory=lambda: array("i"))
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
@@ -58,6 +69,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens: the prompt and the generated ids update() has brought."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
@@ -204,11 +216,13 @@ class Scheduler:
                 break
             if seq.status is not running or id(seq) in scheduled:
                 continue
-            todo = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed  # (num_tokens, inlined)
-            if (todo == 1) != decode:
-                continue
+            todo = len(seq.prompt_ids) + len(seq.output_ids) + seq.pending - seq.num_computed  # (inlined)
+            if (todo == 1) != decode or len(seq.output_ids) + seq.pending >= seq.max_tokens:
+                continue  # (the second: all its tokens are sampled; an update will finish it)
             length = min(todo, budget - keep)
-            if not self._grow_or_preempt(seq, length, scheduled, preempted):
+            # (most decodes: the last block has room, and no call is made)
+            if -(-(seq.num_computed + length) // self.block_size) > len(seq.block_table) and \
+                    not self._grow_or_preempt(seq, length, scheduled, preempted):
                 continue  # seq itself was preempted
             self._add_chunk(seq, length, chunks, scheduled)
             budget -= length
@@ -239,6 +253,7 @@ class Scheduler:
                 continue  # this client has its share while another waits
             if self.prefix_caching and not seq.block_table and not seq.swap_slots:
                 self._reuse_prefix(seq)
+            assert not seq.pending  # preempted with a token in flight: update() brought it before this schedule
             length = min(seq.num_tokens - seq.num_computed, budget)
             need = self._blocks_needed(seq, seq.num_computed + length)
             if not self.allocator.can_allocate(need):
@@ -246,7 +261,7 @@ class Scheduler:
                     self._release(seq)  # give back any cached prefix it took; retried next step
                     seq.num_computed = 0
                 break
-            seq.block_table += self.allocator.allocate(need)
+            seq.block_table.extend(self.allocator.allocate(need))
             if seq.swap_slots:
                 self._swap_back(seq)
             seq.status = Status.RUNNING
@@ -265,16 +280,25 @@ class Scheduler:
         return budget
 
     def _add_chunk(self, seq: Sequence, length: int, chunks: list[Chunk], scheduled: set[int]) -> None:
-        chunks.append(Chunk(seq, seq.num_computed, length, seq.num_computed + length == seq.num_tokens))
+        start = seq.num_computed
+        end = start + length
+        sample = end == len(seq.prompt_ids) + len(seq.output_ids) + seq.pending
+        chunks.append(Chunk(seq, start, length, sample))
         scheduled.add(id(seq))
         seq.last_step = self.num_steps
+        if start < seq.computed_high:  # KV freed by a preemption, computed again
+            self.recomputed_tokens += min(end, seq.computed_high) - start
+        if end > seq.computed_high:
+            seq.computed_high = end
+        seq.num_computed = end
+        seq.pending += sample
 
     def _pending_prefill(self, limit: int) -> int:
         """Prefill tokens that could run this step (counted up to `limit`)."""
         n = 0
         admissible = self.waiting if len(self.running) < self.max_running else ()
         for seq in itertools.chain(self.running, admissible):
-            todo = seq.num_tokens - seq.num_computed
+            todo = seq.num_tokens + seq.pending - seq.num_computed
             if todo > 1 or seq.status is Status.WAITING:
                 n += todo
                 if n >= limit:
@@ -282,25 +306,26 @@ class Scheduler:
         return n
 
     def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenOutput]:
-        """Record the step's results: one sampled id per chunk with `sample`, else None."""
+        """Record the step's results: one sampled id per chunk with `sample`, else None. Plans are
+        updated in the order they were scheduled."""
         outputs = []
-        running, prefix_caching, block_size = Status.RUNNING, self.prefix_caching, self.block_size
+        running, finished = Status.RUNNING, Status.FINISHED
+        prefix_caching, block_size = self.prefix_caching, self.block_size
         for chunk, token in zip(plan.chunks, sampled, strict=True):
             seq = chunk.seq
-            if seq.status is not running:
-                continue  # finished (cancelled) while the step ran: its result is dropped
-            end = chunk.start + chunk.length
-            if chunk.start < seq.computed_high:  # KV freed by a preemption, computed again
-                self.recomputed_tokens += min(end, seq.computed_high) - chunk.start
-            if end > seq.computed_high:
-                seq.computed_high = end
-            seq.num_computed = end
-            if prefix_caching and end // block_size > len(seq.block_hashes):  # a block got full
+            if seq.status is finished:
+                continue  # finished (cancelled, stopped) while the step ran: its result is dropped
+            if chunk.sample:
+                assert token is not None
+                seq.pending -= 1
+                seq.output_ids.append(token)  # a request preempted since this step was planned keeps it too
+            # A block is cached once its ids are all known (its K/V may still be in flight: any
+            # step that reads it is planned later, so runs later on the device's one stream).
+            if (prefix_caching and seq.status is running
+                    and min(seq.num_computed, seq.num_tokens) // block_size > len(seq.block_hashes)):
                 self._register_full_blocks(seq)
             if not chunk.sample:
                 continue
-            assert token is not None
-            seq.output_ids.append(token)
             reason = None
             if token in seq.eos_ids:
                 reason = "stop"
@@ -328,7 +353,7 @@ class Scheduler:
             preempted.append(victim)
             if victim is seq:
                 return False
-        seq.block_table += self.allocator.allocate(need)
+        seq.block_table.extend(self.allocator.allocate(need))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -372,7 +397,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
-        seq.block_table = []
+        seq.block_table = array("i")
         seq.block_hashes = []
 
     # --- prefix cache ------------------------------------------------------------------------
@@ -393,7 +418,7 @@ class Scheduler:
             found = self.allocator.lookup([h])
             if not found:
                 break
-            seq.block_table += found
+            seq.block_table.extend(found)
             seq.block_hashes.append(h)
             parent = h
         seq.num_computed = len(seq.block_table) * self.block_size
@@ -402,7 +427,7 @@ class Scheduler:
             self.prefix_hit_tokens += seq.num_computed
 
     def _register_full_blocks(self, seq: Sequence) -> None:
-        for i in range(len(seq.block_hashes), seq.num_computed // self.block_size):
+        for i in range(len(seq.block_hashes), min(seq.num_computed, seq.num_tokens) // self.block_size):
             h = self._block_hash(seq, i, seq.block_hashes[-1] if seq.block_hashes else 0)
             self.allocator.register(seq.block_table[i], h)
             seq.block_hashes.append(h)

@@ -74,13 +74,14 @@ async def run_all(engine, prompts) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["smollm2", "random:tiny-qwen3"])
 @pytest.mark.parametrize("mode", ["chunked_prefill", "preemption"])
-async def test_greedy_matches_hugging_face(name, mode):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+async def test_greedy_matches_hugging_face(name, mode, overlap):
     prompts, expected = await trio.to_thread.run_sync(reference, name)
     if mode == "chunked_prefill":
-        config = EngineConfig(model=name, max_batch_tokens=24, kv_memory=0.02)
+        config = EngineConfig(model=name, max_batch_tokens=24, kv_memory=0.02, overlap=overlap)
     else:
         longest = max(len(p) for p in prompts) + NEW_TOKENS
-        config = EngineConfig(model=name, max_batch_tokens=256, kv_blocks=longest // 16 + 3)
+        config = EngineConfig(model=name, max_batch_tokens=256, kv_blocks=longest // 16 + 3, overlap=overlap)
     with trio.fail_after(600):
         async with open_engine(config) as engine:
             got = await run_all(engine, prompts)

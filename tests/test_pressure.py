@@ -54,11 +54,13 @@ async def run(config, prompts, mixed=False):
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority,first-token,length,fair"])
-async def test_fifty_long_requests_in_a_tiny_arena_all_finish_identically(policy):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+async def test_fifty_long_requests_in_a_tiny_arena_all_finish_identically(policy, overlap):
     rng = random.Random(5)
     prompts = [[rng.randrange(320) for _ in range(rng.randrange(20, 80))] for _ in range(N)]
     roomy = EngineConfig(model="random:tiny-qwen3", kv_blocks=2048, max_running=N, max_batch_tokens=4096)
-    tight = EngineConfig(model="random:tiny-qwen3", kv_blocks=32, max_running=N, max_batch_tokens=256, policy=policy)
+    tight = EngineConfig(model="random:tiny-qwen3", kv_blocks=32, max_running=N, max_batch_tokens=256, policy=policy,
+                         overlap=overlap)
     want, none, zero = await run(roomy, prompts)
     got, preempted, recomputed = await run(tight, prompts, mixed=policy != "fcfs")
     assert not none and not zero and preempted and recomputed  # the tight arena really was under pressure

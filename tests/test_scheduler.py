@@ -24,7 +24,7 @@ def run_step(sched, token=7):
     assert plan.num_tokens <= sched.max_batch_tokens
     for c in plan.chunks:
         assert c.length >= 1  # no empty (padding) entries
-        assert c.start == c.seq.num_computed
+        assert c.start + c.length == c.seq.num_computed  # planned counts as computed
         assert len(c.seq.block_table) * BS >= c.start + c.length  # blocks cover the chunk
     sched.update(plan, [token if c.sample else None for c in plan.chunks])
     return plan
@@ -112,7 +112,7 @@ def test_preempts_the_younger_and_resumes_from_prompt_plus_output():
     # "old" needed a 3rd block with none free: of the two, both scheduled last step, "new", the
     # later arrival, was preempted
     assert (old.num_preemptions, new.num_preemptions) == (0, 1)
-    assert new.status is Status.WAITING and new.block_table == [] and new.num_computed == 0
+    assert new.status is Status.WAITING and len(new.block_table) == 0 and new.num_computed == 0
     generated = list(new.output_ids)
     assert len(generated) == 5
     s.add(seq("later", 2))

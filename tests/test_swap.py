@@ -218,9 +218,12 @@ def tight(per_block, slots, **kw):
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority,first-token,length,fair"])
-async def test_swapping_under_pressure_gives_identical_tokens_and_recomputes_nothing(want, policy):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+async def test_swapping_under_pressure_gives_identical_tokens_and_recomputes_nothing(want, policy, overlap):
+    """With overlap, victims are swapped out while their last sample is still in flight: they get
+    that token, and resume after it."""
     want, per_block = want
-    got, st, text, _ = await run(tight(per_block, 32, policy=policy))
+    got, st, text, _ = await run(tight(per_block, 32, policy=policy, overlap=overlap))
     assert st.swap_slots == 32
     assert got == want
     assert st.preemptions and st.swaps_out == st.preemptions == st.swaps_in  # every victim swapped, and back
@@ -239,8 +242,9 @@ async def test_a_pool_too_small_falls_back_to_recompute_with_identical_tokens(wa
     assert 0 < st.swaps_out < st.preemptions and st.recomputed_tokens > 0
 
 
-async def test_cancelling_under_pressure_frees_every_block_and_slot(want):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+async def test_cancelling_under_pressure_frees_every_block_and_slot(want, overlap):
     want, per_block = want
-    got, st, _, _ = await run(tight(per_block, 32), cancel_after_swaps=3)
+    got, st, _, _ = await run(tight(per_block, 32, overlap=overlap), cancel_after_swaps=3)
     assert st.swaps_out >= 3
     assert all(got[i] == want[i] for i in range(N) if i % 3)  # (the frees are asserted in run)

@@ -1,6 +1,7 @@
 """Offline throughput on the shared workload, every system in ONE process on the same card.
 
-(a) streamer, continuous batching; (b) streamer, static batches of 64; (c) Hugging Face
+(a) streamer, continuous batching (`serial`: the same with overlapped steps off, so each step
+waits for the host to plan it); (b) streamer, static batches of 64; (c) Hugging Face
 continuous batching (`init_continuous_batching`, per-request max_new_tokens, EOS off);
 (d) Hugging Face `generate` in left-padded batches of 64. Prints output tok/s, wall time, peak
 GPU memory, ratios to (c), each model's physical floor (from its shapes, the workload and the
@@ -36,7 +37,7 @@ from streamer.config import EngineConfig  # noqa: E402
 from streamer.engine import open_engine  # noqa: E402
 from streamer.types import SamplingParams, TokenEvent  # noqa: E402
 
-SYSTEMS = ("engine", "static", "hf-cb", "hf-generate")
+SYSTEMS = ("engine", "serial", "static", "hf-cb", "hf-generate")
 
 
 def progress(label: str, done: int, total: int, t0: float) -> None:
@@ -107,17 +108,18 @@ def floor_seconds(s: ModelSpec, items: list[Item], bw: float, flops: float) -> f
 
 
 # --- systems ---------------------------------------------------------------------------------
-async def run_engine(name: str, items: list[Item], args, static: bool) -> tuple[float, int]:
+async def run_engine(name: str, items: list[Item], args, system: str) -> tuple[float, int]:
+    static = system == "static"
     config = EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory, max_running=args.max_running,
                           max_batch_tokens=args.max_batch_tokens, static_batch=64 if static else None,
-                          max_waiting=max(1024, len(items) + 1))
+                          max_waiting=max(1024, len(items) + 1), overlap=False if system == "serial" else None)
     async with open_engine(config) as engine:
         engine.metrics.steps = deque(maxlen=None)  # keep every step for the breakdown below
         gc.collect()
         gc.freeze()  # as `streamer serve` does once ready: full collections skip the start-up heap
         total = sum(i.output_len for i in items)
         done = [0]
-        label = "static" if static else "engine"
+        label = system
 
         async def one(item: Item):
             params = SamplingParams(max_tokens=item.output_len, ignore_eos=True)
@@ -147,12 +149,12 @@ async def run_engine(name: str, items: list[Item], args, static: bool) -> tuple[
 
 
 def print_steps(label: str, steps: list, wall: float) -> None:
-    """Where the engine's wall time went, from its own step records: decode-only steps (CUDA graph
-    replays where the batch fits), steps with prefill tokens (eager), and the host's time between
-    steps (scheduling and bookkeeping while the device waits)."""
+    """Where the engine's wall time went, from its own step records: the device's time in
+    decode-only steps (CUDA graph replays where the batch fits) and in steps with prefill tokens
+    (eager), and the time the device sat idle between steps, waiting for the host (CUDA events)."""
     groups = {"decode-only": [s for s in steps if s.prefill_tokens == 0],
               "with prefill": [s for s in steps if s.prefill_tokens > 0]}
-    print(f"  {label} steps: {len(steps)} in {wall:.2f} s; between steps {sum(s.idle_gap for s in steps):.2f} s",
+    print(f"  {label} steps: {len(steps)} in {wall:.2f} s; device idle between steps {sum(s.idle_gap for s in steps):.2f} s",
           file=sys.stderr)
     for name, group in groups.items():
         if group:
@@ -287,8 +289,8 @@ def main() -> None:
         for system in systems:
             free_gpu()
             print(f"{name} / {system}", file=sys.stderr)
-            if system in ("engine", "static"):
-                wall, toks = trio.run(run_engine, name, items, args, system == "static")
+            if system in ("engine", "serial", "static"):
+                wall, toks = trio.run(run_engine, name, items, args, system)
             else:
                 model = load_hf_model(f"random:{name}", device, dtype)
                 fn = run_hf_cb if system == "hf-cb" else run_hf_generate
@@ -300,7 +302,7 @@ def main() -> None:
             rate = toks / wall
             ref = results.get("hf-cb")
             ratio = rate / (ref[1] / ref[0]) if ref else float("nan")
-            pct = 100 * floor / wall if system in ("engine", "static") and len(items) else float("nan")
+            pct = 100 * floor / wall if system in ("engine", "serial", "static") and len(items) else float("nan")
             rows.append((name, system, toks, wall, rate, peak, ratio, pct))
             print(f"RESULT {name} {system}: {toks} tokens in {wall:.2f} s = {rate:,.0f} tok/s, peak {peak:.1f} GiB, "
                   f"{ratio:.2f}x HF CB, {pct:.0f}% of floor", flush=True)

@@ -3,9 +3,9 @@
 1. A batch-256 decode step at ~800-token contexts: host packing, graph replay and sampling timed
    apart with CUDA events, and the eager forward under the torch profiler, its kernel time summed
    by category (GEMM, attention, norm, rope, elementwise, sampling ...).
-2. The engine on the shared workload (first --requests requests): wall time, steps, the time the
-   worker thread spends in `runner.step`, and a cProfile of the trio thread (scheduling,
-   detokenizing, sending).
+2. The engine on the shared workload (first --requests requests): wall time, the device's time
+   in its steps and idle between them (CUDA events), and a cProfile of the trio thread
+   (scheduling, detokenizing, sending).
 
     python3 tools/profile_step.py --model qwen2.5-0.5b
 """
@@ -123,39 +123,14 @@ def decode_profile(name: str, args) -> None:
 def engine_profile(name: str, args) -> None:
     import trio
 
-    from gpu.runner import ModelRunner
-
     items = requests(load_spec(), args.requests)
-    busy = [0.0, 0]
-    real_collect = ModelRunner.collect
-
-    def timed_collect(launched):  # launch-to-result time of each step, on the worker thread
-        try:
-            return real_collect(launched)
-        finally:
-            busy[0] += time.perf_counter() - launched.t_launch
-            busy[1] += 1
-
-    real_launch = ModelRunner.launch
-
-    def timed_launch(self, seqs):
-        t = time.perf_counter()
-        out = real_launch(self, seqs)
-        out.t_launch = t
-        return out
-
-    ModelRunner.collect, ModelRunner.launch = staticmethod(timed_collect), timed_launch
     prof = cProfile.Profile()
     args.max_running, args.max_batch_tokens = 256, 8192
-    try:
-        prof.enable()
-        wall, tokens = trio.run(run_engine, name, items, args, False)
-        prof.disable()
-    finally:
-        ModelRunner.collect, ModelRunner.launch = staticmethod(real_collect), real_launch
+    prof.enable()
+    wall, tokens = trio.run(run_engine, name, items, args, "engine")  # prints the device's step breakdown
+    prof.disable()
     print(f"\n{name} engine, {len(items)} requests: {tokens} tokens in {wall:.2f} s ({tokens / wall:,.0f} tok/s, "
-          f"cProfile on), {busy[1]} steps, launch to result {busy[0]:.2f} s ({busy[0] / busy[1] * 1e3:.2f} ms/step), "
-          f"between steps {(wall - busy[0]) / busy[1] * 1e3:.2f} ms/step")
+          f"cProfile on)")
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
     print("trio thread, by own time:\n" + "\n".join(s.getvalue().splitlines()[6:40]))

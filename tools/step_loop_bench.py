@@ -57,7 +57,8 @@ def fake_launcher(ids: str):
         else:  # a request's first block tells it apart: each streams the text from its own offset
             n = len(text)
             out = torch.tensor([text[(s.block_table[0] * 13 + s.start_pos) % n] for s in seqs if s.sample])
-        return Launched(out, None, mask)
+        now = time.perf_counter()
+        return Launched(out, None, mask, now, now)
 
     return launch
 
