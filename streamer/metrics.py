@@ -139,7 +139,12 @@ class Metrics:
         self.step_budget = Gauge("streamer_step_token_budget", "Token budget of a step, now", registry=r)
         self.running_cap = Gauge("streamer_running_cap", "Most requests running at once, now "
                                  "(--max-running when uncapped)", registry=r)
-        self.step_seconds = Histogram("streamer_step_seconds", "Model step wall time", buckets=LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("streamer_step_seconds", "Device time of a model step (CUDA events; the "
+                                      "host's clock on the CPU)", buckets=LATENCY_BUCKETS, registry=r)
+        self.device_idle = Counter("streamer_device_idle_seconds", "Time the device sat idle between two steps "
+                                   "while requests were live (waiting for the host)", registry=r)
+        self.decode_tokens = Gauge("streamer_decode_tokens", "Decode tokens in the last step (the rest were prefill)",
+                                   registry=r)
         self.t_start = time.monotonic()
         self.total = {s: _hdr() for s in SERIES}
         self.window = Window(window_s)
@@ -192,6 +197,8 @@ class Metrics:
         self._recomputed_seen = recomputed_tokens
         self.tokens.inc(rec.generated)
         self.step_seconds.observe(rec.seconds)
+        self.device_idle.inc(rec.idle_gap)
+        self.decode_tokens.set(rec.decode_tokens)
         self.preemptions.inc(preempted)
         self.running.set(rec.running)
         self.waiting.set(rec.waiting)
@@ -219,4 +226,7 @@ class Metrics:
             "kv_free_blocks": last.kv_free if last else None,
             "batch_tokens": last.tokens if last else 0,
             "step_ms": round(last.seconds * 1000, 3) if last else None,
+            "decode_tokens": last.decode_tokens if last else 0,
+            # share of the last 10 s of steps the device sat idle between them, waiting for the host
+            "device_idle": round(sum(s.idle_gap for s in recent) / span, 4) if span else 0.0,
         }

@@ -43,6 +43,10 @@ async def test_metrics_and_stats_after_traffic(tiny_server):
     assert 'streamer_errors_total{code="invalid_json"} 1.0' in text  # counted at the websocket edge
     assert "streamer_generated_tokens_total 30.0" in text
     assert "streamer_step_token_budget 256.0" in text and "streamer_running_cap 8.0" in text  # uncapped: max_running
+    # per-step figures: the step's own time, its decode tokens, the device's idle time between steps
+    assert "streamer_step_seconds_count" in text and "streamer_device_idle_seconds_total" in text
+    assert "streamer_decode_tokens " in text
+    assert stats["step_ms"] > 0 and 0 <= stats["device_idle"] <= 1 and stats["decode_tokens"] >= 0
     assert stats["model"] == engine.model_name
     assert stats["since_start"]["ttft"]["count"] == 3 and stats["since_start"]["itl"]["count"] == 27
     assert stats["window"]["e2e"]["count"] == 3
