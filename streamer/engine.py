@@ -320,6 +320,7 @@ class Engine:
                 self._retire(done, out["sampled"])
         if "launch_error" in out:
             self._fail(plan, out["launch_error"])
+        await trio.lowlevel.checkpoint_if_cancelled()  # the cancel the shield held back, if any
 
     def _inputs(self, plan: StepPlan, prev: InFlight | None) -> tuple[list[SeqInput], dict[int, int]]:
         """The runner's inputs for `plan`, and each sampling request's row in its sampled ids."""

@@ -13,7 +13,7 @@ from streamer.allocator import BlockAllocator
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
 from streamer.scheduler import Scheduler, Sequence, Status
-from streamer.types import SamplingParams
+from streamer.types import FinishEvent, SamplingParams
 from tests.test_engine import TINY, collect, wait_kv_free
 
 BS = 4
@@ -126,3 +126,28 @@ async def test_eos_found_in_step_n_gives_no_token_from_step_n_plus_1(overlap, mo
     assert [t.token_id for t in tokens] == ids[: k + 1]  # up to and with the EOS, nothing after
     assert done.finish_reason == "stop" and done.completion_tokens == k + 1
     assert planned == ([k + 1] if overlap else [])  # with overlap, the step after was planned with it
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+async def test_closing_the_engine_mid_generation_ends_it_at_once(overlap):
+    """Leaving `open_engine` while a request decodes stops the step loop after the step at hand
+    (its device call is shielded; the cancel lands right after) and ends the request."""
+    events = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            async with open_engine(run_config(overlap)) as engine:
+                gen = engine.generate("x", SamplingParams(max_tokens=900, ignore_eos=True))
+                three = trio.Event()
+
+                async def read():
+                    async with gen:
+                        async for ev in gen:
+                            events.append(ev)
+                            if len(events) == 3:
+                                three.set()
+
+                nursery.start_soon(read)
+                await three.wait()
+    done = events[-1]
+    assert isinstance(done, FinishEvent) and done.finish_reason == "error" and done.error.code == "shutting_down"
+    assert 3 <= done.completion_tokens < 900 and engine.live_requests == 0
