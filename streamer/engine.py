@@ -108,7 +108,6 @@ class Engine:
         self._drained = trio.Event()  # set by the step loop once, after stop_accepting, nothing is live
         self._last_reap = 0.0
         self._inflight: InFlight | None = None  # the launched step not collected yet (overlap)
-        self._pending: list = []  # TokenOutputs recorded and not sent yet
         self._last_collected: Launched | None = None  # the step before, for the device's idle gap; None after idle
         self.metrics = Metrics()
         self.metrics.watch_knobs(lambda: self.scheduler.max_batch_tokens,  # [controller] read at scrape time
@@ -230,7 +229,6 @@ class Engine:
     async def run(self) -> None:
         while True:
             if not self.scheduler.has_work() and self._inflight is None:
-                self._emit_pending()
                 self._last_collected = None
                 if not self._accepting and not self._requests and not self._inbox.statistics().current_buffer_used:
                     self._drained.set()  # stays drained: nothing new is accepted any more
@@ -248,7 +246,6 @@ class Engine:
             if plan is not None and not plan.chunks and not plan.swap_out:
                 plan = None
             if plan is None and self._inflight is None:
-                self._emit_pending()
                 await trio.sleep(0)
                 continue
             await self._step(plan)
@@ -353,13 +350,12 @@ class Engine:
         the device runs the next step). A request that ended while the step ran (cancel, stop
         string) gets no token from it: update() skips it."""
         self._steps += 1
-        self._pending = self.scheduler.update(step.plan, sampled)
-        self._record_step(step, len(self._pending))
-        self._emit_pending()
+        outputs = self.scheduler.update(step.plan, sampled)
+        self._record_step(step, len(outputs))
+        self._emit(outputs)
 
     def _fail(self, plan: StepPlan, exc: Exception) -> None:
         """A step that raised fails its own requests; the engine serves on."""
-        self._emit_pending()  # tokens computed before it still go out first
         log.error("step_failed", tokens=plan.num_tokens, requests=[c.seq.request_id for c in plan.chunks],
                   exc_info=exc)
         self._last_collected = None
@@ -369,9 +365,8 @@ class Engine:
             if seq.request_id in self._requests:
                 self._end(seq.request_id, "error", RequestError("internal", f"model step failed: {type(exc).__name__}"))
 
-    def _emit_pending(self) -> None:
-        """Send the last collected step's tokens: detokenize, apply stop strings, stamp metrics."""
-        outputs, self._pending = self._pending, []
+    def _emit(self, outputs: list) -> None:
+        """Send a collected step's tokens: detokenize, apply stop strings, stamp metrics."""
         if not outputs:
             return
         now = time.monotonic()
@@ -480,7 +475,6 @@ class Engine:
                 self._fail(step.plan, exc)
             else:
                 self._retire(step, sampled)
-        self._emit_pending()
         for rid in list(self._requests):
             self._end(rid, reason, error)
 
