@@ -339,7 +339,7 @@ class Engine:
                 rows[id(seq)] = len(rows)
             end = c.start + c.length
             # block_table is not copied: nothing changes it before launch() has read it
-            if end > seq.num_tokens:  # a decode of the token the step in flight samples
+            if end > len(seq.prompt_ids) + len(seq.output_ids):  # a decode of the token the step in flight samples
                 inputs.append(SeqInput([0], c.start, seq.block_table, spec, prev.rows[id(seq)]))
             else:
                 inputs.append(SeqInput(seq.token_ids(c.start, end), c.start, seq.block_table, spec))

@@ -321,9 +321,9 @@ class Scheduler:
                 seq.output_ids.append(token)  # a request preempted since this step was planned keeps it too
             # A block is cached once its ids are all known (its K/V may still be in flight: any
             # step that reads it is planned later, so runs later on the device's one stream).
-            if (prefix_caching and seq.status is running
+            if (prefix_caching and seq.num_computed // block_size > len(seq.block_hashes) and seq.status is running
                     and min(seq.num_computed, seq.num_tokens) // block_size > len(seq.block_hashes)):
-                self._register_full_blocks(seq)
+                self._register_full_blocks(seq)  # (the first test alone is false for most tokens)
             if not chunk.sample:
                 continue
             reason = None
