@@ -125,7 +125,7 @@ def engine_profile(name: str, args) -> None:
 
     items = requests(load_spec(), args.requests)
     prof = cProfile.Profile()
-    args.max_running, args.max_batch_tokens = 256, 8192
+    args.max_running, args.max_batch_tokens, args.repeat = 256, 8192, 1
     prof.enable()
     wall, tokens = trio.run(run_engine, name, items, args, "engine")  # prints the device's step breakdown
     prof.disable()
