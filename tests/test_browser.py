@@ -150,7 +150,7 @@ def test_four_parallel_chats_all_finish(page, url):
 def test_dashboard_charts_update(page, browser, url):
     page.goto(url + "/dashboard")
     page.wait_for_function("Number(document.body.dataset.updates || 0) >= 2")
-    assert page.locator(".chart canvas").count() == 6
+    assert page.locator(".chart canvas").count() == 7
     # Traffic from a chat page in another tab; the dashboard's figures follow it.
     chat = browser.new_page()
     open_chat(chat, url, 12)

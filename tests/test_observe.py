@@ -47,6 +47,7 @@ async def test_metrics_and_stats_after_traffic(tiny_server):
     assert "streamer_step_seconds_count" in text and "streamer_device_idle_seconds_total" in text
     assert "streamer_decode_tokens " in text
     assert stats["step_ms"] > 0 and 0 <= stats["device_idle"] <= 1 and stats["decode_tokens"] >= 0
+    assert {"device_s", "device_idle_s"} <= stats["recent_steps"].keys()
     assert stats["model"] == engine.model_name
     assert stats["since_start"]["ttft"]["count"] == 3 and stats["since_start"]["itl"]["count"] == 27
     assert stats["window"]["e2e"]["count"] == 3

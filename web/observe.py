@@ -63,6 +63,9 @@ def stats(engine: Any, step_window_s: float = 1.0, hdr: bool = False) -> dict:
             "batch_tokens_max": max(tokens, default=0),
             "prefill_tokens": sum(r.prefill_tokens for r in recent),
             "decode_tokens": sum(r.decode_tokens for r in recent),
+            # the device's time in those steps, and idle between them waiting for the host
+            "device_s": round(sum(r.seconds for r in recent), 6),
+            "device_idle_s": round(sum(r.idle_gap for r in recent), 6),
         },
     )
     if hdr:

@@ -1,5 +1,5 @@
 // Dashboard client: one websocket to /v1/stats (a JSON snapshot about once a second) feeding
-// six uPlot charts with the last five minutes, and the number tiles above them. The batching
+// seven uPlot charts with the last five minutes, and the number tiles above them. The batching
 // knobs (step budget, running cap) and the latency objectives, when set, are drawn too.
 "use strict";
 
@@ -19,7 +19,15 @@ const CHARTS = [
       ["mean", BLUE, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_mean : null],
       ["max", AMBER, (s) => s.recent_steps.steps ? s.recent_steps.batch_tokens_max : null],
       ["budget", GREY, (s) => s.batching.max_batch_tokens, [6, 4]]] },
+  { title: "Device: computing, and idle waiting for the host (%)", max: 100, series: [
+      ["computing", GREEN, (s) => devicePercent(s, "device_s")],
+      ["idle", RED, (s) => devicePercent(s, "device_idle_s")]] },
 ];
+
+function devicePercent(snap, key) {
+  const r = snap.recent_steps;
+  return r.steps ? Math.min(100, 100 * r[key] / r.window_s) : null;
+}
 
 function pct(name) {
   return [["P50", BLUE, (s) => s.window[name].p50_ms], ["P95", AMBER, (s) => s.window[name].p95_ms],
