@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class RequestError(Exception):
@@ -69,9 +70,11 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token; ``text`` is the new decoded text (may be "" mid-character)."""
+class TokenEvent(NamedTuple):
+    """One generated token; ``text`` is the new decoded text (may be "" mid-character).
+
+    Immutable like the other events, but a named tuple: one is made per token, and a frozen
+    dataclass costs about 3x as much to build (~0.3 us a token)."""
 
     index: int
     token_id: int
