@@ -3,8 +3,8 @@
 Every request decodes at once (batch = --requests), the fake runner returns a token for each
 sampling sequence immediately, so what is left per step is the host's work: scheduling, building
 the step's inputs, `scheduler.update`, detokenizing, sending each token and the metrics. On a GPU
-that work runs between the device's steps (all of it but the sending, which overlaps the next
-step), so it bounds the step rate. It prints wall time and the process's CPU time (both threads)
+with overlapped steps (CUDA's default) that work runs while the device computes the next step, so
+it sets the step rate whenever it takes longer than a device step. It prints wall time and the process's CPU time (both threads)
 a token; on a busy machine the CPU figure is the steadier. `--profile` adds a cProfile table.
 
 Like `streamer serve`, it freezes the start-up heap out of the cyclic collector before the run
