@@ -52,6 +52,7 @@ class EngineConfig:
     # so overlapping would only hold each token back a step.
     overlap: bool | None = None
     static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
+    static_padding: bool = False  # ... padded too: prompts to the batch's longest, rows held to its end
     auto_tune: bool | None = None  # time candidate budgets at warm-up; None: on for CUDA, off on the CPU
     slo_ttft_ms: float | None = None  # latency objectives: set, the controller steers budget and admission
     slo_itl_ms: float | None = None
@@ -78,6 +79,8 @@ class EngineConfig:
             raise ValueError("block_size must be one of 8, 16, 32, 64, 128, 256")
         if self.static_batch is not None and self.static_batch < 1:
             raise ValueError("static_batch must be >= 1")
+        if self.static_padding and not self.static_batch:
+            raise ValueError("static_padding pads static batches: set static_batch too")
         if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.max_running < 1 \
                 or self.max_waiting < 1:
             raise ValueError("max_batch_tokens, max_running and max_waiting must be >= 1")

@@ -41,6 +41,7 @@ from streamer.scheduler import Scheduler, Sequence, StepPlan
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
 
 log = structlog.get_logger("streamer")
+GREEDY = SampleSpec()
 
 
 @dataclass(slots=True)
@@ -95,7 +96,8 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, config.block_size, budget, config.max_running,
                                    config.static_batch, config.prefix_caching,
                                    Policy.parse(config.policy, config.prefill_share, config.aging_s),
-                                   host_slots=self.host_slots)
+                                   host_slots=self.host_slots, static_padding=config.static_padding,
+                                   capacity=self.capacity)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
         # cancels at most once, so it holds at most as many messages as there are requests.
@@ -326,13 +328,13 @@ class Engine:
         rows: dict[int, int] = {}
         for c in plan.chunks:
             seq = c.seq
-            req = self._requests[seq.request_id]
-            if req.t_scheduled is None:
+            req = self._requests.get(seq.request_id)  # None: a padding row (padded static batches)
+            if req is not None and req.t_scheduled is None:
                 req.t_scheduled = now
                 self.metrics.observe("queue", now - req.t_arrival, now)
             spec = None
             if c.sample:
-                spec = req.spec
+                spec = req.spec if req is not None else GREEDY
                 if spec.seed is not None:  # a seeded draw depends on which completion token it is:
                     p = req.params        # those known, then those still in flight
                     spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(seq.output_ids) + seq.pending - 1)

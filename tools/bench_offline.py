@@ -1,7 +1,9 @@
 """Offline throughput on the shared workload, every system in ONE process on the same card.
 
 (a) streamer, continuous batching (`serial`: the same with overlapped steps off, so each step
-waits for the host to plan it); (b) streamer, static batches of 64; (c) Hugging Face
+waits for the host to plan it); (b) streamer, static batches of 64 (`static-padded`: padded as a
+static batch is, each prompt to the batch's longest and each finished row decoding on to the
+batch's end); (c) Hugging Face
 continuous batching (`init_continuous_batching`, per-request max_new_tokens, EOS off);
 (d) Hugging Face `generate` in left-padded batches of 64. Prints output tok/s, wall time, peak
 GPU memory, ratios to (c), each model's physical floor (from its shapes, the workload and the
@@ -37,7 +39,8 @@ from streamer.config import EngineConfig  # noqa: E402
 from streamer.engine import open_engine  # noqa: E402
 from streamer.types import SamplingParams, TokenEvent  # noqa: E402
 
-SYSTEMS = ("engine", "serial", "static", "hf-cb", "hf-generate")
+SYSTEMS = ("engine", "serial", "static", "static-padded", "hf-cb", "hf-generate")
+OURS = ("engine", "serial", "static", "static-padded")
 
 
 def progress(label: str, done: int, total: int, t0: float) -> None:
@@ -109,9 +112,10 @@ def floor_seconds(s: ModelSpec, items: list[Item], bw: float, flops: float) -> f
 
 # --- systems ---------------------------------------------------------------------------------
 async def run_engine(name: str, items: list[Item], args, system: str) -> tuple[float, int]:
-    static = system == "static"
+    static = system.startswith("static")
     config = EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory, max_running=args.max_running,
                           max_batch_tokens=args.max_batch_tokens, static_batch=64 if static else None,
+                          static_padding=system == "static-padded",
                           max_waiting=max(1024, len(items) + 1), overlap=False if system == "serial" else None)
     async with open_engine(config) as engine:
         gc.collect()
@@ -309,7 +313,7 @@ def main() -> None:
         for system in systems:
             free_gpu()
             print(f"{name} / {system}", file=sys.stderr)
-            if system in ("engine", "serial", "static"):
+            if system in OURS:
                 wall, toks = trio.run(run_engine, name, items, args, system)
             else:
                 model = load_hf_model(f"random:{name}", device, dtype)
@@ -322,7 +326,7 @@ def main() -> None:
             rate = toks / wall
             ref = results.get("hf-cb")
             ratio = rate / (ref[1] / ref[0]) if ref else float("nan")
-            pct = 100 * floor / wall if system in ("engine", "serial", "static") and len(items) else float("nan")
+            pct = 100 * floor / wall if system in OURS and len(items) else float("nan")
             rows.append((name, system, toks, wall, rate, peak, ratio, pct))
             print(f"RESULT {name} {system}: {toks} tokens in {wall:.2f} s = {rate:,.0f} tok/s, peak {peak:.1f} GiB, "
                   f"{ratio:.2f}x HF CB, {pct:.0f}% of floor", flush=True)
