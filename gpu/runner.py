@@ -141,7 +141,7 @@ class ModelRunner:
         packed = torch.tensor(host, dtype=torch.long, pin_memory=cuda).to(dev, non_blocking=cuda)
         input_ids, pos, row_idx, fed_rows, fed_src = packed.split([t, t, len(rows), k, k])
         if k:
-            input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (not index_copy_: graphs.py)
+            input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (see graphs.py _fill)
         logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)  # writes the KV
         ids = sample(logits, specs) if specs else torch.empty(0, dtype=torch.long, device=dev)
         return self._sampled(ids, [s.sample is not None for s in seqs], begin)
