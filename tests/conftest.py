@@ -43,6 +43,16 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> 
     return outs
 
 
+async def read_tokens(gen, out: list[int]) -> None:
+    """Read a generation to its end, appending each token id to `out`."""
+    from streamer.types import TokenEvent
+
+    async with gen:
+        async for ev in gen:
+            if isinstance(ev, TokenEvent):
+                out.append(ev.token_id)
+
+
 @pytest.fixture
 async def tiny_server():
     """(engine, base URL) of a real server on 127.0.0.1 port 0 serving random:tiny-qwen3."""

@@ -167,7 +167,7 @@ async def test_padded_static_batches_give_the_same_tokens_and_do_the_padded_work
     for padded in (False, True):
         config = run_config(overlap, static_batch=4, static_padding=padded, max_batch_tokens=512, kv_blocks=256)
         async with open_engine(config) as engine:
-            gens = [engine.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths)]
+            gens = [engine.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths, strict=True)]
             out = []
             with trio.fail_after(60):
                 for gen in gens:

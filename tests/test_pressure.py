@@ -13,7 +13,8 @@ from prometheus_client import generate_latest
 
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
-from streamer.types import SamplingParams, TokenEvent
+from streamer.types import SamplingParams
+from tests.conftest import read_tokens
 from web.observe import stats
 
 N, NEW = 50, 40
@@ -22,12 +23,6 @@ N, NEW = 50, 40
 async def run(config, prompts, mixed=False):
     out = [[] for _ in prompts]
     preemptions = {}
-
-    async def one(i, gen):
-        async with gen:
-            async for ev in gen:
-                if isinstance(ev, TokenEvent):
-                    out[i].append(ev.token_id)
 
     async with open_engine(config) as engine:
         original = engine.scheduler._preempt
@@ -44,7 +39,7 @@ async def run(config, prompts, mixed=False):
         with trio.fail_after(300):
             async with trio.open_nursery() as nursery:
                 for i, gen in enumerate(gens):
-                    nursery.start_soon(one, i, gen)
+                    nursery.start_soon(read_tokens, gen, out[i])
         kv = engine.kv_statistics()
         assert kv.free_blocks == kv.total_blocks
         recomputed = engine.statistics().recomputed_tokens

@@ -18,7 +18,8 @@ from streamer.allocator import BlockAllocator, HostSlots
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
 from streamer.scheduler import Scheduler, Sequence, Status
-from streamer.types import SamplingParams, TokenEvent
+from streamer.types import SamplingParams
+from tests.conftest import read_tokens
 from web.observe import stats
 
 BS = 4
@@ -173,12 +174,6 @@ async def run(config, cancel_after_swaps=0):
     `cancel_after_swaps`, every third request is cancelled once that many swaps happened."""
     out = [[] for _ in range(N)]
 
-    async def one(i, gen):
-        async with gen:
-            async for ev in gen:
-                if isinstance(ev, TokenEvent):
-                    out[i].append(ev.token_id)
-
     async with open_engine(config) as engine:
         params = SamplingParams(max_tokens=NEW, ignore_eos=True)
         gens = [engine.submit(p, params) for p in prompts()]  # all before the step loop runs
@@ -192,7 +187,7 @@ async def run(config, cancel_after_swaps=0):
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
                 for i, gen in enumerate(gens):
-                    nursery.start_soon(one, i, gen)
+                    nursery.start_soon(read_tokens, gen, out[i])
                 if cancel_after_swaps:
                     nursery.start_soon(canceller)
         st = engine.statistics()
