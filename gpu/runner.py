@@ -157,6 +157,11 @@ class ModelRunner:
         return Launched(host, done, mask, begin)
 
     @staticmethod
+    def ready(launched: Launched) -> bool:
+        """Whether `collect` would return without waiting (a non-blocking look at the device)."""
+        return launched.done is None or launched.done.query()
+
+    @staticmethod
     def collect(launched: Launched) -> list[int | None]:
         """Wait for a launched step (the GIL is free meanwhile); its sampled id per seq, None where
         the seq did not sample."""

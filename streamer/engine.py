@@ -2,15 +2,17 @@
 
 `open_engine(config)` loads the model, sizes the KV arena and starts the step loop in a nursery
 it owns. The step loop is the only code that touches the scheduler, the allocator and request
-state; each request's task holds just the two ends of its channels. The model step runs in a
-worker thread so websockets keep flowing while the device computes.
+state; each request's task holds just its `Generation` (streamer/request.py). On CUDA a step's
+launch only queues work on the device, so the loop launches on its own thread and polls for the
+ids, letting the request tasks run meanwhile; on the CPU, where launching computes the step, the
+step runs in a worker thread so websockets keep flowing while it computes.
 
 With `overlap` (CUDA's default) the loop keeps one step queued ahead of the device: it plans and
-launches step N+1 (the launch in the worker thread), waits there for step N's ids, then records,
-detokenizes and sends them while the device runs N+1. So the host's work per step hides behind
-the device's, as long as it is shorter. The scheduler plans N+1 without N's ids
-(streamer/scheduler.py says how), and the runner feeds them to N+1 on the device
-(gpu/runner.py). Without overlap, step N+1 is planned after N's ids are back.
+launches step N+1, waits for step N's ids, then records, detokenizes and sends them while the
+device runs N+1. So the host's work per step hides behind the device's, as long as it is
+shorter. The scheduler plans N+1 without N's ids (streamer/scheduler.py says how), and the runner
+feeds them to N+1 on the device (gpu/runner.py). Without overlap, step N+1 is planned after N's
+ids are back.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from streamer.controller import build_controller
 from streamer.detok import Detokenizer, add_batch
 from streamer.metrics import Metrics, StepRecord
 from streamer.policy import Policy
-from streamer.request import AbortAll, Cancel, Generation, Request, Submit
+from streamer.request import AbortAll, Cancel, EventQueue, Generation, Request, Submit
 from streamer.scheduler import Scheduler, Sequence, StepPlan
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
 
@@ -83,6 +85,9 @@ class Engine:
         self.capacity = min(self.max_context, num_blocks * config.block_size)
         self.runner = runner
         self.overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
+        # Launch on the loop's own thread and poll for the ids (CUDA, where launching only queues
+        # work), or launch and wait in a worker thread (the CPU, where launch computes the step).
+        self.launch_inline = runner.device.type == "cuda"
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
         self.host_slots = HostSlots(runner.swap.num_slots if runner.swap else 0)
@@ -154,17 +159,17 @@ class Engine:
         key = uuid.uuid4().hex  # engine-wide unique; clients' ids may repeat across connections
         # Room for every event of the generation: the engine's send_nowait never blocks or drops.
         max_tokens = min(params.max_tokens, capacity - len(ids))
-        send, recv = trio.open_memory_channel(min(max_tokens + 1, self.config.max_buffered_events))
+        events = EventQueue(min(max_tokens + 1, self.config.max_buffered_events))
         seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
                        priority=priority, client=client)
-        request = Request(seq, params, send, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
+        request = Request(seq, params, events, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
                           request_id or key,
                           SampleSpec(params.temperature, params.top_k, params.top_p, params.seed))
         try:
             self._inbox_send.send_nowait(Submit(request))
         except trio.WouldBlock:
             raise RequestError("overloaded", "too many requests are waiting; try again later") from None
-        return Generation(key, len(ids), recv, self._control_send)
+        return Generation(key, len(ids), events, self._control_send)
 
     def generate(self, prompt: str | SeqType[int], params: SamplingParams | None = None, request_id=None):
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
@@ -281,36 +286,58 @@ class Engine:
             return
         self._last_reap = now
         for rid, req in list(self._requests.items()):
-            if req.outbox.statistics().open_receive_channels == 0:
+            if req.outbox.reader_gone:
                 self._end(rid, "cancelled")
 
     async def _step(self, plan: StepPlan | None) -> None:
         """Launch `plan` (None: nothing new to run), then collect the step launched before it
-        (overlap) or `plan` itself, in the worker thread; then record and send the collected ids."""
+        (overlap) or `plan` itself; then record and send the collected ids."""
         prev, self._inflight = self._inflight, None
         inputs, rows = self._inputs(plan, prev) if plan is not None else (None, None)
-        runner, overlap, out = self.runner, self.overlap, {}
+        runner, out = self.runner, {}
+        handle = None  # the step to collect now
 
-        def work() -> None:
-            if plan is not None:
-                try:
-                    out["launched"] = runner.launch(inputs, plan.swap_out, plan.swap_in)
-                except Exception as exc:
-                    out["launch_error"] = exc
-            handle = prev.launched if prev is not None else None if overlap else out.get("launched")
-            if handle is not None:
-                try:
-                    out["sampled"] = runner.collect(handle)
-                except Exception as exc:
-                    out["collect_error"] = exc
+        def launch() -> None:
+            try:
+                out["launched"] = runner.launch(inputs, plan.swap_out, plan.swap_in)
+            except Exception as exc:
+                out["launch_error"] = exc
+
+        def collect() -> None:
+            try:
+                out["sampled"] = runner.collect(handle)
+            except Exception as exc:
+                out["collect_error"] = exc
 
         # Shielded: a launched step is always collected and its ids recorded (the arena is never
         # left half-written, nothing computed is lost); a cancel lands right after.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(work, limiter=self._limiter)
+            if self.launch_inline:
+                # On CUDA a launch only queues work (~0.5 ms for a decode step): it runs here,
+                # and the wait for the device polls between the other tasks' turns. No thread
+                # hand-offs, no GIL contention with the request tasks.
+                if plan is not None:
+                    launch()
+                handle = prev.launched if prev is not None else None if self.overlap else out.get("launched")
+                await trio.sleep(0)  # at least one schedule point a step: the request tasks run
+                if handle is not None:
+                    while not runner.ready(handle):
+                        await trio.sleep(0)
+                    collect()
+            else:  # the CPU computes the whole step in launch(): in the worker thread
+
+                def work() -> None:
+                    nonlocal handle
+                    if plan is not None:
+                        launch()
+                    handle = prev.launched if prev is not None else None if self.overlap else out.get("launched")
+                    if handle is not None:
+                        collect()
+
+                await trio.to_thread.run_sync(work, limiter=self._limiter)
         launched = InFlight(plan, out["launched"], rows) if "launched" in out else None
-        done = prev if overlap else launched
-        if overlap:
+        done = prev if self.overlap else launched
+        if self.overlap:
             self._inflight = launched
         if done is not None and ("sampled" in out or "collect_error" in out):
             if "collect_error" in out:
@@ -424,24 +451,13 @@ class Engine:
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""
         outbox = req.outbox
-        if isinstance(event, TokenEvent):
-            # A token may take any slot but the last. Looking at the outbox costs about as much as
-            # the send, so look only once the tokens sent since the last look could have filled
-            # what was free then (`room` never exceeds the true room: reading only adds to it).
-            if req.room <= 0:
-                stats = outbox.statistics()
-                req.room = stats.max_buffer_size - 1 - stats.current_buffer_used
-                if req.room <= 0:
-                    # The client stopped reading: keep the last slot for the error, abort, free the KV.
-                    self._end(req.seq.request_id, "error",
-                              RequestError("slow_consumer", "the client stopped reading its tokens"))
-                    return
-            req.room -= 1
-        try:
-            outbox.send_nowait(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if isinstance(event, TokenEvent):  # the reader left: abort now, free the KV
-                self._end(req.seq.request_id, "cancelled")
+        if isinstance(event, TokenEvent) and len(outbox) >= outbox.capacity - 1:
+            # A token may take any slot but the last. The client stopped reading: keep the last
+            # slot for the error, abort, free the KV.
+            self._end(req.seq.request_id, "error", RequestError("slow_consumer", "the client stopped reading its tokens"))
+            return
+        if not outbox.put(event) and isinstance(event, TokenEvent):  # the reader left: abort now, free the KV
+            self._end(req.seq.request_id, "cancelled")
 
     def _end(self, request_id: str, reason: str, error: RequestError | None = None) -> None:
         """Finish a request: free its blocks, send its FinishEvent, log its canonical line."""

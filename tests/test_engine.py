@@ -30,11 +30,14 @@ async def wait_kv_free(engine):
             await trio.sleep(0.01)
 
 
-@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+@pytest.fixture(params=["serial", "overlap", "inline"])
 async def engine(request):
-    """Both step loops: serial (the CPU's default) and overlapped (CUDA's: step N+1 is planned and
-    launched before step N's ids are back)."""
-    async with open_engine(EngineConfig(model=TINY, kv_blocks=64, max_batch_tokens=64, overlap=request.param)) as eng:
+    """The step loops: serial (the CPU's default), overlapped (step N+1 is planned and launched
+    before step N's ids are back), and overlapped with the launch on the loop's own thread and a
+    polled wait (CUDA's)."""
+    config = EngineConfig(model=TINY, kv_blocks=64, max_batch_tokens=64, overlap=request.param != "serial")
+    async with open_engine(config) as eng:
+        eng.launch_inline = request.param == "inline"
         yield eng
 
 

@@ -105,6 +105,39 @@ async def test_steps_are_in_flight_together_and_collected_in_order():
     assert len(launched) == 6  # one prefill + 5 decodes: no step planned past the last token
 
 
+async def test_inline_launch_polls_the_device_and_lets_other_tasks_run():
+    """CUDA's loop shape: launch on the loop's thread, then poll until the step's ids are there.
+    While a step is not ready the other tasks run, and they run at every step even when the ids
+    are ready at the first look (the loop never holds the thread for a whole generation)."""
+    async with open_engine(run_config()) as engine:
+        engine.launch_inline = True
+        runner = engine.runner
+        looks: dict[int, int] = {}
+
+        def ready(handle):  # each step is "on the device" for its first two looks
+            looks[id(handle)] = looks.get(id(handle), 0) + 1
+            return looks[id(handle)] > 2
+
+        runner.ready = ready
+        ticks = 0
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+
+                async def ticker():
+                    nonlocal ticks
+                    while True:
+                        ticks += 1
+                        await trio.sleep(0)
+
+                nursery.start_soon(ticker)
+                tokens, done = await collect(engine.generate("hi", SamplingParams(max_tokens=20, ignore_eos=True)))
+                nursery.cancel_scope.cancel()
+        await wait_kv_free(engine)
+    assert [t.index for t in tokens] == list(range(20)) and done.completion_tokens == 20
+    assert len(looks) == 20 and set(looks.values()) == {3}  # every step collected, after it was ready
+    assert ticks >= 3 * 20  # the ticker ran at least once a look
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 async def test_eos_found_in_step_n_gives_no_token_from_step_n_plus_1(overlap, monkeypatch):
     async with open_engine(run_config(overlap)) as engine:

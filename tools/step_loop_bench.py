@@ -66,9 +66,10 @@ def fake_launcher(ids: str):
 async def main(args) -> None:
     config = EngineConfig(model="random:tiny-qwen3", kv_blocks=args.requests * (args.tokens // 16 + 3),
                           max_running=args.requests, max_batch_tokens=max(8192, args.requests * 8),
-                          max_waiting=args.requests + 1)
+                          max_waiting=args.requests + 1, overlap=args.overlap)
     async with open_engine(config) as engine:
         engine.runner.launch = fake_launcher(args.ids)
+        engine.launch_inline = args.inline
         if not args.no_freeze:
             gc.collect()
             gc.freeze()
@@ -104,5 +105,7 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--ids", choices=("A", "text", "vocab"), default="A", help="the tokens the fake runner returns")
     ap.add_argument("--no-freeze", action="store_true", help="leave the start-up heap to the cyclic collector")
+    ap.add_argument("--overlap", action="store_true", help="overlapped steps, as on CUDA (the fake step is done at launch)")
+    ap.add_argument("--inline", action="store_true", help="launch on the loop's thread, as on CUDA (else a worker thread)")
     ap.add_argument("--profile", action="store_true")
     trio.run(main, ap.parse_args())

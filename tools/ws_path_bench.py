@@ -25,7 +25,7 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from streamer.request import Cancel, Generation  # noqa: E402
+from streamer.request import Cancel, EventQueue, Generation  # noqa: E402
 from streamer.types import FinishEvent, Timing, TokenEvent  # noqa: E402
 
 
@@ -50,9 +50,9 @@ class FakeEngine:
         return [1, 2, 3]
 
     def submit(self, ids, params, request_id=None, **scheduling):
-        send, recv = trio.open_memory_channel(params.max_tokens + 1)
-        self.live[request_id] = [send, params.max_tokens, 0]
-        return Generation(request_id, len(ids), recv, self._control_send)
+        events = EventQueue(params.max_tokens + 1)
+        self.live[request_id] = [events, params.max_tokens, 0]
+        return Generation(request_id, len(ids), events, self._control_send)
 
     async def run(self) -> None:
         while True:
@@ -64,17 +64,16 @@ class FakeEngine:
                 if isinstance(msg, Cancel) and msg.request_id in self.live:
                     self.live.pop(msg.request_id)[0].close()
             for key, entry in list(self.live.items()):
-                send, left, index = entry
-                try:
-                    send.send_nowait(TokenEvent(index, 42, "tok "))
-                    self.tokens += 1
-                    entry[1], entry[2] = left - 1, index + 1
-                    if left == 1:
-                        send.send_nowait(FinishEvent("length", 3, index + 1, Timing(0.0, 0.0, 0.0, None)))
-                        send.close()
-                        del self.live[key]
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                    self.live.pop(key, None)
+                events, left, index = entry
+                if not events.put(TokenEvent(index, 42, "tok ")):  # the reader left
+                    del self.live[key]
+                    continue
+                self.tokens += 1
+                entry[1], entry[2] = left - 1, index + 1
+                if left == 1:
+                    events.put(FinishEvent("length", 3, index + 1, Timing(0.0, 0.0, 0.0, None)))
+                    events.close()
+                    del self.live[key]
             await trio.sleep(self.step_s)
 
 
