@@ -64,7 +64,7 @@ def fake_launcher(ids: str):
 
 
 async def main(args) -> None:
-    config = EngineConfig(model="random:tiny-qwen3", kv_blocks=args.requests * (args.tokens // 16 + 3),
+    config = EngineConfig(model="random:tiny-qwen3", device="cpu", kv_blocks=args.requests * (args.tokens // 16 + 3),
                           max_running=args.requests, max_batch_tokens=max(8192, args.requests * 8),
                           max_waiting=args.requests + 1, overlap=args.overlap)
     async with open_engine(config) as engine:
