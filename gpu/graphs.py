@@ -69,8 +69,12 @@ class DecodeGraphs:
     # --- fill -----------------------------------------------------------------------------------
     def _fill(self, b: int, ids: list[int], positions: list[int], tables: list[list[int]],
               feed: list[tuple[int, int]] = (), last: torch.Tensor | None = None) -> None:
-        """Pack one decode step (n <= b real rows, the rest padding) and copy it to the device;
-        then rows r of `feed` (r, j) take id j of `last`, the previous step's samples."""
+        self._upload(self._pack(b, ids, positions, tables, feed), last)
+
+    def _pack(self, b: int, ids: list[int], positions: list[int], tables: list[list[int]],
+              feed: list[tuple[int, int]] = ()) -> tuple:
+        """Pack one decode step (n <= b real rows, the rest padding) into pinned staging buffers,
+        on the host alone; `feed` (r, j): row r's id will be id j of the previous step's samples."""
         n, m, bs = len(ids), self.bmax, self.bs
         pad = b - n
         pos = np.asarray(positions + [0] * pad, dtype=np.int64)
@@ -94,7 +98,13 @@ class DecodeGraphs:
         h32[m + 1 : m + 1 + b] = lens
         h32[2 * m + 1 : 2 * m + 2 + b] = cu_b
         h32[3 * m + 2 : 3 * m + 2 + len(flat)] = flat
-        used32 = 3 * m + 2 + len(flat)
+        return host64, host32, 3 * m + 2 + len(flat), k
+
+    def _upload(self, packed: tuple, last: torch.Tensor | None) -> None:
+        """Copy a packed step to the static device buffers (non-blocking); then the fed rows take
+        their ids from `last`, the previous step's samples, on the device."""
+        host64, host32, used32, k = packed
+        m = self.bmax
         self.dev64.copy_(host64[: 3 * m], non_blocking=True)
         self.dev32[:used32].copy_(host32[:used32], non_blocking=True)
         if k:
@@ -113,15 +123,20 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= n), None)
 
     # --- run ------------------------------------------------------------------------------------
-    def logits(self, ids: list[int], positions: list[int], tables: list[list[int]],
-               feed: list[tuple[int, int]] = (), last: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (n, V) of a decode step, by graph replay (or eagerly over the same static
-        buffers when nothing was captured, e.g. on the CPU). `feed`: (row, j) pairs, row's id is
-        `last[j]` (the previous step's samples) instead of ids[row]."""
+    def pack(self, ids: list[int], positions: list[int], tables: list[list[int]],
+             feed: list[tuple[int, int]] = ()) -> tuple:
+        """A decode step's inputs, packed on the host (no device work yet) for `logits`. `feed`:
+        (row, j) pairs, row's id is the previous step's sample j instead of ids[row]."""
         n = len(ids)
         b = self.bucket(n)
         assert b is not None and n >= 1
-        self._fill(b, ids, positions, tables, feed, last)
+        return n, b, self._pack(b, ids, positions, tables, feed), (positions, tables)
+
+    def logits(self, step: tuple, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (n, V) of a packed decode step, by graph replay (or eagerly over the same static
+        buffers when nothing was captured, e.g. on the CPU); `last`: the previous step's samples."""
+        n, b, packed, (positions, tables) = step
+        self._upload(packed, last)
         if b in self.graphs:
             graph, out = self.graphs[b]
             graph.replay()

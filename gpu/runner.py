@@ -100,24 +100,18 @@ class ModelRunner:
         pairs, then `swap_out` (block, slot) pairs. So a victim's blocks are copied out before
         another request's forward overwrites them, swapped-in blocks are filled before the forward
         reads them, and a host slot a swap-in reads may be written by a swap-out of the same step."""
+        # The host packs the step first; `begin` is recorded after, so the step's device time
+        # never counts the host's packing (a device idle meanwhile shows as idle).
         cuda = self.device.type == "cuda"
-        if cuda:
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
-        else:
-            begin = time.perf_counter()
-        if swap_in:
-            self.swap.swap_in([slot for slot, _ in swap_in], [block for _, block in swap_in])
-        if swap_out:
-            self.swap.swap_out([block for block, _ in swap_out], [slot for _, slot in swap_out])
-        if not seqs:  # only swaps this step
-            return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [], begin)
         feed = [(i, s.feed) for i, s in enumerate(seqs) if s.feed >= 0]
         g = self.graphs
-        if g is not None and len(seqs) <= g.bmax and all(len(s.token_ids) == 1 and s.sample for s in seqs):
-            logits = g.logits([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs],
-                              feed, self._last_ids)
+        if g is not None and seqs and len(seqs) <= g.bmax and all(len(s.token_ids) == 1 and s.sample for s in seqs):
+            step = g.pack([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs], feed)
+            begin = self._begin(swap_out, swap_in)
+            logits = g.logits(step, self._last_ids)
             return self._sampled(sample(logits, [s.sample for s in seqs]), [True] * len(seqs), begin)
+        if not seqs:  # only swaps this step
+            return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [], self._begin(swap_out, swap_in))
         ids: list[int] = []
         positions: list[int] = []
         q_lens, seq_lens, rows, specs = [], [], [], []
@@ -132,19 +126,35 @@ class ModelRunner:
             if s.sample is not None:
                 rows.append(len(ids) - 1)  # logits only at the request's last position
                 specs.append(s.sample)
-        dev = self.device
-        meta = build_metadata(q_lens, seq_lens, [s.block_table for s in seqs], self.arena.block_size, dev)
         t, k = len(ids), len(fed)
         # One host-to-device copy, from pinned memory (reused only once the copy is done):
         # [ids | positions | logit rows | fed rows | their rows in the last step's samples]
-        host = ids + positions + rows + [r for r, _ in fed] + [f for _, f in fed]
-        packed = torch.tensor(host, dtype=torch.long, pin_memory=cuda).to(dev, non_blocking=cuda)
+        host = torch.tensor(ids + positions + rows + [r for r, _ in fed] + [f for _, f in fed], dtype=torch.long,
+                            pin_memory=cuda)
+        begin = self._begin(swap_out, swap_in)
+        dev = self.device
+        meta = build_metadata(q_lens, seq_lens, [s.block_table for s in seqs], self.arena.block_size, dev)
+        packed = host.to(dev, non_blocking=cuda)
         input_ids, pos, row_idx, fed_rows, fed_src = packed.split([t, t, len(rows), k, k])
         if k:
-            input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (see graphs.py _fill)
+            input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (see graphs.py _upload)
         logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)  # writes the KV
         ids = sample(logits, specs) if specs else torch.empty(0, dtype=torch.long, device=dev)
         return self._sampled(ids, [s.sample is not None for s in seqs], begin)
+
+    def _begin(self, swap_out: tuple[tuple[int, int], ...], swap_in: tuple[tuple[int, int], ...]):
+        """Mark the start of the step's device work (a timing event; the CPU: the clock), then
+        queue its swaps."""
+        if self.device.type == "cuda":
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+        else:
+            begin = time.perf_counter()
+        if swap_in:
+            self.swap.swap_in([slot for slot, _ in swap_in], [block for _, block in swap_in])
+        if swap_out:
+            self.swap.swap_out([block for block, _ in swap_out], [slot for _, slot in swap_out])
+        return begin
 
     def _sampled(self, ids: torch.Tensor, mask: list[bool], begin) -> Launched:
         self._last_ids = ids  # the next step's decodes may take their ids from it (SeqInput.feed)

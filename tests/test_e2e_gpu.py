@@ -95,7 +95,7 @@ def test_decode_graph_replay_matches_eager_forward():
     tables = [engine.allocator.allocate(n // 16 + 1) for n in lens]
     runner.step([SeqInput([rng.randrange(100, 32000) for _ in range(n)], 0, t, None) for n, t in zip(lens, tables, strict=True)])
     nxt = [rng.randrange(100, 32000) for _ in lens]
-    replayed = graphs.logits(nxt, lens, tables).float().clone()
+    replayed = graphs.logits(graphs.pack(nxt, lens, tables)).float().clone()
     meta = build_metadata([1] * len(lens), [n + 1 for n in lens], tables, 16, "cuda")
     eager = runner.model.forward(torch.tensor(nxt, device="cuda"), torch.tensor(lens, device="cuda"), meta,
                                  runner.backend, torch.arange(len(lens), device="cuda"), runner.ops)

@@ -34,7 +34,7 @@ def test_static_decode_buffers_match_the_eager_path_and_padding_touches_only_scr
 
     before = static.arena.kv.clone()
     scales_before = None if kv_dtype is None else static.arena.scales.clone()
-    got = static.graphs.logits(nxt, lens, tables)
+    got = static.graphs.logits(static.graphs.pack(nxt, lens, tables))
     meta = build_metadata([1] * len(lens), [n + 1 for n in lens], tables, 16, "cpu")
     want = model.forward(torch.tensor(nxt), torch.tensor(lens), meta, eager.backend, torch.arange(len(lens)))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
