@@ -506,9 +506,10 @@ def build_engine(config: EngineConfig) -> Engine:
 @asynccontextmanager
 async def open_engine(config: EngineConfig):
     engine = await trio.to_thread.run_sync(build_engine, config)
-    # After each step the worker thread needs the GIL briefly to hand back the sampled ids, while
-    # this thread streams the previous step's tokens. Python's default 5 ms switch interval would
-    # leave the device idle that long; 0.5 ms bounds the wait (restored on exit).
+    # Where steps run in the worker thread (the CPU), it needs the GIL briefly after each step to
+    # hand back the sampled ids, while this thread streams the previous step's tokens. Python's
+    # default 5 ms switch interval would hold a step back that long; 0.5 ms bounds the wait
+    # (restored on exit). (On CUDA the step loop launches and waits on its own thread.)
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 0.0005))
     log.info("engine_ready", model=engine.model_name, kv_blocks=engine.allocator.num_blocks,
