@@ -164,7 +164,11 @@ class Connection:
                 async for ev in gen:
                     if isinstance(ev, TokenEvent):
                         completion += 1
-                        await self._frames.send(token_frame(cid, ev))
+                        frame = token_frame(cid, ev)
+                        try:  # with room, no schedule point here: reading the next event is one
+                            self._frames.send_nowait(frame)
+                        except trio.WouldBlock:
+                            await self._frames.send(frame)
                     elif isinstance(ev, FinishEvent):
                         await self._finish(cid, ev)
                         return
