@@ -321,9 +321,13 @@ class Engine:
                 handle = prev.launched if prev is not None else None if self.overlap else out.get("launched")
                 await trio.sleep(0)  # at least one schedule point a step: the request tasks run
                 if handle is not None:
-                    while not runner.ready(handle):
-                        await trio.sleep(0)
-                    collect()
+                    try:
+                        while not runner.ready(handle):  # (a device fault may surface here)
+                            await trio.sleep(0)
+                    except Exception as exc:
+                        out["collect_error"] = exc
+                    else:
+                        collect()
             else:  # the CPU computes the whole step in launch(): in the worker thread
 
                 def work() -> None:

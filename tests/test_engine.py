@@ -201,6 +201,34 @@ async def test_failing_step_fails_its_requests_and_engine_keeps_serving(engine, 
     await wait_kv_free(engine)
 
 
+async def test_a_fault_while_waiting_for_the_device_fails_that_step_and_engine_keeps_serving(engine, monkeypatch):
+    """A device error may surface when the step loop looks at a launched step (inline) or waits for
+    it (worker thread): that step's requests end with "internal", later requests are served."""
+    real_ready, real_collect = engine.runner.ready, engine.runner.collect
+    faults = {"ready": 1, "collect": 1}
+
+    def ready(handle):
+        if engine.launch_inline and faults["ready"]:
+            faults["ready"] -= 1
+            raise RuntimeError("injected device fault")
+        return real_ready(handle)
+
+    def collect_(handle):
+        if not engine.launch_inline and faults["collect"]:
+            faults["collect"] -= 1
+            raise RuntimeError("injected device fault")
+        return real_collect(handle)
+
+    monkeypatch.setattr(engine.runner, "ready", ready)
+    monkeypatch.setattr(engine.runner, "collect", collect_)
+    with trio.fail_after(30):
+        _, done = await collect(engine.generate("boom", SamplingParams(max_tokens=4)))
+        assert done.finish_reason == "error" and done.error.code == "internal"
+        _, done = await collect(engine.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True)))
+        assert done.finish_reason == "length"
+    await wait_kv_free(engine)
+
+
 async def test_many_concurrent_requests_all_finish_and_share_steps(engine):
     n = 24
     finished = []
