@@ -157,7 +157,7 @@ class Engine:
                 f"(context {self.max_context}, KV arena {self.allocator.num_blocks * self.block_size} tokens)",
             )
         key = uuid.uuid4().hex  # engine-wide unique; clients' ids may repeat across connections
-        # Room for every event of the generation: the engine's send_nowait never blocks or drops.
+        # Room for every event of the generation: the engine's put never blocks or drops.
         max_tokens = min(params.max_tokens, capacity - len(ids))
         events = EventQueue(min(max_tokens + 1, self.config.max_buffered_events))
         seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
@@ -298,10 +298,14 @@ class Engine:
         handle = None  # the step to collect now
 
         def launch() -> None:
-            try:
-                out["launched"] = runner.launch(inputs, plan.swap_out, plan.swap_in)
-            except Exception as exc:
-                out["launch_error"] = exc
+            nonlocal handle
+            if plan is not None:
+                try:
+                    out["launched"] = runner.launch(inputs, plan.swap_out, plan.swap_in)
+                except Exception as exc:
+                    out["launch_error"] = exc
+            # overlap: the step launched before this one; serial: this one
+            handle = prev.launched if prev is not None else None if self.overlap else out.get("launched")
 
         def collect() -> None:
             try:
@@ -316,9 +320,7 @@ class Engine:
                 # On CUDA a launch only queues work (~0.5 ms for a decode step): it runs here,
                 # and the wait for the device polls between the other tasks' turns. No thread
                 # hand-offs, no GIL contention with the request tasks.
-                if plan is not None:
-                    launch()
-                handle = prev.launched if prev is not None else None if self.overlap else out.get("launched")
+                launch()
                 await trio.sleep(0)  # at least one schedule point a step: the request tasks run
                 if handle is not None:
                     try:
@@ -331,10 +333,7 @@ class Engine:
             else:  # the CPU computes the whole step in launch(): in the worker thread
 
                 def work() -> None:
-                    nonlocal handle
-                    if plan is not None:
-                        launch()
-                    handle = prev.launched if prev is not None else None if self.overlap else out.get("launched")
+                    launch()
                     if handle is not None:
                         collect()
 
