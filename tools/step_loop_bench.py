@@ -16,7 +16,10 @@ byte tokenizer): `A` (id 65, "A", every time), `text` (each request streams the 
 multilingual text, so many tokens end mid-character) or `vocab` (ids drawn uniformly from
 qwen2.5's 151,936, as a random-weights model emits them; nearly all decode to nothing).
 
-    python tools/step_loop_bench.py --requests 256 --tokens 200 [--ids A|text|vocab]
+`--overlap --inline` is the loop shape CUDA runs (steps overlapped, launched on the loop's own
+thread); `--overlap` alone launches and waits in a worker thread; neither: serial steps, the CPU's.
+
+    python tools/step_loop_bench.py --requests 256 --tokens 200 [--ids A|text|vocab] [--overlap [--inline]]
 """
 
 from __future__ import annotations
