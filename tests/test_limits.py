@@ -11,7 +11,7 @@ import trio
 from netutil import masked_frame, raw_websocket, running_server, wait_until
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from streamer.types import FinishEvent, Timing
+from streamer.types import FinishEvent, Timing, TokenEvent
 from web.config import WebConfig
 from web.ws import Connection
 
@@ -175,3 +175,56 @@ async def test_no_idle_timeout_when_off(autojump_clock):
     with trio.move_on_after(10_000) as scope:
         await serve_fake(WebConfig(idle_timeout=None), [])
     assert scope.cancelled_caught
+
+
+# --- a stalled client: bounded frames, only its own generations wait ---------------------------
+
+
+class EndlessEngine:
+    """Each generation yields tokens as fast as they are read; `yielded` counts them per id."""
+
+    def __init__(self) -> None:
+        self.yielded: dict[str, int] = {}
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [1]
+
+    def submit(self, ids, params, request_id, **scheduling):
+        engine = self
+
+        class Endless:
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc) -> None:
+                pass
+
+            def __aiter__(self):
+                return self._events()
+
+            async def _events(self):
+                for i in range(10_000):
+                    engine.yielded[request_id] = i + 1
+                    yield TokenEvent(i, 7, "x")
+                    await trio.lowlevel.checkpoint()
+
+        return Endless()
+
+
+async def test_a_stalled_client_holds_a_bounded_number_of_frames():
+    """The client reads nothing: the socket's generations stop being read once the frame buffer
+    (2 frames a live generation the socket may hold) is full, instead of queueing without end."""
+    engine = EndlessEngine()
+    config = WebConfig(max_live_per_connection=2, idle_timeout=None)
+    to_server, from_client = trio.open_memory_channel(8)
+
+    async def stalled_send(text: str) -> None:
+        await trio.sleep_forever()
+
+    for i in range(2):
+        to_server.send_nowait(json.dumps({"type": "generate", "id": f"g{i}", "prompt": "x"}))
+    with trio.move_on_after(1):
+        await Connection(engine, stalled_send, config).run(from_client.receive)
+    # 4 frames queued, 1 in the writer's hands, and each generation's one frame waiting to be queued
+    assert sum(engine.yielded.values()) <= 2 * 2 + 1 + 2
+    assert len(engine.yielded) == 2
