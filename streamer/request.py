@@ -35,9 +35,10 @@ class EventQueue:
     """One request's events, from the step loop to the request's task: a queue and the task
     parked on it, if any.
 
-    It does what a trio memory channel of one sender and one receiver does here, at about half
-    the cost an event (measured with tools/step_loop_bench.py): the step loop sends one event a
-    running request a step, so at batch 256 this is the step loop's most frequent operation.
+    It does what a trio memory channel of one sender and one receiver does here, for less: the
+    step loop sends one event a running request a step, its most frequent operation, and this
+    took the loop's host cost from 0.87-0.95 to 0.76-0.79 ms a step at 138 requests
+    (tools/step_loop_bench.py --overlap --inline, dev VM).
     `put` never blocks; `get` is a full checkpoint only when it has to wait: with events queued
     it returns at once (after checkpoint_if_cancelled), so a reader that fell behind catches up
     in one turn. The reader leaving (`leave`) is what the step loop looks at to abort a request

@@ -3,7 +3,7 @@ web app on hypercorn, read by real websocket clients in another process.
 
 The fake engine's step loop hands one TokenEvent to every live generation per step, as the real one
 does, then waits `--step-ms` (the device's share of a step). Everything else is the production
-path: the per-request channel, the generation task, the socket's writer task, JSON, hypercorn and
+path: the per-request EventQueue, the generation task, the socket's writer task, JSON, hypercorn and
 wsproto. Prints tokens/s and the server's CPU time per token; on a GPU that CPU time is what stands
 between two tokens of a stream beyond the device's own step time.
 
@@ -39,7 +39,7 @@ class FakeEngine:
 
     def __init__(self, step_s: float) -> None:
         self.step_s = step_s
-        self.live: dict[str, list] = {}  # key -> [send channel, tokens left, index]
+        self.live: dict[str, list] = {}  # key -> [event queue, tokens left, index]
         self._control_send, self._control = trio.open_memory_channel(math.inf)
         self.tokens = 0
 
