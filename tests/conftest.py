@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model's folder, Hugging Face references, a fake runner."""
+"""Shared fixtures: the embedded model's folder, Hugging Face references, a fake runner, a fake
+generation for tests that drive a websocket `Connection` without an engine."""
 
 from __future__ import annotations
 
@@ -51,6 +52,27 @@ async def read_tokens(gen, out: list[int]) -> None:
         async for ev in gen:
             if isinstance(ev, TokenEvent):
                 out.append(ev.token_id)
+
+
+class FakeGeneration:
+    """What a websocket `Connection` reads from an engine's `submit`: an async context manager
+    iterating `_events()` (subclasses write it), with a `cancel` that does nothing."""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        pass
+
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        raise NotImplementedError
+        yield
+
+    async def cancel(self) -> None:
+        pass
 
 
 @pytest.fixture

@@ -182,6 +182,16 @@ async def test_request_stopped_while_next_step_runs_gets_no_token_from_it(engine
     await wait_kv_free(engine)
 
 
+async def fails_once_then_serves(engine) -> None:
+    """With a fault injected into its next step: that request ends "internal", the next is served."""
+    with trio.fail_after(30):
+        _, done = await collect(engine.generate("boom", SamplingParams(max_tokens=4)))
+        assert done.finish_reason == "error" and done.error.code == "internal"
+        _, done = await collect(engine.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True)))
+        assert done.finish_reason == "length"
+    await wait_kv_free(engine)
+
+
 async def test_failing_step_fails_its_requests_and_engine_keeps_serving(engine, monkeypatch):
     real_launch = engine.runner.launch
     calls = {"n": 0}
@@ -193,12 +203,7 @@ async def test_failing_step_fails_its_requests_and_engine_keeps_serving(engine, 
         return real_launch(inputs, *swaps)
 
     monkeypatch.setattr(engine.runner, "launch", flaky)
-    with trio.fail_after(30):
-        _, done = await collect(engine.generate("boom", SamplingParams(max_tokens=4)))
-        assert done.finish_reason == "error" and done.error.code == "internal"
-        _, done = await collect(engine.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True)))
-        assert done.finish_reason == "length"
-    await wait_kv_free(engine)
+    await fails_once_then_serves(engine)
 
 
 async def test_a_fault_while_waiting_for_the_device_fails_that_step_and_engine_keeps_serving(engine, monkeypatch):
@@ -221,12 +226,7 @@ async def test_a_fault_while_waiting_for_the_device_fails_that_step_and_engine_k
 
     monkeypatch.setattr(engine.runner, "ready", ready)
     monkeypatch.setattr(engine.runner, "collect", collect_)
-    with trio.fail_after(30):
-        _, done = await collect(engine.generate("boom", SamplingParams(max_tokens=4)))
-        assert done.finish_reason == "error" and done.error.code == "internal"
-        _, done = await collect(engine.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True)))
-        assert done.finish_reason == "length"
-    await wait_kv_free(engine)
+    await fails_once_then_serves(engine)
 
 
 async def test_many_concurrent_requests_all_finish_and_share_steps(engine):

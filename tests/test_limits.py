@@ -12,6 +12,7 @@ from netutil import masked_frame, raw_websocket, running_server, wait_until
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from streamer.types import FinishEvent, Timing, TokenEvent
+from tests.conftest import FakeGeneration
 from web.config import WebConfig
 from web.ws import Connection
 
@@ -112,27 +113,15 @@ async def test_invalid_utf8_text_frame_drops_the_connection(server):
 # --- the idle timeout, on virtual time -----------------------------------------------------------
 
 
-class SlowGeneration:
+class SlowGeneration(FakeGeneration):
     """Finishes after `delay` virtual seconds, without tokens."""
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        pass
-
-    def __aiter__(self):
-        return self._events()
-
     async def _events(self):
         await trio.sleep(self.delay)
         yield FinishEvent("length", 1, 0, Timing(0, 0, 0, 0))
-
-    async def cancel(self) -> None:
-        pass
 
 
 class SlowEngine:
@@ -180,35 +169,28 @@ async def test_no_idle_timeout_when_off(autojump_clock):
 # --- a stalled client: bounded frames, only its own generations wait ---------------------------
 
 
-class EndlessEngine:
-    """Each generation yields tokens as fast as they are read; `yielded` counts them per id."""
+class EndlessGeneration(FakeGeneration):
+    """Yields tokens as fast as they are read, counting them in `yielded[request_id]`."""
 
+    def __init__(self, yielded: dict[str, int], request_id: str) -> None:
+        self.yielded, self.request_id = yielded, request_id
+
+    async def _events(self):
+        for i in range(10_000):
+            self.yielded[self.request_id] = i + 1
+            yield TokenEvent(i, 7, "x")
+            await trio.lowlevel.checkpoint()
+
+
+class EndlessEngine:
     def __init__(self) -> None:
-        self.yielded: dict[str, int] = {}
+        self.yielded: dict[str, int] = {}  # tokens each generation yielded
 
     def encode_prompt(self, text: str) -> list[int]:
         return [1]
 
     def submit(self, ids, params, request_id, **scheduling):
-        engine = self
-
-        class Endless:
-            async def __aenter__(self):
-                return self
-
-            async def __aexit__(self, *exc) -> None:
-                pass
-
-            def __aiter__(self):
-                return self._events()
-
-            async def _events(self):
-                for i in range(10_000):
-                    engine.yielded[request_id] = i + 1
-                    yield TokenEvent(i, 7, "x")
-                    await trio.lowlevel.checkpoint()
-
-        return Endless()
+        return EndlessGeneration(self.yielded, request_id)
 
 
 async def test_a_stalled_client_holds_a_bounded_number_of_frames():

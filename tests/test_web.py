@@ -19,6 +19,7 @@ from trio_websocket import open_websocket_url
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
 from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
+from tests.conftest import FakeGeneration
 from web.server import serve
 from web.ws import Connection
 
@@ -305,29 +306,17 @@ async def test_overloaded_is_an_error_frame(server):
         await wait_kv_free(server.engine)
 
 
-class BrokenGeneration:
+class BrokenGeneration(FakeGeneration):
     """One token, then the engine fails: by raising ("raise") or with an error FinishEvent ("finish")."""
 
     def __init__(self, how: str) -> None:
         self.how = how
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        pass
-
-    def __aiter__(self):
-        return self._events()
 
     async def _events(self):
         yield TokenEvent(0, 7, "a")
         if self.how == "raise":
             raise RuntimeError("engine bug")
         yield FinishEvent("error", 3, 1, Timing(0.1, 1.0, 2.0, 0.0), RequestError("internal", "model step failed"))
-
-    async def cancel(self) -> None:
-        pass
 
 
 class BrokenEngine:
