@@ -151,7 +151,9 @@ class CudaAttention:
         group = num_q_heads // hkv
         variant, bm = ("m16", 16) if meta.max_q_len * group <= 16 else ("m64", 64)
         tq = bm // group
-        grid_x = meta.num_tokens // tq + meta.num_seqs  # bound on q tiles; the kernel skips spare ones
+        # One q tile per request when every request's new tokens fit one (decode): tile r is request
+        # r. Else a bound on the q tiles, laid out per request; the kernel skips the spare ones.
+        grid_x = meta.num_seqs if meta.max_q_len <= tq else meta.num_tokens // tq + meta.num_seqs
         blocks = hkv * sum(-(-q // tq) for q in meta.q_lens_host)
         resident = self._kernels()[variant][1]
         # Split the key range (flash-decoding) when the grid is a few waves or less: each split keeps
@@ -200,7 +202,7 @@ class CudaAttention:
             out = torch.empty_like(q)
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
 
-        variant, _tq, grid_x, splits = self.launch_plan(meta, hq)
+        variant, tq, grid_x, splits = self.launch_plan(meta, hq)
         kern = self._kernels()[variant][0]
         k_cache, v_cache = self.arena.layer(layer)
         k_scales, v_scales = self.arena.layer_scales(layer) if self.arena.quantized else (None, None)
@@ -214,6 +216,7 @@ class CudaAttention:
             np.int32(hq),
             np.int32(hkv),
             np.float32(self.scale * math.log2(math.e)),
+            np.int32(meta.max_q_len <= tq),  # one q tile per request (the plan's grid assumes the same)
         )
         smem = _smem_bytes(variant, d, self.arena.quantized)
         with self._stream():  # launch on torch's current stream (also the capture stream in a graph)

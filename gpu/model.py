@@ -126,7 +126,9 @@ class Transformer:
         logit_rows: torch.Tensor,
         ops=None,
     ) -> torch.Tensor:
-        """input_ids, positions: (T,); logit_rows: (S,) indices into T. Returns logits (S, V) float32."""
+        """input_ids, positions: (T,); logit_rows: (S,) indices into T. Returns logits (S, V) in the
+        model's dtype: greedy argmax reads them as they are (a 16-bit value converts to float32
+        exactly, so the choice is the same), and the sampler converts only the rows it draws."""
         s = self.spec
         q_size = s.num_heads * s.head_dim
         ops = ops or self.torch_ops
@@ -145,7 +147,7 @@ class Transformer:
             x, h = ops.add_rms_norm(x, F.linear(attn.reshape(-1, q_size), layer["o"]), layer["ln2"], s.rms_eps)
             delta = F.linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
         _, x = ops.add_rms_norm(x[logit_rows], delta[logit_rows], self.norm, s.rms_eps)  # only rows that sample
-        return F.linear(x, self.lm_head).float()  # (S, V)
+        return F.linear(x, self.lm_head)  # (S, V)
 
     def _split_norm_rope(self, qkv, layer, rope):
         s = self.spec

@@ -38,6 +38,11 @@ CASES = {
     "prefill": ([1, 17, 255, 257, 700], [1, 17, 255, 257, 700]),
     "prefill_cached": ([17, 257, 64, 512, 1], [300, 1000, 4099, 2000, 40]),
     "mixed": ([1, 1, 300, 1, 17, 129, 1], [5000, 1, 300, 16, 600, 2000, 257]),
+    # chunks that fit one q tile at small GQA groups (tile r is request r), several tiles at large
+    "short_chunks": ([2, 5, 1, 9, 16, 3], [40, 700, 1, 2000, 16, 300]),
+    # more requests than the kernel tests in one round when it looks up a tile's request (512)
+    "many_mixed": ([100 if i % 40 == 7 else 1 for i in range(600)],
+                   [(100 if i % 40 == 7 else 1) + i * 37 % 500 for i in range(600)]),
 }
 
 
@@ -146,7 +151,7 @@ def test_matches_reference(dtype, head_dim, block_size, case, kv):
 
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 32])
-@pytest.mark.parametrize("case", ["decode", "mixed"])
+@pytest.mark.parametrize("case", ["decode", "mixed", "short_chunks"])
 def test_gqa_ratios(group, case, kv):
     seed = _new_seed()
     q_lens, seq_lens = CASES[case]

@@ -35,7 +35,7 @@ def test_teacher_forced_logprobs_match_hugging_face(hf):
     meta = build_metadata([len(ids)], [len(ids)], [blocks], 16, "cuda")
     x = torch.tensor(ids, device="cuda")
     ours = runner.model.forward(x, torch.arange(len(ids), device="cuda"), meta, runner.backend, torch.arange(len(ids), device="cuda"),
-                                runner.ops)
+                                runner.ops).float()
     with torch.no_grad():
         theirs = hf(x[None]).logits[0].float()
     lp_ours, lp_theirs = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
@@ -98,7 +98,7 @@ def test_decode_graph_replay_matches_eager_forward():
     replayed = graphs.logits(graphs.pack(nxt, lens, tables)).float().clone()
     meta = build_metadata([1] * len(lens), [n + 1 for n in lens], tables, 16, "cuda")
     eager = runner.model.forward(torch.tensor(nxt, device="cuda"), torch.tensor(lens, device="cuda"), meta,
-                                 runner.backend, torch.arange(len(lens), device="cuda"), runner.ops)
+                                 runner.backend, torch.arange(len(lens), device="cuda"), runner.ops).float()
     err = ((replayed - eager).norm() / eager.norm()).item()
     print(f"\ngraph replay vs eager decode logits: relative error {err:.2e}")
     # Not bitwise: the graph's kernels see a padded batch (other GEMM tiling, other KV split count),

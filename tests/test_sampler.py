@@ -124,6 +124,19 @@ def test_greedy_rows_are_the_argmax():
     assert torch.equal(sample(logits, top1), want)
 
 
+def test_16_bit_logits_give_the_tokens_of_their_float32_values():
+    """The model hands over logits in its own dtype: greedy rows take the argmax of the bf16
+    values (ties included: the first index wins in both), drawn rows are converted first (drawn
+    in bf16, the noise would be rounded to 8 bits and pick other tokens)."""
+    gen = torch.Generator().manual_seed(4)
+    specs = [SampleSpec(), SampleSpec(0.8, top_k=40, seed=3)] + [SampleSpec(1.0, seed=i, index=i) for i in range(300)]
+    logits = (torch.randn(len(specs), 1000, generator=gen) * 4).bfloat16()
+    logits[0, 17] = logits[0, 400] = logits[0].max() + 1  # a tie, as bf16's 8 bits make common
+    assert torch.equal(sample(logits, specs), sample(logits.float(), specs))
+    assert sample(logits, [SampleSpec()])[0] == 17
+    assert _calls(logits, [SampleSpec()] * len(specs)) == ["argmax"]  # no float32 copy of the batch
+
+
 class _Calls(TorchFunctionMode):
     def __init__(self):
         super().__init__()

@@ -207,6 +207,9 @@ def main() -> None:
     ap.add_argument("--m64-min-blocks", type=int, help="override the prefill kernel's launch bound")
     ap.add_argument("--m16-stages", type=int, help="override the decode kernel's pipeline depth")
     ap.add_argument("--block-size", type=int, default=16, help="arena block size (tokens)")
+    ap.add_argument("--batches", help="decode batch sizes, comma-separated (default 1,16,64,256)")
+    ap.add_argument("--contexts", help="decode contexts, comma-separated (default 512,2048,8192,32768)")
+    ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     ap.add_argument("--kv-dtype", choices=["auto", "int8"], default="auto",
                     help="our arena's storage: the compute dtype, or int8 codes with per-token scales")
     args = ap.parse_args()
@@ -228,6 +231,13 @@ def main() -> None:
     batches, contexts, chunks = [1, 16, 64, 256], [512, 2048, 8192, 32768], [512, 2048, 8192]
     if args.quick:
         batches, contexts, chunks = [1, 64], [2048, 32768], [2048]
+    if args.batches:
+        batches = [int(x) for x in args.batches.split(",")]
+    if args.contexts:
+        contexts = [int(x) for x in args.contexts.split(",")]
+    if args.models:
+        for name in set(MODELS) - set(args.models.split(",")):
+            del MODELS[name]
     dec = [] if args.only == "prefill" else decode_rows(copy_gbs, batches, contexts)
     pre = [] if args.only == "decode" else prefill_rows(chunks)
     for key, kernels in gpu.cuda_attention._MODULES.items():

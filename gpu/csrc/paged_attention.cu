@@ -15,7 +15,8 @@
 // Grid: (x = q tile, y = kv head, z = KV split). A q tile is up to TQ = BM / G new tokens of one
 // request times the G q heads that share kv head y, so one K/V tile read from the arena serves
 // all G heads (GQA). Request r owns tiles [cu_q[r]/TQ + r, cu_q[r+1]/TQ + r + 1); spare tiles
-// exit at once. Two variants share the body:
+// exit at once. When every request's new tokens fit one q tile (one_tile = 1: decode), tile r is
+// request r and the grid has no spare tiles. Two variants share the body:
 //   m64: BM = 64 rows, 4 warps stacked over rows    (prefill chunks, mixed batches), 2 stages
 //   m16: BM = 16 rows, 4 warps side by side over keys (decode: q_len * G <= 16); memory-bound,
 //        so a deeper cp.async pipeline (M16_STAGES tiles) keeps more bytes in flight
@@ -191,7 +192,7 @@ __device__ __forceinline__ void attention_tile(
     const int* __restrict__ cu_seqlens_q, const int* __restrict__ seq_lens, const int* __restrict__ cu_blocks,
     const int* __restrict__ block_tables, const long long* __restrict__ slot_mapping, float* __restrict__ ws_o,
     float* __restrict__ ws_ml, int* __restrict__ counters, int num_seqs, int num_q_heads, int num_kv_heads,
-    float scale_log2) {
+    float scale_log2, int one_tile) {
   constexpr int WARPS_M = 4 / WARPS_N;
   constexpr int BM = 16 * WARPS_M;  // rows = (token, q head of the group) pairs
   constexpr int NW = BN / WARPS_N;  // key columns per warp
@@ -222,18 +223,25 @@ __device__ __forceinline__ void attention_tile(
   const int G = num_q_heads / num_kv_heads;
   const int TQ = BM / G;  // tokens per q tile
 
-  // Request owning tile bx: the largest r with cu_q[r]/TQ + r <= bx (strictly increasing in r).
-  int lo = 0, hi = num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (cu_seqlens_q[mid] / TQ + mid <= bx) lo = mid;
-    else hi = mid - 1;
+  // Request owning tile bx: the largest r with cu_q[r]/TQ + r <= bx. The left side strictly
+  // increases in r, so that r is the count of r in [1, num_seqs) that pass. The block tests
+  // NTHREADS x 4 candidates at once and counts them in barriers: one load's latency before the
+  // first K/V tile can be fetched, where a binary search waited for log2(num_seqs) in a row.
+  int req = one_tile ? bx : 0;
+  for (int base = 1; !one_tile && base < num_seqs; base += 4 * NTHREADS) {  // uniform: barriers inside
+    int pass[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = base + i * NTHREADS + tid;
+      pass[i] = r < num_seqs && cu_seqlens_q[r] / TQ + r <= bx;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) req += __syncthreads_count(pass[i]);
   }
-  const int req = lo;
   const int q_start = cu_seqlens_q[req];
   const int q_len = cu_seqlens_q[req + 1] - q_start;
   const int req_tiles = (q_len + TQ - 1) / TQ;
-  const int local = bx - (q_start / TQ + req);
+  const int local = one_tile ? 0 : bx - (q_start / TQ + req);
   if (local >= req_tiles) return;             // spare tile
   const int t0 = (req_tiles - 1 - local) * TQ;  // last (longest) q tiles first: shorter causal tail
   const int nq = min(TQ, q_len - t0);
@@ -566,12 +574,12 @@ __device__ __forceinline__ void attention_tile(
   u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, void *k_cache, void *v_cache, float *k_scales, \
       float *v_scales, const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks,                    \
       const int *block_tables, const long long *slot_mapping, float *ws_o, float *ws_ml, int *counters,       \
-      int num_seqs, int num_q_heads, int num_kv_heads, float scale_log2
+      int num_seqs, int num_q_heads, int num_kv_heads, float scale_log2, int one_tile
 #define KV_T kv_elem<KV_INT8 != 0>::type
 #define ATTN_ARGS                                                                                          \
   out, q, k_new, v_new, static_cast<KV_T*>(k_cache), static_cast<KV_T*>(v_cache), k_scales, v_scales,      \
       cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, ws_o, ws_ml, counters, num_seqs,      \
-      num_q_heads, num_kv_heads, scale_log2
+      num_q_heads, num_kv_heads, scale_log2, one_tile
 
 // M64_MIN_BLOCKS=3 caps registers at 168 so three prefill blocks share an SM at D=128 (a few
 // spills; without it ptxas takes ~172 registers and two blocks fit). D=64 fits three unbounded.
