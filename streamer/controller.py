@@ -19,17 +19,24 @@ shorten the gaps; otherwise the running cap holds ITL.
 The rule. Once a period (`period_s`, and at least `MIN_STEPS` steps) has passed, it takes the P99
 (nearest rank) of the ITLs and of the TTFTs observed in that period, the TTFT raised to the oldest
 waiting request's age (a stalled queue counts before anyone gets a first token), and the most
-requests running in a step of the period, then:
+requests running in a step of the period, and the P99 of the loop's cycles that ended a
+decode-only step (no prompt tokens). When ITL P99 is over its objective while those cycles are
+under `HEADROOM` x it, the period is *prefill-bound*: the long gaps are the steps that carry prompt
+chunks, whatever the number running (measured on an H100: with 15-60 running, 2 ms decode steps
+and a 3,200-token budget, ITL P99 stayed at 25-29 ms while a cap cut from 56 to 15 running took
+throughput from 18k to 5k tok/s). Then:
 
 1. A cut must work. After a budget cut, ITL P99 must fall below `EFFECTIVE` x the value that caused
    it; else the budget goes back to where it was and ITL stops steering the budget for `COOLDOWN`
    periods: the gaps are not set by the budget.
 2. ITL P99 over its objective:
    - budget, when it is the lever (ITL steers it, it is above its `floor`, and the running cap is
-     not engaged or already at its floor): `budget = max(floor, budget * DECREASE)`. A running
+     not engaged, or already at its floor, or the period is prefill-bound):
+     `budget = max(floor, budget * DECREASE)`. A running
      request waits one step between tokens, and a smaller budget shrinks the prefill chunks that
      share a step with the decodes (decodes always go first).
-   - else, while TTFT P99 is within its objective, the running cap:
+   - else, while TTFT P99 is within its objective and the period is not prefill-bound (fewer
+     running would not shorten the prompt steps), the running cap:
      `cap = max(RUNNING_FLOOR, min(cap, RUNNING_DECREASE x running))`. The
      scheduler then admits nobody until fewer than `cap` run; nothing running is preempted, so the
      count falls only as requests finish, over about one request's lifetime. Cutting from the
@@ -42,7 +49,7 @@ requests running in a step of the period, then:
      objective): `budget += ceiling * INCREASE_FRACTION`. Also during a cool-down whatever the ITL:
      the budget was just shown not to set it.
    - running cap, with requests waiting: `cap += max_running * RUNNING_INCREASE_FRACTION`,
-     lifted to None at `max_running`.
+     lifted to None at `max_running`. Also in a prefill-bound period: the cap is not the lever.
    Between `HEADROOM` x and the ITL objective both hold; no backlog means more would buy nothing.
 4. TTFT P99 over its objective: the running cap relaxes as in 3, whatever the ITL, and is never
    tightened. A capped batch sheds throughput, the queue grows, and TTFT runs away: measured on an
@@ -50,11 +57,16 @@ requests running in a step of the period, then:
    ITL P99 stayed over its objective anyway (docs/BENCHMARKS.md). With ITL headroom the budget
    grows too (3), prefilling the waiting requests sooner.
 
-In overload (more arrives than the card serves within both objectives) TTFT wins: a chat user
-waits for nothing longer than for the first token, and a stream at 40 ms a token still outpaces
-reading. The cap lifts, the budget follows ITL as in 1-3, and the queue, bounded by
-`--max-waiting`, refuses the excess at once ("overloaded"); only refusing work brings TTFT back
-under its objective then.
+In overload (more arrives than the card serves within both objectives) only refusing work keeps
+TTFT under its objective, so with a TTFT objective the controller also sets the admission rate:
+a request still waiting for its first step `SHED_FRACTION` x the objective after it arrived is
+refused ("overloaded"; the step loop does it, see `shed_after_s`), because the rest of the
+objective is what its prefill and first token need. So the queue holds only what the card can
+start in time, its client hears at once that it should retry elsewhere, and TTFT P99 of the
+requests served stays near the objective whatever the offered rate. A preempted request is never
+refused: its client already has tokens. At low load nothing waits that long and nothing is
+refused; refusals are counted in `stats()["shed"]`. Without a TTFT objective the queue is bounded
+by `--max-waiting` alone, and TTFT wins over ITL as in 4.
 The budget halves in one period and climbs from floor to ceiling in 1 / INCREASE_FRACTION periods;
 the cap climbs from its floor to none in 1 / RUNNING_INCREASE_FRACTION periods.
 """
@@ -73,6 +85,7 @@ MIN_STEPS = 4  # a decision needs at least this many steps of evidence
 EFFECTIVE = 0.9  # a budget cut counts as working if ITL P99 falls below this fraction of its cause
 COOLDOWN = 10  # periods ITL does not steer the budget after a cut that did not work
 DEFAULT_CEILING = 8192  # ceiling when neither --max-batch-tokens nor auto-tuning gives one
+SHED_FRACTION = 0.5  # a request not started after this fraction of the TTFT objective is refused
 
 
 def p99(values: list[float]) -> float | None:
@@ -91,6 +104,7 @@ class Decision:
     steps: int
     itl_p99_s: float | None
     ttft_p99_s: float | None
+    decode_step_p99_s: float | None  # loop cycles of decode-only steps
     running: int  # the most running in a step of the period
     waiting: int
     budget: int
@@ -124,7 +138,16 @@ class Controller:
         self._waiting = 0
         self._t_last = now
         self._cut: tuple[int, float] | None = None  # (budget before, ITL P99 that caused it) of last period's cut
+        self._decode_cycles: list[float] = []  # this period's loop cycles that ended a decode-only step
+        self._t_step: float | None = None  # when the last step ended
         self._cooldown = 0  # periods left in which ITL does not steer the budget
+        self.shed = 0  # requests refused for waiting past shed_after_s
+
+    @property
+    def shed_after_s(self) -> float | None:
+        """How long a request may wait for its first step before the step loop refuses it (None:
+        no TTFT objective, never)."""
+        return None if self.ttft_slo_s is None else SHED_FRACTION * self.ttft_slo_s
 
     # --- observations (the step loop calls these) ----------------------------------------------
     def observe_token(self, gap_s: float) -> None:
@@ -134,9 +157,13 @@ class Controller:
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.append(seconds)
 
-    def observe_step(self, now: float, tokens: int, running: int, waiting: int, oldest_wait_s: float) -> None:
+    def observe_step(self, now: float, tokens: int, running: int, waiting: int, oldest_wait_s: float,
+                     prefill_tokens: int | None = None) -> None:
         """After each step: its tokens, requests running and still waiting, the oldest waiting
-        one's age; may decide."""
+        one's age, and (if known) how many of its tokens were prompt tokens; may decide."""
+        if prefill_tokens == 0 and self._t_step is not None:
+            self._decode_cycles.append(now - self._t_step)
+        self._t_step = now
         self._steps += 1
         self._full_steps += tokens >= self.budget
         self._running = max(self._running, running)
@@ -152,6 +179,10 @@ class Controller:
         itl_over = self.itl_slo_s is not None and itl is not None and itl > self.itl_slo_s
         itl_room = self.itl_slo_s is None or itl is None or itl < HEADROOM * self.itl_slo_s
         ttft_over = self.ttft_slo_s is not None and ttft is not None and ttft > self.ttft_slo_s
+        decode = p99(self._decode_cycles)
+        # The long gaps come from steps carrying prompt chunks: decode-only steps were well inside
+        # the objective, so the budget is the lever whatever the running cap does.
+        prefill_bound = itl_over and decode is not None and decode < HEADROOM * self.itl_slo_s
         backlog = self._waiting > 0 or self._full_steps > 0 or ttft_over
         cap = self.running_cap
 
@@ -163,24 +194,24 @@ class Controller:
             # the last cut did not shorten the gaps: the budget is not what sets them
             self.budget, action, steer, self._cooldown = cut[0], "restore", False, COOLDOWN
         if action == "hold":
-            if itl_over and steer and self.budget > self.floor and cap in (None, self.running_floor):
+            if itl_over and steer and self.budget > self.floor and (cap in (None, self.running_floor) or prefill_bound):
                 self._cut = (self.budget, itl)
                 self.budget, action = max(self.floor, int(self.budget * DECREASE)), "decrease"
             elif backlog and (itl_room or not steer) and self.budget < self.ceiling:
                 self.budget, action = min(self.ceiling, self.budget + self.increase), "increase"
 
-        if itl_over and action != "decrease" and not ttft_over:  # the budget is not the lever: fewer run
+        if itl_over and action != "decrease" and not ttft_over and not prefill_bound:  # fewer run
             tighter = max(self.running_floor, min(cap or self.max_running, int(RUNNING_DECREASE * self._running)))
             if tighter < (cap or self.max_running):
                 self.running_cap, cap_action = tighter, "tighten"
-        elif cap is not None and (ttft_over or (itl_room and self._waiting > 0)):  # TTFT first
+        elif cap is not None and (ttft_over or (self._waiting > 0 and (itl_room or prefill_bound))):  # TTFT first
             looser = cap + self.running_increase
             self.running_cap, cap_action = (None if looser >= self.max_running else looser), "relax"
 
         self.decisions += 1
-        self.last = Decision(now, self._steps, itl, ttft, self._running, self._waiting, self.budget,
+        self.last = Decision(now, self._steps, itl, ttft, decode, self._running, self._waiting, self.budget,
                              self.running_cap, action, cap_action)
-        self._itl, self._ttft = [], []
+        self._itl, self._ttft, self._decode_cycles = [], [], []
         self._steps = self._full_steps = self._running = 0
         self._oldest_wait = 0.0
         self._t_last = now
@@ -191,9 +222,10 @@ class Controller:
         return {
             "slo_ttft_ms": ms(self.ttft_slo_s), "slo_itl_ms": ms(self.itl_slo_s),
             "floor": self.floor, "ceiling": self.ceiling, "running_floor": self.running_floor,
-            "decisions": self.decisions,
+            "decisions": self.decisions, "shed": self.shed,
             "last": None if d is None else {
-                "itl_p99_ms": ms(d.itl_p99_s), "ttft_p99_ms": ms(d.ttft_p99_s), "running": d.running,
+                "itl_p99_ms": ms(d.itl_p99_s), "ttft_p99_ms": ms(d.ttft_p99_s),
+                "decode_step_p99_ms": ms(d.decode_step_p99_s), "running": d.running,
                 "waiting": d.waiting, "steps": d.steps, "action": d.action, "cap_action": d.cap_action,
             },
         }

@@ -245,6 +245,8 @@ class Engine:
             # answers "overloaded" at once instead of growing an unbounded queue.
             self._drain(self._inbox, self.config.max_waiting - len(self.scheduler.waiting))
             self._reap_departed()
+            if self.controller and self.controller.shed_after_s is not None:  # [controller] admission
+                self._shed_late(time.monotonic() - self.controller.shed_after_s)
             if self.controller:  # [controller] its knobs, as decided after the last step
                 self.scheduler.max_batch_tokens = self.controller.budget
                 # Lowering it preempts nobody: the scheduler only stops admitting until fewer run.
@@ -256,6 +258,26 @@ class Engine:
                 await trio.sleep(0)
                 continue
             await self._step(plan)
+
+    def _shed_late(self, cutoff: float) -> None:
+        """[controller] Refuse the requests waiting unstarted since before `cutoff`: they could no
+        longer get a first token within the TTFT objective. The waiting queue keeps new requests in
+        arrival order (preempted ones, skipped here, go in front), so the walk stops at the first
+        new one that arrived in time."""
+        late = []
+        for seq in self.scheduler.waiting:
+            if seq.output_ids or seq.num_preemptions:
+                continue  # started once: its client has tokens already
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue
+            if req.t_arrival >= cutoff:
+                break
+            late.append(seq.request_id)
+        for rid in late:
+            self._end(rid, "error", RequestError(
+                "overloaded", "the server could not start this request within its first-token objective; try again later"))
+        self.controller.shed += len(late)
 
     def _drain(self, channel: trio.MemoryReceiveChannel, limit: float) -> None:
         while limit > 0:
@@ -449,7 +471,7 @@ class Engine:
             first = next((s for s in self.scheduler.waiting if not s.output_ids), None)  # not a preempted one
             oldest = t_end - self._requests[first.request_id].t_arrival if first else 0.0
             self.controller.observe_step(t_end, plan.num_tokens, len(self.scheduler.running),
-                                         len(self.scheduler.waiting), oldest)
+                                         len(self.scheduler.waiting), oldest, plan.num_tokens - decode)
 
     def _send(self, req: Request, event) -> None:
         """Never blocks: the engine does not wait for any client."""

@@ -74,6 +74,44 @@ async def test_controller_steers_the_scheduler_from_the_step_loop():
         assert kv.free_blocks == kv.total_blocks
 
 
+async def test_a_request_not_started_within_half_its_ttft_objective_is_refused():
+    """The controller's admission rule: with the one slot taken, a second request waits; once it
+    has waited half the TTFT objective it is refused as overloaded (its client hears at once),
+    while the running one streams on, and nothing is left behind."""
+    config = EngineConfig(model=TINY, kv_blocks=64, max_running=8, slo_ttft_ms=200)
+    async with open_engine(config) as engine:
+        c = engine.controller
+        assert c.shed_after_s == 0.1
+        c.period_s, c.running_cap = 3600.0, 1  # no decision in this test: the cap of 1 stays
+        params = SamplingParams(max_tokens=900, ignore_eos=True)
+        with trio.fail_after(60):
+            async with engine.generate("the long one", params) as first:
+                await first.__anext__()  # running
+                t0 = trio.current_time()
+                async with engine.generate("the late one", params) as late:
+                    events = [ev async for ev in late]
+                waited = trio.current_time() - t0
+                assert len(events) == 1 and events[0].finish_reason == "error"
+                assert events[0].error.code == "overloaded" and events[0].completion_tokens == 0
+                assert 0.1 <= waited < 1.0
+                assert c.shed == 1 and engine.batching()["controller"]["shed"] == 1
+                assert await first.__anext__()  # the running one was not touched
+            while (kv := engine.kv_statistics()).free_blocks != kv.total_blocks:  # the cancel lands
+                await trio.sleep(0.01)
+        assert not engine.scheduler.waiting and not engine.scheduler.running
+
+
+async def test_without_a_ttft_objective_nothing_is_refused_for_waiting():
+    config = EngineConfig(model=TINY, kv_blocks=64, max_running=8, slo_itl_ms=25)
+    async with open_engine(config) as engine:
+        c = engine.controller
+        assert c.shed_after_s is None
+        c.period_s, c.running_cap = 3600.0, 1
+        with trio.fail_after(60):
+            done = await run_all(engine, 3, 40)  # each waits for the one before it
+        assert [d.finish_reason for d in done] == ["length"] * 3 and c.shed == 0
+
+
 def test_flags():
     from streamer.__main__ import build_parser, config_from_args
 

@@ -4,7 +4,7 @@ both grow back with ITL headroom."""
 
 from __future__ import annotations
 
-from streamer.controller import COOLDOWN, DEFAULT_CEILING, Controller, build_controller, p99
+from streamer.controller import COOLDOWN, DEFAULT_CEILING, Controller, Decision, build_controller, p99
 
 MS = 0.001
 
@@ -20,14 +20,17 @@ class Feed:
     def __init__(self, c: Controller) -> None:
         self.c, self.t = c, 0.0
 
-    def period(self, itl_ms=10.0, ttft_ms=None, waiting=0, oldest_ms=0.0, tokens=None, running=64):
+    def period(self, itl_ms=10.0, ttft_ms=None, waiting=0, oldest_ms=0.0, tokens=None, running=64, prefill=None):
+        """`prefill`: the prompt tokens of each step (None: not reported, as the unit tests of the
+        rest of the rule leave it); a step without any ends a decode-only loop cycle of 1/16 s."""
         for _ in range(8):
             self.t += 1 / 16
             for _ in range(8):
                 self.c.observe_token(itl_ms * MS)
             if ttft_ms is not None:
                 self.c.observe_ttft(ttft_ms * MS)
-            self.c.observe_step(self.t, self.c.budget if tokens is None else tokens, running, waiting, oldest_ms * MS)
+            self.c.observe_step(self.t, self.c.budget if tokens is None else tokens, running, waiting, oldest_ms * MS,
+                                prefill)
         return self.c.last
 
 
@@ -234,5 +237,40 @@ def test_stats_show_the_last_decision():
     f.period(itl_ms=40, waiting=5, running=200)
     s = c.stats()
     assert (s["slo_itl_ms"], s["floor"], s["ceiling"], s["running_floor"], s["decisions"]) == (25, 64, 4096, 8, 1)
-    assert s["last"] == {"itl_p99_ms": 40.0, "ttft_p99_ms": None, "running": 200, "waiting": 5, "steps": 8,
-                         "action": "decrease", "cap_action": "hold"}
+    assert s["last"] == {"itl_p99_ms": 40.0, "ttft_p99_ms": None, "decode_step_p99_ms": None, "running": 200,
+                         "waiting": 5, "steps": 8, "action": "decrease", "cap_action": "hold"}
+    assert s["shed"] == 0 and c.shed_after_s == 0.1
+
+
+def prefill_bound(c: Controller, t: float, itl_ms: float, running: int, waiting: int) -> Decision:
+    """One period in which decode-only steps end every 2 ms and every fourth step carries a prompt
+    chunk that holds the gaps at `itl_ms`: the budget, not the running count, sets ITL."""
+    for i in range(16):
+        t += 0.002 if i % 4 else itl_ms * MS
+        for _ in range(4):
+            c.observe_token(2 * MS if i % 4 else itl_ms * MS)
+        c.observe_step(t, c.budget, running, waiting, 0.0, 0 if i % 4 else 512)
+    c.observe_step(t + 0.5, c.budget, running, waiting, 0.0, 512)  # past the period (a prompt step): decides
+    return c.last
+
+
+def test_prefill_bound_gaps_cut_the_budget_even_while_the_cap_is_engaged():
+    """Decode-only steps well inside the objective while ITL P99 is over it: the long gaps are the
+    steps carrying prompt chunks. The budget is cut, the cap is not tightened (fewer running would
+    not shorten those steps) and, with requests waiting, it relaxes."""
+    c = make(ceiling=4096, max_running=256)
+    c.running_cap = 64  # engaged, as an earlier host-bound period would leave it
+    d = prefill_bound(c, 0.0, itl_ms=40, running=64, waiting=5)
+    assert d.decode_step_p99_s is not None and d.decode_step_p99_s < 0.8 * 25 * MS
+    assert (d.action, c.budget) == ("decrease", 2048)
+    assert (d.cap_action, c.running_cap) == ("relax", 80)
+
+
+def test_slow_decode_only_steps_still_tighten_the_cap():
+    """Host-bound: the decode-only steps themselves take as long as the objective, so the running
+    count is the lever, as without the step breakdown."""
+    c = make(ceiling=4096, max_running=256)
+    f = Feed(c)
+    c.running_cap = 200
+    d = f.period(itl_ms=40, ttft_ms=150, waiting=5, running=200, prefill=0)  # 1/16 s decode-only cycles
+    assert d.decode_step_p99_s == 1 / 16 and (d.action, d.cap_action, c.running_cap) == ("hold", "tighten", 170)
