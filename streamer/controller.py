@@ -62,7 +62,7 @@ TTFT under its objective, so with a TTFT objective the controller also sets the 
 a request still waiting for its first step `SHED_FRACTION` x the objective after it arrived is
 refused ("overloaded"; the step loop does it, see `shed_after_s`), because the rest of the
 objective is what its prefill and first token need. So the queue holds only what the card can
-start in time, its client hears at once that it should retry elsewhere, and TTFT P99 of the
+start in time, its client hears within half the objective that it should retry elsewhere, and TTFT P99 of the
 requests served stays near the objective whatever the offered rate. A preempted request is never
 refused: its client already has tokens. At low load nothing waits that long and nothing is
 refused; refusals are counted in `stats()["shed"]`. Without a TTFT objective the queue is bounded

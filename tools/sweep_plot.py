@@ -24,13 +24,15 @@ def main(src: str, dst: str) -> None:
             ax.plot(tok, [r[col] for r in rows], marker="o", label=name)
             for r in rows:
                 ax.annotate(f"{r[0]:g}/s", (r[1], r[col]), fontsize=6, alpha=0.6)
-    for ax, title, slo in zip(axes, ("P99 time to first token (client)", "P99 inter-token latency (client)"),
-                              (200, 25), strict=True):
+    objectives = data.get("objectives", [[200, 25]])  # (TTFT, ITL) ms pairs, drawn as dotted lines
+    for i, (ax, title) in enumerate(zip(axes, ("P99 time to first token (client)", "P99 inter-token latency (client)"),
+                                        strict=True)):
         ax.set_title(title)
         ax.set_xlabel("output tok/s")
         ax.set_ylabel("ms")
         ax.set_yscale("log")
-        ax.axhline(slo, color="grey", linestyle=":", linewidth=1)
+        for pair in objectives:
+            ax.axhline(pair[i], color="grey", linestyle=":", linewidth=1)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.savefig(dst, dpi=110)
