@@ -45,13 +45,29 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> 
 
 
 async def read_tokens(gen, out: list[int]) -> None:
-    """Read a generation to its end, appending each token id to `out`."""
+    """Read a generation to its end, appending each token id to `out`. Token indices must run 0,
+    1, 2, ...; the stream must not end in an error, and a finished one counts its tokens."""
     from streamer.types import TokenEvent
 
     async with gen:
         async for ev in gen:
             if isinstance(ev, TokenEvent):
+                assert ev.index == len(out), (ev.index, len(out))
                 out.append(ev.token_id)
+            else:
+                assert ev.finish_reason != "error", ev.error
+                assert ev.finish_reason == "cancelled" or ev.completion_tokens == len(out), (ev, len(out))
+
+
+async def read_streams(gens) -> list[list[int]]:
+    """Read every generation concurrently (as `read_tokens`); each one's token ids."""
+    import trio
+
+    out: list[list[int]] = [[] for _ in gens]
+    async with trio.open_nursery() as nursery:
+        for gen, tokens in zip(gens, out, strict=True):
+            nursery.start_soon(read_tokens, gen, tokens)
+    return out
 
 
 class FakeGeneration:

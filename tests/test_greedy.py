@@ -10,8 +10,8 @@ import trio
 
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
-from streamer.types import FinishEvent, SamplingParams, TokenEvent
-from tests.conftest import hf_greedy, hf_model
+from streamer.types import SamplingParams
+from tests.conftest import hf_greedy, hf_model, read_streams
 
 TEXTS = [
     "Hi",
@@ -53,23 +53,8 @@ def reference(name: str):
 async def run_all(engine, prompts) -> list[list[int]]:
     """Submit every prompt before the step loop runs once (so each run batches them the same
     way, whatever the machine's load), then read all streams concurrently."""
-    results: list[list[int]] = [[] for _ in prompts]
     gens = [engine.submit(ids, SamplingParams(max_tokens=NEW_TOKENS)) for ids in prompts]
-
-    async def one(i, gen):
-        async with gen:
-            async for ev in gen:
-                if isinstance(ev, TokenEvent):
-                    assert ev.index == len(results[i])
-                    results[i].append(ev.token_id)
-                else:
-                    assert isinstance(ev, FinishEvent) and ev.finish_reason in ("stop", "length")
-                    assert ev.completion_tokens == len(results[i])
-
-    async with trio.open_nursery() as nursery:
-        for i, gen in enumerate(gens):
-            nursery.start_soon(one, i, gen)
-    return results
+    return await read_streams(gens)
 
 
 @pytest.mark.parametrize("name", ["smollm2", "random:tiny-qwen3"])

@@ -13,29 +13,19 @@ import trio
 
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
-from streamer.types import SamplingParams, TokenEvent
+from streamer.types import SamplingParams
+from tests.conftest import read_streams
 
 pytestmark = pytest.mark.gpu
 MODEL = "random:qwen2.5-0.5b"
 
 
 async def run(config, prompts, new):
-    out = [[] for _ in prompts]
-
-    async def one(i, gen):
-        async with gen:
-            async for ev in gen:
-                if isinstance(ev, TokenEvent):
-                    assert ev.index == len(out[i])
-                    out[i].append(ev.token_id)
-
     async with open_engine(config) as engine:
         assert engine.overlap is config.overlap and engine.runner.graphs.graphs
         gens = [engine.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, new, strict=True)]
         with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                for i, gen in enumerate(gens):
-                    nursery.start_soon(one, i, gen)
+            out = await read_streams(gens)
         st = engine.statistics()
         assert st.kv.free_blocks == st.kv.total_blocks and st.swap_slots_free == st.swap_slots
     return out, st

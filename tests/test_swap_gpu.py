@@ -19,7 +19,8 @@ from gpu.runner import SeqInput
 from gpu.sampler import SampleSpec
 from streamer.config import EngineConfig
 from streamer.engine import build_engine, open_engine
-from streamer.types import SamplingParams, TokenEvent
+from streamer.types import SamplingParams
+from tests.conftest import read_streams
 
 pytestmark = pytest.mark.gpu
 TINY = "random:tiny-qwen3"  # D=16: the torch attention backend (the kernel takes D 64 and 128)
@@ -71,21 +72,11 @@ def check_swaps(runner) -> list[bool]:
 
 
 async def run(config, prompts):
-    out = [[] for _ in prompts]
-
-    async def one(i, gen):
-        async with gen:
-            async for ev in gen:
-                if isinstance(ev, TokenEvent):
-                    out[i].append(ev.token_id)
-
     async with open_engine(config) as engine:
         checked = check_swaps(engine.runner) if engine.runner.swap else []
         gens = [engine.submit(p, SamplingParams(max_tokens=32, ignore_eos=True)) for p in prompts]
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i, gen in enumerate(gens):
-                    nursery.start_soon(one, i, gen)
+            out = await read_streams(gens)
         st = engine.statistics()
         assert st.kv.free_blocks == st.kv.total_blocks and st.swap_slots_free == st.swap_slots
         assert engine.runner.graphs is not None and engine.runner.graphs.graphs

@@ -1,8 +1,8 @@
 """Time the decode step's projection GEMMs at small batch: `F.linear` (what the model runs) against
 split-K through `torch.bmm` with float32 partials (what a consumer kernel could sum), per layer.
 
-Each shape runs over as many distinct weight matrices as the model has layers, inside one CUDA
-graph, so the weights stream from HBM as in a real step (they would sit in L2 if one were reused).
+Each shape runs over as many distinct weight matrices as the model has layers, replayed in turn in
+one CUDA graph, so the weights stream from HBM as in a real step (one reused would sit in L2).
 The split-K column also prints its relative error against `F.linear` (bf16 rounding of the result).
 
     python3 tools/bench_gemm.py [--models qwen2.5-0.5b,llama-3.2-1b] [--rows 64,256] [--splits 2,4,8]
@@ -11,37 +11,20 @@ The split-K column also prints its relative error against `F.linear` (bf16 round
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from bench_attention import bench_ms  # noqa: E402  (CUDA-graph replay of many calls, ms a call)
+
 # hidden, intermediate, q+k+v width, layers (the shapes of tools/bench_offline.py's models)
 MODELS = {"qwen2.5-0.5b": (896, 4864, 1152, 24), "llama-3.2-1b": (2048, 8192, 3072, 16),
           "llama-3-8b": (4096, 14336, 6144, 32)}
-
-
-def graph_us(fn, calls: int, reps: int = 15) -> float:
-    """Median microseconds per call of `fn` (which makes `calls` calls), replayed as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
 
 
 def split_k(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
@@ -71,13 +54,13 @@ def main() -> None:
             for m in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = F.linear(x, ws[0]).float()
-                cells = [f"{graph_us(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], layers):.1f}"]
+                cells = [f"{1000 * bench_ms([lambda x=x, w=w: F.linear(x, w) for w in ws]):.1f}"]
                 for s in (int(v) for v in args.splits.split(",")):
                     if k % s or (k // s) % 8:
                         cells.append("-")
                         continue
                     err = ((split_k(x, ws[0], s).sum(0) - ref).norm() / ref.norm()).item()
-                    us = graph_us(lambda x=x, ws=ws, s=s: [split_k(x, w, s) for w in ws], layers)
+                    us = 1000 * bench_ms([lambda x=x, w=w, s=s: split_k(x, w, s) for w in ws])
                     cells.append(f"{us:.1f} ({err:.0e})")
                 print(f"| {name} | {gemm} | {m} | {n} | {k} | " + " | ".join(cells) + " |", flush=True)
 
