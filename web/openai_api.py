@@ -119,8 +119,10 @@ async def _parse(engine: Any, config: Any, chat: bool) -> tuple[dict, list[int],
     unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
     if unknown:
         raise ApiError("invalid_request", f"unsupported field(s): {', '.join(unknown)}", unknown[0])
-    if body.get("model") != engine.model_name:
-        raise ApiError("model_not_found", f"the model {body.get('model')!r} does not exist; this server "
+    if "model" not in body:
+        raise ApiError("invalid_request", f"'model' is required; this server serves {engine.model_name!r}", "model")
+    if body["model"] != engine.model_name:
+        raise ApiError("model_not_found", f"the model {body['model']!r} does not exist; this server "
                        f"serves {engine.model_name!r}", "model")
     if not isinstance(body.get("stream", False), bool):
         raise ApiError("invalid_request", "'stream' must be a boolean", "stream")
