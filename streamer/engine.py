@@ -245,9 +245,9 @@ class Engine:
             # answers "overloaded" at once instead of growing an unbounded queue.
             self._drain(self._inbox, self.config.max_waiting - len(self.scheduler.waiting))
             self._reap_departed()
-            if self.controller and self.controller.shed_after_s is not None:  # [controller] admission
-                self._shed_late(time.monotonic() - self.controller.shed_after_s)
-            if self.controller:  # [controller] its knobs, as decided after the last step
+            if self.controller:  # [controller] admission, then its knobs as decided after the last step
+                if self.controller.shed_after_s is not None:
+                    self._shed_late(time.monotonic() - self.controller.shed_after_s)
                 self.scheduler.max_batch_tokens = self.controller.budget
                 # Lowering it preempts nobody: the scheduler only stops admitting until fewer run.
                 self.scheduler.max_running = self.controller.running_cap or self.config.max_running
