@@ -1,4 +1,5 @@
-"""The elementwise parts of a transformer layer: residual add + RMSNorm, q/k/v split + RoPE, SiLU * up.
+"""The elementwise parts of a transformer layer: residual add + RMSNorm, q/k/v split + RoPE, SiLU * up;
+plus the projections whose output is a residual delta, and the greedy argmax over logits.
 
 Two implementations with one interface, chosen with the attention backend (gpu/runner.py):
 `TorchOps`, plain torch ops (the CPU path and the reference), and `CudaOps`, one CuPy kernel launch
@@ -6,6 +7,10 @@ each from gpu/csrc/fused_ops.cu. Torch needs 6-10 launches and float32 temporari
 these; at decode batch sizes those launches cost more than the layer's GEMMs (docs/BENCHMARKS.md).
 The kernels round to the storage dtype where the torch chain does, so the two agree to within
 float summation order (tests/test_fused_ops_gpu.py).
+
+`residual_linear` is the o and down projections. Where their output is too small to fill the GPU
+(decode batches of small models), CudaOps splits the reduction over K into float32 partials
+(split-K) and the next add_rms_norm sums them, so the GEMM runs on 2-4x the thread blocks.
 """
 
 from __future__ import annotations
@@ -44,10 +49,18 @@ class TorchOps:
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
     def add_rms_norm(self, x, delta, weight, eps):
-        """(x + delta, rms_norm(x + delta)); delta None: (x, rms_norm(x))."""
+        """(x + delta, rms_norm(x + delta)); delta None: (x, rms_norm(x)). A float32 delta of shape
+        (S, T, H) is split-K partials: their sum, rounded to x's dtype, is the delta."""
         if delta is not None:
-            x = x + delta
+            x = x + (delta.sum(0).to(x.dtype) if delta.dim() == 3 else delta)
         return x, rms_norm(x, weight, eps)
+
+    def residual_linear(self, x, weight):
+        """x @ weight.T, the delta that the next add_rms_norm adds to the residual stream."""
+        return F.linear(x, weight)
+
+    def argmax(self, logits):
+        return logits.argmax(dim=-1)
 
     def split_rope(self, qkv, rope, hq: int, hkv: int, d: int):
         """qkv (T, (hq+2hkv)*d) -> contiguous q (T, hq, d), k, v (T, hkv, d); q and k rotated."""
@@ -63,6 +76,21 @@ class TorchOps:
 
 
 _MODULES: dict[bool, object] = {}
+_NORM_VECS = 4  # 8-value vectors an add_rms_norm thread holds (NORM_VECS in the .cu)
+# Split-K for residual_linear where the output has at most this many elements and 64 or more rows:
+# measured on an H100 (docs/BENCHMARKS.md, seventh session), qwen2.5-0.5b's down projection plus
+# the add_rms_norm after it at 256 rows took 10.4 us split against 12.7 unsplit, and llama-3.2-1b's
+# at 256 rows (524k outputs) was faster unsplit.
+_SPLIT_K_MAX_OUT = 1 << 18
+_SPLIT_K_MIN_ROWS = 64
+
+
+def split_k(rows: int, n: int, k: int) -> int:
+    """How many K slices residual_linear computes apart (1: an ordinary GEMM)."""
+    if rows < _SPLIT_K_MIN_ROWS or rows * n > _SPLIT_K_MAX_OUT:
+        return 1
+    s = 4 if k >= 4096 else 2
+    return s if k % (s * 64) == 0 else 1
 
 
 class CudaOps:
@@ -71,6 +99,7 @@ class CudaOps:
 
     name = "cuda"
     _THREADS = 256
+    _ARGMAX_THREADS = 512
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         assert cos.is_cuda and cos.dtype == torch.float32 and cos.is_contiguous()
@@ -93,10 +122,10 @@ class CudaOps:
     def warmup(self, dtype: torch.dtype) -> None:
         """Compile now, so no request waits on NVRTC."""
         m = self._module(dtype)
-        for name in ("add_rms_norm", "split_rope", "silu_mul"):
+        for name in ("add_rms_norm", "split_rope", "silu_mul", "argmax_rows"):
             m.get_function(name)
 
-    def _launch(self, name: str, dtype, grid: int | tuple[int, int], args) -> None:
+    def _launch(self, name: str, dtype, grid: int | tuple[int, int], args, threads: int = 0) -> None:
         import cupy
 
         ptr = torch.cuda.current_stream().cuda_stream
@@ -106,7 +135,7 @@ class CudaOps:
         if fn is None:
             fn = self._fns[(name, dtype)] = self._module(dtype).get_function(name)
         with self._streams[ptr]:
-            fn(grid if isinstance(grid, tuple) else (grid,), (self._THREADS,), args)
+            fn(grid if isinstance(grid, tuple) else (grid,), (threads or self._THREADS,), args)
 
     @staticmethod
     def _ptr(t: torch.Tensor | None) -> np.uint64:
@@ -116,37 +145,73 @@ class CudaOps:
         assert positions.dtype == torch.int64
         return positions
 
+    @staticmethod
+    def _aligned(*ts: torch.Tensor | None) -> bool:
+        return all(t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0) for t in ts)
+
     def add_rms_norm(self, x, delta, weight, eps):
         rows, hidden = x.shape
-        assert x.is_contiguous() and weight.shape == (hidden,) and weight.dtype == x.dtype
-        if delta is not None:
-            assert delta.shape == x.shape and delta.dtype == x.dtype and delta.is_contiguous()
+        assert weight.shape == (hidden,) and weight.dtype == x.dtype
+        assert hidden % 8 == 0 and hidden <= 1024 * 8 * _NORM_VECS, f"hidden size {hidden}: needs a multiple of 8"
+        parts = None
+        if delta is not None and delta.dim() == 3:  # split-K partials from residual_linear
+            assert delta.shape[1:] == x.shape and delta.dtype == torch.float32, (delta.shape, delta.dtype)
+            parts, delta = delta, None
+        elif delta is not None:
+            assert delta.shape == x.shape and delta.dtype == x.dtype
+        assert self._aligned(x, delta, parts, weight), "add_rms_norm needs contiguous, 16-byte aligned tensors"
         out = torch.empty_like(x)
         if rows:
             p = self._ptr
-            self._launch("add_rms_norm", x.dtype, rows,
-                         (p(x), p(delta), p(weight), p(out), np.int32(hidden), np.float32(eps)))
+            threads = max(128, -(-hidden // (8 * _NORM_VECS * 32)) * 32)
+            self._launch("add_rms_norm", x.dtype, rows, (
+                p(x), p(delta), p(parts), np.int32(0 if parts is None else parts.shape[0]),
+                np.int64(0 if parts is None else parts.stride(0)), p(weight), p(out), np.int32(hidden),
+                np.float32(eps)), threads)
         return x, out
+
+    def residual_linear(self, x, weight):
+        """x @ weight.T; float32 partials (S, T, N) where split_k() says so, else (T, N) in x's dtype."""
+        t, k = x.shape
+        n = weight.shape[0]
+        s = split_k(t, n, k)
+        if s == 1:
+            return F.linear(x, weight)
+        return torch.bmm(x.view(t, s, k // s).transpose(0, 1), weight.view(n, s, k // s).permute(1, 2, 0),
+                         out_dtype=torch.float32)
+
+    def argmax(self, logits):
+        """torch.argmax over the last dim of (rows, vocab) 16-bit logits, one block a row."""
+        rows, vocab = logits.shape
+        if vocab % 8 or not self._aligned(logits) or logits.dtype not in (torch.bfloat16, torch.float16):
+            return logits.argmax(dim=-1)
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+        if rows:
+            self._launch("argmax_rows", logits.dtype, rows, (self._ptr(logits), self._ptr(out), np.int32(vocab)),
+                         self._ARGMAX_THREADS)
+        return out
 
     def split_rope(self, qkv, rope, hq: int, hkv: int, d: int):
         t = qkv.shape[0]
-        assert qkv.is_contiguous() and qkv.shape[1] == (hq + 2 * hkv) * d and rope.shape == (t,)
+        assert qkv.shape[1] == (hq + 2 * hkv) * d and rope.shape == (t,)
+        assert d % 16 == 0 and self._aligned(qkv), "split_rope needs head_dim % 16 == 0 and an aligned qkv"
         q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
         k = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
         v = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
         if t:
             p = self._ptr
-            self._launch("split_rope", qkv.dtype, t, (p(qkv), p(rope), p(self.cos), p(self.sin), p(q), p(k), p(v),
-                                                      np.int32(hq), np.int32(hkv), np.int32(d)))
+            blocks = min(-(-t * (hq + 2 * hkv) * (d // 16) // self._THREADS), 65535)
+            self._launch("split_rope", qkv.dtype, blocks, (p(qkv), p(rope), p(self.cos), p(self.sin), p(q), p(k), p(v),
+                                                           np.int32(t), np.int32(hq), np.int32(hkv), np.int32(d)))
         return q, k, v
 
     def silu_mul(self, gate_up):
         rows, two_inter = gate_up.shape
-        assert gate_up.is_contiguous() and two_inter % 2 == 0
         inter = two_inter // 2
+        assert two_inter % 16 == 0 and self._aligned(gate_up), "silu_mul needs an aligned (rows, 2*inter), inter % 8 == 0"
         out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
         if rows and inter:
             p = self._ptr
-            self._launch("silu_mul", gate_up.dtype, (min(-(-inter // self._THREADS), 8), min(rows, 65535)),
-                         (p(gate_up), p(out), np.int32(rows), np.int32(inter)))
+            blocks = min(-(-rows * inter // (8 * self._THREADS)), 4096)
+            self._launch("silu_mul", gate_up.dtype, blocks, (p(gate_up), p(out), np.int32(rows), np.int32(inter)))
         return out

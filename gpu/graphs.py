@@ -44,7 +44,6 @@ class DecodeGraphs:
         self._staging = [(torch.zeros(5 * bmax, dtype=torch.int64, pin_memory=pin),
                        torch.zeros(3 * bmax + 2 + cap, dtype=torch.int32, pin_memory=pin)) for _ in range(2)]
         self._turn = 0
-        self.rows = torch.arange(bmax, device=dev)
         self.max_context = model.spec.max_position
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
@@ -143,7 +142,7 @@ class DecodeGraphs:
         else:
             inputs = self._inputs(b)
             meta = self._meta(b, self._host(b, positions, tables))
-            out = self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b], self.ops)
+            out = self.model.forward(inputs[0], inputs[1], meta, self.backend, None, self.ops)
         return out[:n]
 
     def _capture_all(self) -> None:
@@ -166,10 +165,10 @@ class DecodeGraphs:
             inputs, meta = self._inputs(b), self._meta(b)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graphs require
-                self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b], self.ops)
+                self.model.forward(inputs[0], inputs[1], meta, self.backend, None, self.ops)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model.forward(inputs[0], inputs[1], meta, self.backend, self.rows[:b], self.ops)
+                out = self.model.forward(inputs[0], inputs[1], meta, self.backend, None, self.ops)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize()

@@ -113,7 +113,13 @@ class Transformer:
         self.torch_ops = TorchOps(self.cos, self.sin)
 
     def cuda_ops(self) -> CudaOps:
-        """The fused CuPy kernels over this model's RoPE tables (CUDA only)."""
+        """The fused CuPy kernels over this model's RoPE tables (CUDA only). They move 8 values a
+        thread, so they need hidden and intermediate sizes that are multiples of 8 and a head_dim
+        that is a multiple of 16 (true of every released model of these families)."""
+        s = self.spec
+        if s.hidden_size % 8 or s.intermediate_size % 8 or s.head_dim % 16:
+            raise ValueError(f"the fused CUDA ops need hidden and intermediate sizes divisible by 8 and head_dim by 16; "
+                             f"this model has {s.hidden_size}, {s.intermediate_size}, {s.head_dim}")
         return CudaOps(self.cos, self.sin)
 
     @torch.inference_mode()
@@ -123,10 +129,11 @@ class Transformer:
         positions: torch.Tensor,
         meta: AttnMetadata,
         backend: AttentionBackend,
-        logit_rows: torch.Tensor,
+        logit_rows: torch.Tensor | None,
         ops=None,
     ) -> torch.Tensor:
-        """input_ids, positions: (T,); logit_rows: (S,) indices into T. Returns logits (S, V) in the
+        """input_ids, positions: (T,); logit_rows: (S,) indices into T, or None when every row samples
+        (decode steps: no gather). Returns logits (S, V) in the
         model's dtype: greedy argmax reads them as they are (a 16-bit value converts to float32
         exactly, so the choice is the same), and the sampler converts only the rows it draws."""
         s = self.spec
@@ -144,9 +151,11 @@ class Transformer:
             else:
                 q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim)
             attn = backend.forward(i, q, k, v, meta)  # (T, Hq, D)
-            x, h = ops.add_rms_norm(x, F.linear(attn.reshape(-1, q_size), layer["o"]), layer["ln2"], s.rms_eps)
-            delta = F.linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
-        _, x = ops.add_rms_norm(x[logit_rows], delta[logit_rows], self.norm, s.rms_eps)  # only rows that sample
+            x, h = ops.add_rms_norm(x, ops.residual_linear(attn.reshape(-1, q_size), layer["o"]), layer["ln2"], s.rms_eps)
+            delta = ops.residual_linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
+        if logit_rows is not None:  # only the rows that sample; delta may be split-K partials (S, T, H)
+            x, delta = x[logit_rows], delta[logit_rows] if delta.dim() == 2 else delta[:, logit_rows]
+        _, x = ops.add_rms_norm(x, delta, self.norm, s.rms_eps)
         return F.linear(x, self.lm_head)  # (S, V)
 
     def _split_norm_rope(self, qkv, layer, rope):

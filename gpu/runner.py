@@ -109,7 +109,7 @@ class ModelRunner:
             step = g.pack([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs], feed)
             begin = self._begin(swap_out, swap_in)
             logits = g.logits(step, self._last_ids)
-            return self._sampled(sample(logits, [s.sample for s in seqs]), [True] * len(seqs), begin)
+            return self._sampled(sample(logits, [s.sample for s in seqs], self.ops.argmax), [True] * len(seqs), begin)
         if not seqs:  # only swaps this step
             return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [], self._begin(swap_out, swap_in))
         ids: list[int] = []
@@ -139,7 +139,7 @@ class ModelRunner:
         if k:
             input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (see graphs.py _upload)
         logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)  # writes the KV
-        ids = sample(logits, specs) if specs else torch.empty(0, dtype=torch.long, device=dev)
+        ids = sample(logits, specs, self.ops.argmax) if specs else torch.empty(0, dtype=torch.long, device=dev)
         return self._sampled(ids, [s.sample is not None for s in seqs], begin)
 
     def _begin(self, swap_out: tuple[tuple[int, int], ...], swap_in: tuple[tuple[int, int], ...]):

@@ -29,20 +29,23 @@ class SampleSpec:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+def sample(logits: torch.Tensor, specs: list[SampleSpec], argmax=None) -> torch.Tensor:
     """logits (S, V) -> token ids (S,) int64, on logits' device; no host sync. The ops launched
     depend on which options the batch uses, never on how many rows it has. Greedy rows take the
     argmax of the logits in their own dtype (16-bit logits convert to float32 exactly, so the
-    choice is the same, at half the bytes read); drawn rows are converted to float32 first."""
+    choice is the same, at half the bytes read); drawn rows are converted to float32 first.
+    `argmax`: what computes the greedy rows' argmax (gpu/fused_ops.CudaOps.argmax on CUDA, which
+    returns exactly torch.argmax's ids); torch.argmax if None."""
+    argmax = argmax or (lambda x: x.argmax(dim=-1))
     rows = [i for i, s in enumerate(specs) if not s.greedy]
     if not rows:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     drawn = [specs[i] for i in rows]
     p = _Params.of(rows, drawn, logits.device)
     ids = _draw((logits if len(rows) == len(specs) else logits.index_select(0, p.row)).float(), drawn, p)
     if len(rows) == len(specs):
         return ids
-    return logits.argmax(dim=-1).index_copy_(0, p.row, ids)
+    return argmax(logits).index_copy_(0, p.row, ids)
 
 
 class _Params(NamedTuple):

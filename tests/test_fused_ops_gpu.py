@@ -86,6 +86,59 @@ def test_silu_mul_matches_torch(dtype, rows, inter):
     _close(cuda.silu_mul(gate_up), ref.silu_mul(gate_up), dtype, seed, "silu_mul")
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("rows,hidden,inter", [(256, 896, 4864), (64, 2048, 8192), (100, 576, 1536)])
+def test_split_k_projection_and_norm_match_the_unsplit_chain(dtype, rows, hidden, inter):
+    """The down projection as split-K float32 partials summed by add_rms_norm gives the residual
+    and normed rows of F.linear + add + norm, to within the GEMM's summation order."""
+    from gpu.fused_ops import split_k
+
+    ref, cuda, seed = _ops(16, 64)
+    act = torch.randn(rows, inter, device="cuda", dtype=dtype)
+    w_down = torch.randn(hidden, inter, device="cuda", dtype=dtype) * inter**-0.5
+    x = torch.randn(rows, hidden, device="cuda", dtype=dtype) * 3
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    delta = cuda.residual_linear(act, w_down)
+    splits = split_k(rows, hidden, inter)
+    assert splits > 1 and delta.shape == (splits, rows, hidden) and delta.dtype == torch.float32
+    got_x, got_h = cuda.add_rms_norm(x.clone(), delta, w, 1e-6)
+    want_x, want_h = ref.add_rms_norm(x, ref.residual_linear(act, w_down), w, 1e-6)
+    _close(got_x, want_x, dtype, seed, "residual after split-K")
+    _close(got_h, want_h, dtype, seed, "norm after split-K")
+    # the same partials through the torch reference: one rounding of their sum, then the add
+    tx, th = ref.add_rms_norm(x, delta, w, 1e-6)
+    _close(got_x, tx, dtype, seed, "residual, torch sum of the partials")
+    _close(got_h, th, dtype, seed, "norm, torch sum of the partials")
+
+
+def test_split_k_is_kept_to_small_outputs():
+    from gpu.fused_ops import split_k
+
+    assert split_k(256, 896, 4864) == 4  # qwen2.5-0.5b down at decode batch 256
+    assert split_k(256, 896, 896) == 2  # its o projection
+    assert split_k(256, 2048, 8192) == 1  # llama-3.2-1b down at 256 rows: faster unsplit (measured)
+    assert split_k(32, 896, 4864) == 1  # below 64 rows: not measured, left to cuBLAS
+    assert split_k(8192, 896, 4864) == 1  # prefill
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("rows,vocab", [(1, 151936), (256, 49152), (7, 1000), (3, 1001)])
+def test_argmax_matches_torch_with_ties_inf_and_nan(dtype, rows, vocab):
+    _, cuda, seed = _ops(16, 64)
+    logits = torch.randn(rows, vocab, device="cuda", dtype=dtype) * 4
+    gen = random.Random(seed)
+    if rows > 1:  # a tie for the maximum: the first index wins
+        top = logits[0].max()
+        for c in sorted(gen.sample(range(vocab), 2)):
+            logits[0, c] = top + 8
+    if rows > 2:
+        logits[1] = float("-inf")  # all -inf: index 0
+        logits[2, gen.randrange(vocab)] = float("nan")  # NaN counts as the maximum
+        logits[2, gen.randrange(vocab)] = float("inf")
+    got = cuda.argmax(logits)
+    assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1)), f"seed {seed}"
+
+
 def test_fused_ops_replay_in_a_cuda_graph():
     ref, cuda, seed = _ops(1024, 64)
     dtype = torch.bfloat16

@@ -98,7 +98,7 @@ def decode_profile(name: str, args) -> None:
     torch.cuda.synchronize()
     graph, out = g.graphs[batch]
     replay = cuda_ms(graph.replay)
-    samp = cuda_ms(lambda: sample(out, [SampleSpec()] * batch))
+    samp = cuda_ms(lambda: sample(out, [SampleSpec()] * batch, runner.ops.argmax))
     times = []
     for _ in range(20):
         t = time.perf_counter()
@@ -109,7 +109,7 @@ def decode_profile(name: str, args) -> None:
     kernel_table(graph.replay, f"{name} decode b{batch}, graph replay")
     inputs = g._inputs(batch)
     meta = g._meta(batch)
-    kernel_table(lambda: runner.model.forward(inputs[0], inputs[1], meta, runner.backend, g.rows[:batch], runner.ops),
+    kernel_table(lambda: runner.model.forward(inputs[0], inputs[1], meta, runner.backend, None, runner.ops),
                  f"{name} decode b{batch}, eager forward")
     # A prefill step: 8 requests x 1024 prompt tokens, eager.
     pre = [SeqInput(list(range(100, 1124)), 0, engine.allocator.allocate(64), SampleSpec()) for _ in range(8)]
