@@ -19,7 +19,7 @@ from prometheus_client.core import HistogramMetricFamily
 
 # Log-spaced from 1 ms to 60 s, about 12 buckets a decade: P99 readable at millisecond resolution.
 LATENCY_BUCKETS = tuple(round(0.001 * 10 ** (i / 12), 6) for i in range(0, 12 * 4 + 10)) + (float("inf"),)
-SERIES = ("ttft", "itl", "e2e", "queue")
+SERIES = ("ttft", "itl", "itl_sent", "e2e", "queue")
 MAX_US = 3_600_000_000  # one hour in microseconds
 
 
@@ -110,6 +110,8 @@ class Metrics:
         self.prom = {
             "ttft": hist("streamer_time_to_first_token_seconds", "Arrival to first token"),
             "itl": hist("streamer_inter_token_latency_seconds", "Gap between consecutive tokens of a request"),
+            "itl_sent": hist("streamer_sent_inter_token_latency_seconds",
+                             "Gap between consecutive token frames of a stream as its door sent them (websocket)"),
             "e2e": hist("streamer_request_latency_seconds", "Arrival to finish"),
             "queue": hist("streamer_queue_time_seconds", "Arrival to first scheduled"),
         }
@@ -165,13 +167,17 @@ class Metrics:
 
     def emitted(self, count: int, gaps: list[float], now: float) -> None:
         """`count` tokens were emitted at `now`; `gaps`: each one's time since its request's previous
-        token (first tokens have none). Gaps of one step are mostly equal: each distinct value is
-        recorded once, with its count."""
+        token (first tokens have none)."""
         self.generated += count
+        self.gaps("itl", gaps, now)
+
+    def gaps(self, series: str, gaps: list[float], now: float) -> None:
+        """Record many samples of `series`. Gaps of one step are mostly equal: each distinct value
+        is recorded once, with its count."""
         for gap, n in Tally(gaps).items():
-            self.prom["itl"].observe(gap, n)
-            self.total["itl"].record_value(max(1, min(MAX_US, int(gap * 1e6))), n)
-            self.window.record("itl", gap, now, n)
+            self.prom[series].observe(gap, n)
+            self.total[series].record_value(max(1, min(MAX_US, int(gap * 1e6))), n)
+            self.window.record(series, gap, now, n)
 
     def finished_request(self, reason: str, prompt_tokens: int, error_code: str | None = None) -> None:
         self.finished += 1
@@ -215,8 +221,8 @@ class Metrics:
         return {
             "uptime_s": round(now - self.t_start, 3),
             "window_s": self.window.slice_s * self.window.slices.maxlen,
-            "window": {s: percentiles(self.window.merged(s, now)) for s in ("ttft", "itl", "e2e", "queue")},
-            "since_start": {s: percentiles(self.total[s]) for s in ("ttft", "itl", "e2e", "queue")},
+            "window": {s: percentiles(self.window.merged(s, now)) for s in SERIES},
+            "since_start": {s: percentiles(self.total[s]) for s in SERIES},
             "throughput_tok_s": round(sum(s.generated for s in recent) / span, 2) if span else 0.0,
             "tokens_generated": self.generated,
             "requests_finished": self.finished,

@@ -131,6 +131,9 @@ class SlowEngine:
     def submit(self, ids, params, request_id, **scheduling):
         return SlowGeneration(1000.0)
 
+    def delivered(self, gaps):  # sent-frame gaps the connection reports
+        pass
+
 
 async def serve_fake(config: WebConfig, frames_in: list[str]) -> tuple[tuple[int, str] | None, float, list[dict]]:
     """Run a Connection on memory channels; returns its close, the virtual time it took, its frames."""
@@ -191,6 +194,9 @@ class EndlessEngine:
 
     def submit(self, ids, params, request_id, **scheduling):
         return EndlessGeneration(self.yielded, request_id)
+
+    def delivered(self, gaps):  # sent-frame gaps the connection reports
+        pass
 
 
 async def test_a_stalled_client_holds_a_bounded_number_of_frames():

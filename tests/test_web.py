@@ -18,7 +18,7 @@ from trio_websocket import open_websocket_url
 
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
-from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
+from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent
 from tests.conftest import FakeGeneration
 from web.server import serve
 from web.ws import Connection
@@ -326,6 +326,9 @@ class BrokenEngine:
     def submit(self, ids, params, request_id, **scheduling):
         return BrokenGeneration(request_id.rsplit("/", 1)[1])
 
+    def delivered(self, gaps):  # sent-frame gaps the connection reports
+        pass
+
 
 async def test_engine_failure_is_internal_error_then_done():
     """No real engine fails on demand, so a fake one drives the connection directly."""
@@ -351,6 +354,44 @@ async def test_engine_failure_is_internal_error_then_done():
 
 
 # --- HTTP --------------------------------------------------------------------------------------
+
+
+async def test_the_controller_takes_a_websocket_streams_itl_as_sent():
+    """A socket whose writes take 0.2 s: the step loop queues the tokens ms apart, the client gets
+    them 0.2 s apart. /stats shows both (`itl`, `itl_sent`), and the latency controller's ITL
+    samples for this stream are the sent gaps, not the step loop's."""
+    config = EngineConfig(model="random:tiny-qwen3", kv_memory=0.05, max_batch_tokens=256, max_running=8,
+                          max_waiting=8, slo_itl_ms=1000)
+    async with open_engine(config) as engine:
+        c = engine.controller
+        samples: list[float] = []
+        observe = c.observe_token
+        c.observe_token = lambda gap: (samples.append(gap), observe(gap))
+        to_server, from_client = trio.open_memory_channel(8)
+        frames: list[dict] = []
+
+        async def slow_send(text: str) -> None:
+            await trio.sleep(0.2)
+            frames.append(json.loads(text))
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Connection(engine, slow_send).run, from_client.receive)
+                await to_server.send(json.dumps({"type": "generate", "id": "a", "prompt": "x", "max_tokens": 4,
+                                                 "ignore_eos": True}))
+                while not any(f["type"] == "done" for f in frames):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            gen = engine.generate("y", SamplingParams(max_tokens=2, ignore_eos=True))  # a step takes the reports
+            async with gen:
+                assert [ev async for ev in gen][-1].finish_reason == "length"
+    stats = engine.metrics.snapshot()["since_start"]
+    assert [f["index"] for f in frames if f["type"] == "token"] == [0, 1, 2, 3]
+    assert stats["itl_sent"]["count"] == 3 and stats["itl_sent"]["p50_ms"] >= 190
+    assert stats["itl"]["count"] == 4 and stats["itl"]["p50_ms"] < 190  # 3 gaps of "a", 1 of "y"
+    sent = sorted(samples)[-3:]
+    assert len(samples) == 4 and all(g >= 0.19 for g in sent) and samples.count(min(samples)) == 1
+    assert min(samples) < 0.19  # "y" (no door reporting) counts with the step loop's own gap
 
 
 async def test_healthz(server):

@@ -42,6 +42,7 @@ class FakeEngine:
         self.live: dict[str, list] = {}  # key -> [event queue, tokens left, index]
         self._control_send, self._control = trio.open_memory_channel(math.inf)
         self.tokens = 0
+        self._delivered: list[float] = []
 
     def encode_prompt(self, text: str) -> list[int]:
         return [1, 2, 3]
@@ -53,6 +54,9 @@ class FakeEngine:
         events = EventQueue(params.max_tokens + 1)
         self.live[request_id] = [events, params.max_tokens, 0]
         return Generation(request_id, len(ids), events, self._control_send)
+
+    def delivered(self, gaps: list[float]) -> None:  # as the engine takes them: appended for the step loop
+        self._delivered += gaps
 
     async def run(self) -> None:
         while True:
@@ -74,6 +78,7 @@ class FakeEngine:
                     events.put(FinishEvent("length", 3, index + 1, Timing(0.0, 0.0, 0.0, None)))
                     events.close()
                     del self.live[key]
+            self._delivered.clear()  # the engine's step loop takes the reports each step
             await trio.sleep(self.step_s)
 
 

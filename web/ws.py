@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,6 +56,7 @@ class Connection:
         buffer = FRAMES_PER_LIVE_GENERATION * self.config.max_live_per_connection
         self._frames, self._frames_out = trio.open_memory_channel[Frame](buffer)
         self._live: dict[str, Any] = {}  # client id -> Generation, until its done frame is queued
+        self._sent_at: dict[str, float] = {}  # client id -> when its last token frame was sent (writer's)
         self._nursery: trio.Nursery | None = None
         self._streams = OpenCount()  # running _stream tasks
         self._last_frame = trio.current_time()  # last frame either way, for the idle timeout
@@ -136,7 +138,7 @@ class Connection:
             # The engine's id must be unique server-wide; client ids are only unique per socket.
             # Under --policy fair, each connection is one client.
             gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}",
-                                     priority=command.priority, client=f"ws:{self.number}")
+                                     priority=command.priority, client=f"ws:{self.number}", reports_delivery=True)
         except RequestError as exc:
             raise ProtocolError(exc.code, exc.message, cid) from None
         self._live[cid] = gen
@@ -223,8 +225,26 @@ class Connection:
                     assert self._nursery is not None
                     self._nursery.cancel_scope.cancel()
                     return
+                self._report_sent(frames)
                 if close is not None:
                     self._close = close.get("code", CLOSE_GOING_AWAY)
                     assert self._nursery is not None
                     self._nursery.cancel_scope.cancel()
                     return
+
+    def _report_sent(self, frames: list[Frame]) -> None:
+        """Tell the engine each token frame's gap since its stream's previous one, as sent: what
+        the client sees, where the engine's own ITL is when the step loop queued the token."""
+        now = time.monotonic()
+        gaps = []
+        for f in frames:
+            kind = f.get("type")
+            if kind == "token":
+                last = self._sent_at.get(f["id"])
+                if last is not None:
+                    gaps.append(now - last)
+                self._sent_at[f["id"]] = now
+            elif kind == "done":
+                self._sent_at.pop(f["id"], None)
+        if gaps:
+            self.engine.delivered(gaps)
