@@ -138,11 +138,9 @@ class Engine:
         return list(ids)
 
     def submit(self, prompt_ids: SeqType[int], params: SamplingParams, request_id: str | None = None,
-               priority: int = 0, client: str = "", reports_delivery: bool = False) -> Generation:
+               priority: int = 0, client: str = "") -> Generation:
         """Queue a request; raises RequestError when it cannot be served. `priority` and `client`
-        matter under the `priority` and `fair` policies. `reports_delivery`: the caller reports,
-        through `delivered()`, when it sends each token to its client; the latency controller then
-        takes those gaps for this request's ITL instead of the step loop's own."""
+        matter under the `priority` and `fair` policies."""
         if self._closing or not self._accepting:
             raise RequestError("shutting_down", "the server is shutting down")
         ids = list(prompt_ids)
@@ -167,8 +165,7 @@ class Engine:
                        priority=priority, client=client)
         request = Request(seq, params, events, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
                           request_id or key,
-                          SampleSpec(params.temperature, params.top_k, params.top_p, params.seed),
-                          reports_delivery=reports_delivery)
+                          SampleSpec(params.temperature, params.top_k, params.top_p, params.seed))
         try:
             self._inbox_send.send_nowait(Submit(request))
         except trio.WouldBlock:
@@ -177,8 +174,10 @@ class Engine:
 
     def delivered(self, gaps: list[float]) -> None:
         """A front door sent token frames to clients, each `gaps[i]` seconds after the previous
-        token frame of the same stream. Never blocks; the step loop takes them at its next step
-        (the `itl_sent` series in /stats, and the controller's ITL samples)."""
+        token frame of the same stream. Never blocks; the step loop records them at its next step
+        (the `itl_sent` series in /stats). The latency controller keeps steering on the step
+        loop's own gaps: steered on these, it refused work without meeting its ITL objective
+        (docs/BENCHMARKS.md, seventh session)."""
         self._delivered += gaps
 
     def generate(self, prompt: str | SeqType[int], params: SamplingParams | None = None, request_id=None):
@@ -435,7 +434,6 @@ class Engine:
             return
         now = time.monotonic()
         gaps: list[float] = []
-        own_gaps: list[float] = []  # of requests whose door does not report delivery
         live = []  # (request, output); ending one request below never ends another, so all are looked up first
         for out in outputs:
             req = self._requests.get(out.seq.request_id)
@@ -448,8 +446,6 @@ class Engine:
                     self.controller.observe_ttft(now - req.t_arrival)
             elif req.t_last is not None:
                 gaps.append(now - req.t_last)
-                if not req.reports_delivery:
-                    own_gaps.append(now - req.t_last)
             req.t_last = now
             live.append((req, out))
         texts = add_batch([(req.detok, out.token_id) for req, out in live])
@@ -466,10 +462,8 @@ class Engine:
         self.metrics.emitted(len(outputs), gaps, now)
         delivered, self._delivered = self._delivered, []
         self.metrics.gaps("itl_sent", delivered, now)
-        if self.controller:  # [controller] each request's gaps once: as sent where its door reports them
-            for gap in own_gaps:
-                self.controller.observe_token(gap)
-            for gap in delivered:
+        if self.controller:  # [controller]
+            for gap in gaps:
                 self.controller.observe_token(gap)
 
     def _record_step(self, step: InFlight, generated: int) -> None:

@@ -29,7 +29,6 @@ class Request:
     t_scheduled: float | None = None
     t_first: float | None = None
     t_last: float | None = None  # last token sent
-    reports_delivery: bool = False  # its door reports sent-frame gaps (Engine.delivered)
 
 
 class EventQueue:

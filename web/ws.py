@@ -138,7 +138,7 @@ class Connection:
             # The engine's id must be unique server-wide; client ids are only unique per socket.
             # Under --policy fair, each connection is one client.
             gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}",
-                                     priority=command.priority, client=f"ws:{self.number}", reports_delivery=True)
+                                     priority=command.priority, client=f"ws:{self.number}")
         except RequestError as exc:
             raise ProtocolError(exc.code, exc.message, cid) from None
         self._live[cid] = gen
