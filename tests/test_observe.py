@@ -98,3 +98,18 @@ async def test_dashboard_page_and_vendored_chart_library(tiny_server):
     assert 'href="/dashboard"' in chat.text
     assert lib.status_code == 200 and "uPlot" in lib.text
     assert script.status_code == 200 and "/v1/stats" in script.text
+
+
+def test_percentiles_agree_with_the_hdr_library():
+    """/stats computes its percentiles from one cumulative sum; they are the library's own values."""
+    import random
+
+    from streamer.metrics import _hdr, values_at_percentiles
+
+    rng = random.Random(7)
+    for _ in range(50):
+        h = _hdr()
+        for _ in range(rng.randint(1, 2000)):
+            h.record_value(max(1, int(rng.lognormvariate(rng.uniform(3, 12), rng.uniform(0.1, 3)))), rng.randint(1, 5))
+        pcts = (50, 95, 99, 99.9, 0.001, 100)
+        assert values_at_percentiles(h, pcts) == [h.get_value_at_percentile(p) for p in pcts]
