@@ -44,6 +44,7 @@ from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, To
 
 log = structlog.get_logger("streamer")
 GREEDY = SampleSpec()
+LOOP_LAG_PERIOD_S = 0.01  # how often watch_loop measures the event loop's lag
 
 
 @dataclass(slots=True)
@@ -242,6 +243,17 @@ class Engine:
                            self.host_slots.num_free)
 
     # --- the step loop (one task) --------------------------------------------------------------
+    async def watch_loop(self) -> None:
+        """Record, `LOOP_LAG_PERIOD_S` apart, how late the event loop wakes a task that slept: the
+        time every stream's next frame waits too, since one thread runs the step loop, the request
+        tasks and the sockets (`loop_lag` in /stats). A blocking call or a long stretch of Python
+        on that thread shows here first."""
+        while True:
+            t = time.monotonic()
+            await trio.sleep(LOOP_LAG_PERIOD_S)
+            now = time.monotonic()
+            self.metrics.observe("loop_lag", max(0.0, now - t - LOOP_LAG_PERIOD_S), now)
+
     async def run(self) -> None:
         while True:
             if not self.scheduler.has_work() and self._inflight is None:
@@ -555,6 +567,7 @@ async def open_engine(config: EngineConfig):
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.run)
+            nursery.start_soon(engine.watch_loop)
             try:
                 yield engine
             finally:

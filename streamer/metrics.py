@@ -2,7 +2,8 @@
 
 Prometheus series (prometheus-client) for scraping, and HDR histograms (hdrhistogram) for live
 P50/P95/P99 since start and over a sliding window. Only the step-loop task records; readers run
-on the same trio thread, so no locks are needed.
+on the same trio thread, so no locks are needed (the engine's loop watcher records `loop_lag` on
+that thread too).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client.core import HistogramMetricFamily
 
 # Log-spaced from 1 ms to 60 s, about 12 buckets a decade: P99 readable at millisecond resolution.
 LATENCY_BUCKETS = tuple(round(0.001 * 10 ** (i / 12), 6) for i in range(0, 12 * 4 + 10)) + (float("inf"),)
-SERIES = ("ttft", "itl", "itl_sent", "e2e", "queue")
+SERIES = ("ttft", "itl", "itl_sent", "e2e", "queue", "loop_lag")
 MAX_US = 3_600_000_000  # one hour in microseconds
 
 
@@ -126,6 +127,8 @@ class Metrics:
                              "Gap between consecutive token frames of a stream as its door sent them (websocket)"),
             "e2e": hist("streamer_request_latency_seconds", "Arrival to finish"),
             "queue": hist("streamer_queue_time_seconds", "Arrival to first scheduled"),
+            "loop_lag": hist("streamer_event_loop_lag_seconds",
+                             "How late the event loop wakes a task that slept (sampled every 10 ms)"),
         }
         self.requests = Counter("streamer_requests", "Finished requests", ["finish_reason"], registry=r)
         self.errors = Counter("streamer_errors", "Errors by code", ["code"], registry=r)

@@ -94,10 +94,14 @@ async def main(args) -> None:
             prof.disable()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         steps = engine.statistics().steps - steps0
+        since = engine.metrics.snapshot()["since_start"]
     tokens = args.requests * args.tokens
     print(f"{args.requests} requests x {args.tokens} tokens ({args.ids}): {steps} steps in {wall:.2f} s = "
           f"{wall / steps * 1e3:.2f} ms a step, {wall / tokens * 1e6:.1f} us a token, {tokens / wall:,.0f} tok/s; "
           f"CPU (both threads) {cpu / tokens * 1e6:.1f} us a token")
+    lag, itl = since["loop_lag"], since["itl"]
+    print(f"ITL p50/p99/max {itl['p50_ms']}/{itl['p99_ms']}/{itl['max_ms']} ms; event loop lag (a 10 ms sleep's "
+          f"overshoot) p50/p99/max {lag['p50_ms']}/{lag['p99_ms']}/{lag['max_ms']} ms over {lag['count']} samples")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
