@@ -56,8 +56,13 @@ async def tokens_per_word(ws_url: str) -> float:
     return frame["usage"]["prompt_tokens"] / words
 
 
-def workload_prompts(path: Path, n: int, cap_prompt: int | None, cap_output: int | None, tpw: float) -> list[dict]:
-    rng = random.Random(0)
+def workload_prompts(path: Path, n: int, cap_prompt: int | None, cap_output: int | None, tpw: float,
+                     text_seed: int = 0) -> list[dict]:
+    """The workload's first n requests as prompts of about their lengths, in words drawn with
+    `text_seed`. Each load level takes its own seed: with the same texts, every level after the
+    first found its prompts in the server's prefix cache (on by default). (Offset from the
+    calibration probe's seed, whose words would otherwise open the first prompt.)"""
+    rng = random.Random(10_000 + text_seed)
     out = []
     for item in requests(load_spec(path), n):
         plen = min(len(item.prompt), cap_prompt or len(item.prompt))
@@ -256,6 +261,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-ms", type=float, default=500.0)
     p.add_argument("--slo-itl-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=7, help="seed of the arrival times")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="first run the first level's load this many seconds, unmeasured (prompts of its own)")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "loadgen", help="JSON and PNG go here")
     args = p.parse_args(argv)
     if not args.rates and not args.concurrency:
@@ -264,22 +271,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 async def main(args) -> list[dict]:
-    if args.prompts:
+    if args.prompts:  # the file's prompts, the same at every level (so prefix-cache hits carry over)
         prompts = file_prompts(args.prompts, args.max_tokens)
         prompts = list(itertools.islice(itertools.cycle(prompts), args.num_requests))
     else:
         ws_url = args.url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
         tpw = await tokens_per_word(ws_url)
         print(f"calibration: {tpw:.2f} tokens per word on this server's tokenizer", file=sys.stderr)
-        prompts = workload_prompts(args.workload, args.num_requests, args.cap_prompt, args.cap_output, tpw)
-    if args.priorities:  # request i gets the i-th class, cycling (the server's --policy priority uses it)
-        classes = [int(p) for p in args.priorities.split(",")]
-        prompts = [{**body, "priority": classes[i % len(classes)]} for i, body in enumerate(prompts)]
+
+    def level_prompts(level: int) -> list[dict]:
+        """Level 0 is the warm-up; each level has texts of its own (the same lengths)."""
+        out = prompts if args.prompts else workload_prompts(args.workload, args.num_requests, args.cap_prompt,
+                                                            args.cap_output, tpw, text_seed=level)
+        if args.priorities:  # request i gets the i-th class, cycling (the server's --policy priority uses it)
+            classes = [int(p) for p in args.priorities.split(",")]
+            out = [{**body, "priority": classes[i % len(classes)]} for i, body in enumerate(out)]
+        return out
+
     levels = [(float(r), None) for r in args.rates.split(",")] if args.rates else \
              [(None, int(c)) for c in args.concurrency.split(",")]
+    if args.warmup > 0:  # the first level's load, unmeasured: a fresh server pays for first calls
+        warm = argparse.Namespace(**{**vars(args), "duration": args.warmup, "drain": min(args.drain, 30.0)})
+        result = await run_one(warm, level_prompts(0), *levels[0])
+        print(f"== warm-up at the first level's load for {args.warmup:g} s: {result['completed']}/{result['sent']} "
+              f"completed, {result['output_tok_s']} output tok/s (not reported)")
     results = []
-    for rate, concurrency in levels:
-        result = await run_one(args, prompts, rate, concurrency)
+    for level, (rate, concurrency) in enumerate(levels, start=1):
+        result = await run_one(args, level_prompts(level), rate, concurrency)
         results.append(result)
         print(f"\n== {result['mode']} loop, {result['load']:g} {'req/s offered' if rate else 'clients'}: "
               f"{result['completed']}/{result['sent']} completed in {result['wall_s']} s "
