@@ -274,3 +274,13 @@ def test_slow_decode_only_steps_still_tighten_the_cap():
     c.running_cap = 200
     d = f.period(itl_ms=40, ttft_ms=150, waiting=5, running=200, prefill=0)  # 1/16 s decode-only cycles
     assert d.decode_step_p99_s == 1 / 16 and (d.action, d.cap_action, c.running_cap) == ("hold", "tighten", 170)
+
+
+def test_p99_is_the_nearest_rank_of_the_sorted_samples():
+    import random
+
+    rng = random.Random(3)
+    assert p99([]) is None and p99([0.5]) == 0.5
+    for n in (2, 99, 100, 101, 1000, 25_000):
+        xs = [rng.expovariate(50) for _ in range(n)]
+        assert p99(xs) == sorted(xs)[min(n - 1, int(0.99 * n))]
