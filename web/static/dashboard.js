@@ -5,14 +5,16 @@
 
 const HISTORY = 300;  // points kept per chart (5 minutes at 1 Hz)
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
-const BLUE = "#2563eb", AMBER = "#f59e0b", RED = "#dc2626", GREEN = "#16a34a", GREY = "#6b7280";
+const BLUE = "#2563eb", AMBER = "#f59e0b", RED = "#dc2626", GREEN = "#16a34a", GREY = "#6b7280", PURPLE = "#7c3aed";
 
 // Each chart: a title and its series, each with a label, colour, a getter from (snap, prev) and
 // optionally a dash pattern.
 const CHARTS = [
   { title: "Output tokens / s", series: [["tok/s", GREEN, (s, p) => tokPerSecond(s, p)]], fill: true },
   { title: "Time to first token (ms)", series: pct("ttft").concat([objective("slo_ttft_ms")]) },
-  { title: "Inter-token latency (ms)", series: pct("itl").concat([objective("slo_itl_ms")]) },
+  { title: "Inter-token latency (ms)", series: pct("itl").concat([
+      ["P99 sent", PURPLE, (s) => (s.window.itl_sent ? s.window.itl_sent.p99_ms : null), [2, 3]],
+      objective("slo_itl_ms")]) },
   { title: "Requests", series: [["running", BLUE, (s) => s.running], ["waiting", AMBER, (s) => s.waiting]] },
   { title: "KV arena used (%)", series: [["KV %", BLUE, (s) => 100 * s.kv.usage]], fill: true, max: 100 },
   { title: "Batch tokens per step, and the step budget", series: [
