@@ -111,16 +111,6 @@ def test_split_k_projection_and_norm_match_the_unsplit_chain(dtype, rows, hidden
     _close(got_h, th, dtype, seed, "norm, torch sum of the partials")
 
 
-def test_split_k_is_kept_to_small_outputs():
-    from gpu.fused_ops import split_k
-
-    assert split_k(256, 896, 4864) == 4  # qwen2.5-0.5b down at decode batch 256
-    assert split_k(256, 896, 896) == 2  # its o projection
-    assert split_k(256, 2048, 8192) == 1  # llama-3.2-1b down at 256 rows: faster unsplit (measured)
-    assert split_k(32, 896, 4864) == 1  # below 64 rows: not measured, left to cuBLAS
-    assert split_k(8192, 896, 4864) == 1  # prefill
-
-
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("rows,vocab", [(1, 151936), (256, 49152), (7, 1000), (3, 1001)])
 def test_argmax_matches_torch_with_ties_inf_and_nan(dtype, rows, vocab):
