@@ -143,8 +143,9 @@ class CudaAttention:
         s = self.arena.shape
         return _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device, self.arena.quantized)
 
-    def launch_plan(self, meta: AttnMetadata, num_q_heads: int) -> tuple[str, int, int, int]:
-        """(variant, tokens per q tile, grid x, kv splits) for this step; computed once per step."""
+    def launch_plan(self, meta: AttnMetadata, num_q_heads: int) -> tuple[str, int, int, int, bool]:
+        """(variant, tokens per q tile, grid x, kv splits, one q tile per request) for this step;
+        computed once per step."""
         if self._plan_meta is not None and self._plan_meta[0] is meta and self._plan_meta[1] == num_q_heads:
             return self._plan_meta[2]
         hkv = self.arena.shape.num_kv_heads
@@ -153,7 +154,8 @@ class CudaAttention:
         tq = bm // group
         # One q tile per request when every request's new tokens fit one (decode): tile r is request
         # r. Else a bound on the q tiles, laid out per request; the kernel skips the spare ones.
-        grid_x = meta.num_seqs if meta.max_q_len <= tq else meta.num_tokens // tq + meta.num_seqs
+        one_tile = meta.max_q_len <= tq
+        grid_x = meta.num_seqs if one_tile else meta.num_tokens // tq + meta.num_seqs
         blocks = hkv * sum(-(-q // tq) for q in meta.q_lens_host)
         resident = self._kernels()[variant][1]
         # Split the key range (flash-decoding) when the grid is a few waves or less: each split keeps
@@ -163,9 +165,16 @@ class CudaAttention:
         if grid_x * hkv > _MAX_COUNTERS:
             max_splits = 1
         splits = _num_splits(blocks, resident * self._num_sms, max_splits)
-        plan = (variant, tq, grid_x, splits)
+        plan = (variant, tq, grid_x, splits, one_tile)
         self._plan_meta = (meta, num_q_heads, plan)
         return plan
+
+    def fuses_rope(self, meta: AttnMetadata, num_q_heads: int) -> bool:
+        """Whether this step's launch can apply RoPE itself (forward_qkv): decode-shaped steps (the
+        m16 variant, one q tile per request), where each block rotates its own request's few new
+        keys. In a prefill launch every q tile of a prompt would rotate all of the prompt's keys
+        again, so those steps rotate once beforehand (CudaOps.split_rope) and call forward."""
+        return self.launch_plan(meta, num_q_heads)[0] == "m16"
 
     def _stream(self):
         import cupy
@@ -184,42 +193,82 @@ class CudaAttention:
         meta: AttnMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: (T, Hq, D); k, v: (T, Hkv, D). Writes k, v at meta.slot_mapping of `layer`, returns (T, Hq, D).
+        """q: (T, Hq, D); k, v: (T, Hkv, D), already rotated. Writes k, v at meta.slot_mapping of
+        `layer`, returns (T, Hq, D).
 
         `out`, if given, receives the result (tests poison it first). No host sync, no allocation
         besides `out`: capturable in a CUDA graph."""
-        s = self.arena.shape
         t, hq, d = q.shape
-        hkv = s.num_kv_heads
-        assert d == s.head_dim and hq % hkv == 0 and hq // hkv <= 64, (q.shape, hkv)
+        hkv = self.arena.shape.num_kv_heads
         assert k.shape == v.shape == (t, hkv, d), (k.shape, v.shape)
-        assert q.dtype == k.dtype == v.dtype == self.arena.dtype, (q.dtype, k.dtype, self.arena.dtype)
         for x in (q, k, v):
             assert x.is_contiguous() and x.data_ptr() % 16 == 0 and x.device == self._device
+        return self._launch(layer, q, k, v, hq * d, hkv * d, None, t, hq, meta, out)
+
+    def forward_qkv(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        num_q_heads: int,
+        meta: AttnMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The same attention straight from the QKV projection's output, qkv: (T, (Hq + 2 Hkv) D),
+        not yet rotated. The kernel applies RoPE from `rope` (cos, sin: float32 (max_position, D), the
+        model's tables; a token's position is its index in its sequence) as it reads q and the new
+        keys, so no separate RoPE kernel runs and q, k, v are never copied out. The arena and the
+        result are bit for bit those of `forward` on q, k, v rotated in qkv's dtype."""
+        s = self.arena.shape
+        t, width = qkv.shape
+        d, hkv = s.head_dim, s.num_kv_heads
+        assert width == (num_q_heads + 2 * hkv) * d, (qkv.shape, num_q_heads, hkv, d)
+        assert qkv.is_contiguous() and qkv.data_ptr() % 16 == 0 and qkv.device == self._device
+        cos, sin = rope
+        assert cos.shape == sin.shape and cos.shape[1] == d and cos.dtype == sin.dtype == torch.float32
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.device == sin.device == self._device
+        assert meta.max_seq_len <= cos.shape[0], (meta.max_seq_len, cos.shape)
+        assert self.fuses_rope(meta, num_q_heads), "forward_qkv serves decode-shaped steps only (fuses_rope)"
+        q_size, kv_size = num_q_heads * d, hkv * d
+        q, k, v = (qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:])
+        return self._launch(layer, q, k, v, width, width, rope, t, num_q_heads, meta, out)
+
+    def _launch(self, layer, q, k, v, q_stride: int, kv_stride: int, rope, t: int, hq: int, meta, out):
+        s = self.arena.shape
+        d, hkv = s.head_dim, s.num_kv_heads
+        assert hq % hkv == 0 and hq // hkv <= 64, (hq, hkv)
+        assert q.dtype == k.dtype == v.dtype == self.arena.dtype, (q.dtype, k.dtype, self.arena.dtype)
         assert t == meta.num_tokens and 0 <= layer < s.num_layers
         assert meta.slot_mapping.dtype == torch.int64 and meta.cu_seqlens_q.dtype == torch.int32
         if out is None:
-            out = torch.empty_like(q)
-        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+            out = torch.empty(t, hq, d, dtype=q.dtype, device=self._device)
+        assert out.shape == (t, hq, d) and out.dtype == q.dtype and out.is_contiguous()
 
-        variant, tq, grid_x, splits = self.launch_plan(meta, hq)
+        variant, tq, grid_x, splits, one_tile = self.launch_plan(meta, hq)
         kern = self._kernels()[variant][0]
         k_cache, v_cache = self.arena.layer(layer)
         k_scales, v_scales = self.arena.layer_scales(layer) if self.arena.quantized else (None, None)
+        cos, sin = rope or (None, None)
+        ptr = self._ptr
         args = (
-            *(np.uint64(x.data_ptr()) for x in (out, q, k, v, k_cache, v_cache)),
-            *(np.uint64(0 if x is None else x.data_ptr()) for x in (k_scales, v_scales)),
-            *(np.uint64(x.data_ptr()) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
-            *(np.uint64(x.data_ptr()) for x in (meta.block_tables, meta.slot_mapping)),
-            *(np.uint64(x.data_ptr()) for x in (self._ws_o, self._ws_ml, self._counters)),
+            *(ptr(x) for x in (out, q, k, v, k_cache, v_cache, k_scales, v_scales)),
+            *(ptr(x) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
+            *(ptr(x) for x in (meta.block_tables, meta.slot_mapping)),
+            *(ptr(x) for x in (self._ws_o, self._ws_ml, self._counters, cos, sin)),
+            np.int32(q_stride),
+            np.int32(kv_stride),
             np.int32(meta.num_seqs),
             np.int32(hq),
             np.int32(hkv),
             np.float32(self.scale * math.log2(math.e)),
-            np.int32(meta.max_q_len <= tq),  # one q tile per request (the plan's grid assumes the same)
+            np.int32(one_tile),
         )
         smem = _smem_bytes(variant, d, self.arena.quantized)
         with self._stream():  # launch on torch's current stream (also the capture stream in a graph)
             kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=smem)
         self.launches += 1
         return out
+
+    @staticmethod
+    def _ptr(t: torch.Tensor | None) -> np.uint64:
+        return np.uint64(0 if t is None else t.data_ptr())

@@ -139,18 +139,23 @@ class Transformer:
         s = self.spec
         q_size = s.num_heads * s.head_dim
         ops = ops or self.torch_ops
-        rope = ops.rope(positions, self.dtype)
-        # qk-norm models rotate with torch ops: their gathered cos/sin, once per step
-        qk_rope = self.torch_ops.rope(positions, self.dtype) if s.qk_norm else None
+        # On CUDA, decode-shaped steps rotate q and the new keys inside the attention launch
+        # (CudaAttention.forward_qkv); other steps run split_rope first. qk-norm models rotate with
+        # torch ops: their gathered cos/sin, once per step.
+        fused_rope = not s.qk_norm and ops.name == "cuda" and backend.fuses_rope(meta, s.num_heads)
+        rope = None if fused_rope else (self.torch_ops if s.qk_norm else ops).rope(positions, self.dtype)
         x, delta = self.embed[input_ids], None  # the residual stream (T, H) and what the last block adds
         for i, layer in enumerate(self.layers):
             x, h = ops.add_rms_norm(x, delta, layer["ln1"], s.rms_eps)
             qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # (T, q_size + 2*kv_size)
-            if s.qk_norm:  # per-head norm before RoPE: torch ops (no fused kernel for it)
-                q, k, v = self._split_norm_rope(qkv, layer, qk_rope)
+            if fused_rope:
+                attn = backend.forward_qkv(i, qkv, (self.cos, self.sin), s.num_heads, meta)  # (T, Hq, D)
             else:
-                q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim)
-            attn = backend.forward(i, q, k, v, meta)  # (T, Hq, D)
+                if s.qk_norm:  # per-head norm before RoPE: torch ops (no fused kernel for it)
+                    q, k, v = self._split_norm_rope(qkv, layer, rope)
+                else:
+                    q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim)
+                attn = backend.forward(i, q, k, v, meta)  # (T, Hq, D)
             x, h = ops.add_rms_norm(x, ops.residual_linear(attn.reshape(-1, q_size), layer["o"]), layer["ln2"], s.rms_eps)
             delta = ops.residual_linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
         if logit_rows is not None:  # only the rows that sample; delta may be split-K partials (S, T, H)

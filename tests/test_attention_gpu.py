@@ -149,6 +149,68 @@ def test_matches_reference(dtype, head_dim, block_size, case, kv):
     print(f"{what}: worst rel err {err:.2e}, plan {plan}")
 
 
+def _rope_tables(max_position: int, d: int):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    ang = torch.arange(max_position, device="cuda").float()[:, None] * inv[None]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().contiguous(), ang.sin().contiguous()
+
+
+# decode-shaped steps (the m16 variant), where the kernel applies RoPE itself: (q_lens, seq_lens, groups)
+ROPE_CASES = {
+    "decode": (*CASES["decode"], [1, 2, 4, 7, 8]),  # 16384 keys: split, combined in-kernel
+    "decode_batch": ([1] * 200, None, [1, 7]),
+    "multi_token": ([2, 1, 4, 3, 4], [40, 700, 5, 2000, 4], [1, 2, 4]),  # q_len * group <= 16
+}
+
+
+@pytest.mark.parametrize("kv", KV)
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_fused_rope_is_bit_for_bit_rotating_first(dtype, head_dim, case, kv):
+    """forward_qkv on the projection's raw output (RoPE inside the kernel) writes the same arena and
+    returns the same bits as forward on q, k, v rotated by the torch ops in the model's dtype."""
+    from gpu.cuda_attention import CudaAttention
+    from gpu.fused_ops import TorchOps
+
+    seed = _new_seed()
+    dt = DTYPES[dtype]
+    q_lens, seq_lens, groups = ROPE_CASES[case]
+    if seq_lens is None:
+        seq_lens = [random.randint(1, 3000) for _ in q_lens]
+    hkv = random.choice([1, 2, 4])
+    hq = hkv * random.choice(groups)
+    what = f"{dtype}/kv-{kv}/d{head_dim}/{case}/hq{hq}/hkv{hkv} seed={seed}"
+    arena, tables = _arena(dt, head_dim, 16, hkv, seq_lens, kv=kv)
+    ref_arena = _clone(arena)
+    meta = build_metadata(q_lens, seq_lens, tables, 16, "cuda")
+    cos, sin = _rope_tables(max(seq_lens) + 5, head_dim)
+    positions = torch.tensor([s - q + i for q, s in zip(q_lens, seq_lens, strict=True) for i in range(q)],
+                             device="cuda")
+    qkv = (torch.randn(meta.num_tokens, (hq + 2 * hkv) * head_dim, device="cuda") * 2).to(dt)
+    ops = TorchOps(cos, sin)
+    q, k, v = ops.split_rope(qkv, ops.rope(positions, dt), hq, hkv, head_dim)
+    backend = CudaAttention(arena, head_dim**-0.5)
+    assert backend.fuses_rope(meta, hq), what
+    want = CudaAttention(ref_arena, head_dim**-0.5).forward(0, q, k, v, meta, out=torch.full_like(q, float("nan")))
+    got = backend.forward_qkv(0, qkv, (cos, sin), hq, meta, out=torch.full_like(q, float("nan")))
+    torch.cuda.synchronize()
+    assert _same_arena(arena, ref_arena), f"arena differs after the fused write {what}"
+    assert torch.equal(got, want), f"output differs: {(got.float() - want.float()).abs().max().item()} {what}"
+
+
+def test_prefill_steps_rotate_before_attention():
+    """A prefill launch would rotate each prompt's keys once per q tile: it does not fuse RoPE."""
+    from gpu.cuda_attention import CudaAttention
+
+    q_lens, seq_lens = CASES["mixed"]
+    arena, tables = _arena(torch.bfloat16, 64, 16, 2, seq_lens)
+    backend = CudaAttention(arena, 0.125)
+    assert not backend.fuses_rope(build_metadata(q_lens, seq_lens, tables, 16, "cuda"), 14)
+    assert backend.fuses_rope(build_metadata([1] * len(q_lens), seq_lens, tables, 16, "cuda"), 14)
+
+
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 32])
 @pytest.mark.parametrize("case", ["decode", "mixed", "short_chunks"])

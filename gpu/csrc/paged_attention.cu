@@ -22,6 +22,15 @@
 //        so a deeper cp.async pipeline (M16_STAGES tiles) keeps more bytes in flight
 // Positions before the step's first new token come from the arena through the block table;
 // the step's new positions come from the k/v inputs, so no block waits on another's write.
+//
+// Fused RoPE (m16 only, when rope_cos != null): q and k_new are the QKV projection's output as it
+// is, not yet rotated, and q/k_new/v_new point into one (T, q_stride) buffer. q is rotated in its
+// mma fragments; the new keys on their way into the arena (split 0) and, in the K tile that holds
+// them, after it lands in shared memory (rotate_new_keys). The position of token i of request r is
+// seq_lens[r] - q_len + i. Every product and sum is rounded to 16 bits as a rotation in the model's
+// dtype rounds it, so the arena, the scores and the output are bit for bit those of rotating first.
+// A decode step thus runs no separate RoPE kernel and copies no q/k/v out of the projection. The
+// prefill variant has none of this: each of a prompt's q tiles would rotate all its keys again.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -134,19 +143,50 @@ __device__ __forceinline__ void unpack_i8x8(uint2 w, int (&c)[8]) {
     c[4 + e] = (int)(w.y << (24 - 8 * e)) >> 24;
   }
 }
+// ---- fused RoPE ---------------------------------------------------------------------------------
+template <bool BF16>
+__device__ __forceinline__ float round16(float x) { return to_f32<BF16>(pack2<BF16>(x, 0.f) & 0xffffu); }
+// One rotated value: x * cos - y * sin in the first half of a head, x * cos + y * sin in the second
+// (y is the value half a head away), every product rounded to 16 bits and the caller rounding the
+// sum: what the torch chain x * cos + rotate_half(x) * sin in 16-bit tensors computes.
+template <bool BF16>
+__device__ __forceinline__ float rope1(float x, float y, float c, float s, bool first) {
+  const float a = round16<BF16>(x * round16<BF16>(c)), b = round16<BF16>(y * round16<BF16>(s));
+  return first ? a - b : a + b;
+}
+// Chunk `ch` (8 values) of a new key row starting at `row`, as floats; rotated and rounded to 16
+// bits when cs/sn (the RoPE tables' rows at the key's position) are given. Zeros when row is null.
+template <bool BF16, int D>
+__device__ __forceinline__ void load8_k(const u16* row, int ch, const float* cs, const float* sn, float (&x)[8]) {
+  load8<BF16>(row ? row + ch * 8 : nullptr, x);
+  if (!row || !cs) return;
+  constexpr int HALF = D / 16;  // chunks in half a head
+  float y[8];
+  load8<BF16>(row + (ch ^ HALF) * 8, y);
+  const int col = ch * 8;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = round16<BF16>(rope1<BF16>(x[e], y[e], cs[col + e], sn[col + e], ch < HALF));
+}
+template <bool BF16>
+__device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
+  return uint4{pack2<BF16>(x[0], x[1]), pack2<BF16>(x[2], x[3]), pack2<BF16>(x[4], x[5]), pack2<BF16>(x[6], x[7])};
+}
+
 // One lane's 8 values of a key/value row, dequantized (codes * scale in fp32) to 16-bit words for
-// the mma. History rows decode their codes; a fresh row (this step's token, `fresh_src` into
-// k_new/v_new) is quantized first, exactly as the fused write stores it. Warp-uniform entry.
-template <bool BF16, int DC>
-__device__ __forceinline__ uint4 dequant_chunk(const u16* fresh_src, const signed char* codes, float scale) {
+// the mma. History rows decode their codes; a fresh row (this step's token, `fresh_row` in
+// k_new/v_new, rotated when cs is given) is quantized first, exactly as the fused write stores it.
+// Warp-uniform entry.
+template <bool BF16, int D>
+__device__ __forceinline__ uint4 dequant_chunk(const u16* fresh_row, int ch, const float* cs, const float* sn,
+                                               const signed char* codes, float scale) {
   int c[8];
-  if (__any_sync(0xffffffffu, fresh_src != nullptr)) {  // uniform branch: quantize_row shuffles
+  if (__any_sync(0xffffffffu, fresh_row != nullptr)) {  // uniform branch: quantize_row shuffles
     float x[8];
-    load8<BF16>(fresh_src, x);
-    const float s = quantize_row<DC>(x, c);
-    if (fresh_src) scale = s;
+    load8_k<BF16, D>(fresh_row, ch, cs, sn, x);
+    const float s = quantize_row<D / 8>(x, c);
+    if (fresh_row) scale = s;
   }
-  if (!fresh_src) unpack_i8x8(*reinterpret_cast<const uint2*>(codes), c);
+  if (!fresh_row) unpack_i8x8(*reinterpret_cast<const uint2*>(codes), c);
   return uint4{pack2<BF16>(c[0] * scale, c[1] * scale), pack2<BF16>(c[2] * scale, c[3] * scale),
                pack2<BF16>(c[4] * scale, c[5] * scale), pack2<BF16>(c[6] * scale, c[7] * scale)};
 }
@@ -183,15 +223,46 @@ __device__ __forceinline__ u32 swz(int row, int ch) {
   return (u32)(row * D + ((ch ^ (row & 7)) << 3)) * 2u;
 }
 
+// Rotate, in a landed 16-bit K tile (BN rows from position p0, swizzled), the rows of positions
+// [ctx_start, kv_end): the step's new keys, copied in as the projection wrote them. One thread per
+// pair of chunks half a head apart.
+template <bool BF16, int D>
+__device__ __forceinline__ void rotate_new_keys(u16* tile, int p0, int ctx_start, int kv_end, const float* rope_cos,
+                                                const float* rope_sin) {
+  constexpr int HALF = D / 16;  // chunks in half a head
+  const int lo = max(ctx_start - p0, 0), hi = min(kv_end - p0, BN);
+  for (int c = threadIdx.x; c < (hi - lo) * HALF; c += NTHREADS) {
+    const int row = lo + c / HALF, ch = c % HALF;
+    uint4* a = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(tile) + swz<D>(row, ch));
+    uint4* b = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(tile) + swz<D>(row, ch + HALF));
+    const uint4 wa = *a, wb = *b;
+    const u32 xa[4] = {wa.x, wa.y, wa.z, wa.w}, xb[4] = {wb.x, wb.y, wb.z, wb.w};
+    const float* cs = rope_cos + (long long)(p0 + row) * D + ch * 8;
+    const float* sn = rope_sin + (long long)(p0 + row) * D + ch * 8;
+    float o1[8], o2[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const u32 wx = xa[e / 2], wy = xb[e / 2];
+      const float x = to_f32<BF16>(e & 1 ? wx >> 16 : wx & 0xffffu), y = to_f32<BF16>(e & 1 ? wy >> 16 : wy & 0xffffu);
+      o1[e] = rope1<BF16>(x, y, cs[e], sn[e], true);
+      o2[e] = rope1<BF16>(y, x, cs[D / 2 + e], sn[D / 2 + e], false);
+    }
+    *a = pack8<BF16>(o1);
+    *b = pack8<BF16>(o2);
+  }
+}
+
 // STAGES: K/V tiles in flight in shared memory. KV8: the arena holds int8 codes + float32 scales.
-template <bool BF16, bool KV8, int D, int BS, int WARPS_N, int STAGES>
+// ROPE: the variant can apply RoPE (when rope_cos is given); without it the code is compiled out.
+template <bool BF16, bool KV8, bool ROPE, int D, int BS, int WARPS_N, int STAGES>
 __device__ __forceinline__ void attention_tile(
     u16* __restrict__ out, const u16* __restrict__ q, const u16* __restrict__ k_new,
     const u16* __restrict__ v_new, typename kv_elem<KV8>::type* __restrict__ k_cache,
     typename kv_elem<KV8>::type* __restrict__ v_cache, float* __restrict__ k_scales, float* __restrict__ v_scales,
     const int* __restrict__ cu_seqlens_q, const int* __restrict__ seq_lens, const int* __restrict__ cu_blocks,
     const int* __restrict__ block_tables, const long long* __restrict__ slot_mapping, float* __restrict__ ws_o,
-    float* __restrict__ ws_ml, int* __restrict__ counters, int num_seqs, int num_q_heads, int num_kv_heads,
+    float* __restrict__ ws_ml, int* __restrict__ counters, const float* __restrict__ rope_cos_arg,
+    const float* __restrict__ rope_sin, int q_stride, int kv_stride, int num_seqs, int num_q_heads, int num_kv_heads,
     float scale_log2, int one_tile) {
   constexpr int WARPS_M = 4 / WARPS_N;
   constexpr int BM = 16 * WARPS_M;  // rows = (token, q head of the group) pairs
@@ -206,6 +277,7 @@ __device__ __forceinline__ void attention_tile(
   static_assert(STAGES >= 2 && BN <= NTHREADS && (BN * DC) % NTHREADS == 0, "tile shape");
   static_assert(!KV8 || ((BN * D / 16) % NTHREADS == 0 && 32 % DC == 0), "int8 tile shape");
 
+  const float* __restrict__ rope_cos = ROPE ? rope_cos_arg : nullptr;  // null: inputs already rotated
   extern __shared__ __align__(16) unsigned char smem[];
   u16* sK = reinterpret_cast<u16*>(smem);    // TILES16 x (BN, D)
   u16* sV = sK + TILES16 * BN * D;           // TILES16 x (BN, D)
@@ -265,19 +337,27 @@ __device__ __forceinline__ void attention_tile(
       const int tok = q_start + t0 + c / DC, ch = c % DC;
       const long long slot = slot_mapping[tok];
       const long long dst = (slot / BS) * blk_stride + head_off + (slot % BS) * D + ch * 8;
-      const long long src = ((long long)tok * num_kv_heads + kvh) * D + ch * 8;
-      *reinterpret_cast<uint4*>(k_cache + dst) = *reinterpret_cast<const uint4*>(k_new + src);
-      *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v_new + src);
+      const long long src = (long long)tok * kv_stride + kvh * D;  // the token's row of this kv head
+      if (rope_cos) {
+        const long long pos = ctx_start + t0 + c / DC;
+        float x[8];
+        load8_k<BF16, D>(k_new + src, ch, rope_cos + pos * D, rope_sin + pos * D, x);
+        *reinterpret_cast<uint4*>(k_cache + dst) = pack8<BF16>(x);
+      } else {
+        *reinterpret_cast<uint4*>(k_cache + dst) = *reinterpret_cast<const uint4*>(k_new + src + ch * 8);
+      }
+      *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v_new + src + ch * 8);
     }
   }
   if (split == 0 && KV8) {  // quantize: each row's DC lanes share its absmax, so every lane takes
     for (int c0 = 0; c0 < nq * DC; c0 += NTHREADS) {  // the same trip count (spare rows hold zeros)
       const int c = c0 + tid, ch = c % DC, tok = q_start + t0 + c / DC;
       const bool ok = c < nq * DC;
-      const long long src = ((long long)tok * num_kv_heads + kvh) * D + ch * 8;
+      const long long src = (long long)tok * kv_stride + kvh * D, pos = ctx_start + t0 + c / DC;
       float xk[8], xv[8];
-      load8<BF16>(ok ? k_new + src : nullptr, xk);
-      load8<BF16>(ok ? v_new + src : nullptr, xv);
+      load8_k<BF16, D>(ok ? k_new + src : nullptr, ch, rope_cos ? rope_cos + pos * D : nullptr,
+                       rope_sin + pos * D, xk);
+      load8<BF16>(ok ? v_new + src + ch * 8 : nullptr, xv);
       int ck[8], cv[8];
       const float sk = quantize_row<DC>(xk, ck), sv = quantize_row<DC>(xv, cv);
       if (ok) {
@@ -299,7 +379,7 @@ __device__ __forceinline__ void attention_tile(
   auto row_off = [&](int tile, int row) -> long long {
     const int p = tile * BN + row;
     if (p >= kv_end) return 0;  // zero-filled row
-    if (p >= ctx_start) return ((long long)(q_start + p - ctx_start) * num_kv_heads + kvh) * D;
+    if (p >= ctx_start) return (long long)(q_start + p - ctx_start) * kv_stride + kvh * D;
     return (long long)bt[p / BS] * blk_stride + head_off + (long long)(p % BS) * D;
   };
   auto load_kv = [&](int tile, int stage) {
@@ -357,7 +437,7 @@ __device__ __forceinline__ void attention_tile(
     const int row = wm * 16 + (lane >> 2) + r * 8, tok = row / G;
     const bool ok = row < TQ * G && tok < nq;
     qpos[r] = ok ? ctx_start + t0 + tok : -1;
-    qrow[r] = ok ? q + ((long long)(q_start + t0 + tok) * num_q_heads + kvh * G + row % G) * D : nullptr;
+    qrow[r] = ok ? q + (long long)(q_start + t0 + tok) * q_stride + (kvh * G + row % G) * D : nullptr;
   }
   u32 qf[D / 16][4];
 #pragma unroll
@@ -366,6 +446,24 @@ __device__ __forceinline__ void attention_tile(
     for (int h = 0; h < 4; ++h) {  // A fragment: h&1 picks row g / g+8, h>>1 the k half
       const u16* r = qrow[h & 1];
       qf[kk][h] = r ? *reinterpret_cast<const u32*>(r + kk * 16 + (h >> 1) * 8 + 2 * (lane & 3)) : 0u;
+    }
+  }
+  if (rope_cos) {  // rotate q in its fragments: the word of columns c, c+1 pairs with c+D/2, c+D/2+1,
+#pragma unroll     // which this lane holds in fragment kk + D/32
+    for (int kk = 0; kk < D / 32; ++kk) {
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        if (qpos[h & 1] < 0) continue;
+        const int col = kk * 16 + (h >> 1) * 8 + 2 * (lane & 3);
+        const float* cs = rope_cos + (long long)qpos[h & 1] * D + col;
+        const float* sn = rope_sin + (long long)qpos[h & 1] * D + col;
+        const u32 w1 = qf[kk][h], w2 = qf[kk + D / 32][h];
+        const float a0 = to_f32<BF16>(w1 & 0xffffu), a1 = to_f32<BF16>(w1 >> 16);
+        const float b0 = to_f32<BF16>(w2 & 0xffffu), b1 = to_f32<BF16>(w2 >> 16);
+        qf[kk][h] = pack2<BF16>(rope1<BF16>(a0, b0, cs[0], sn[0], true), rope1<BF16>(a1, b1, cs[1], sn[1], true));
+        qf[kk + D / 32][h] = pack2<BF16>(rope1<BF16>(b0, a0, cs[D / 2], sn[D / 2], false),
+                                         rope1<BF16>(b1, a1, cs[D / 2 + 1], sn[D / 2 + 1], false));
+      }
     }
   }
   const int mask_from = min(kv_end, ctx_start + t0 + 1);  // tiles ending past this need masks
@@ -391,14 +489,20 @@ __device__ __forceinline__ void attention_tile(
       for (int i = 0; i < BN * DC / NTHREADS; ++i) {
         const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
         const bool fresh = p >= ctx_start && p < kv_end;  // this step's token: from k_new/v_new
-        const long long o = s_off[stage][row] + ch * 8;
+        const long long o = s_off[stage][row];  // a fresh row's start in k_new/v_new
         const int at = (stage * BN + row) * D + ch * 8;
-        const uint4 kx = dequant_chunk<BF16, DC>(fresh ? k_new + o : nullptr, s8K + at, s_scale[0][stage][row]);
-        const uint4 vx = dequant_chunk<BF16, DC>(fresh ? v_new + o : nullptr, s8V + at, s_scale[1][stage][row]);
+        const float* cs = rope_cos ? rope_cos + (long long)p * D : nullptr;
+        const uint4 kx = dequant_chunk<BF16, D>(fresh ? k_new + o : nullptr, ch, cs, rope_sin + (long long)p * D,
+                                                s8K + at, s_scale[0][stage][row]);
+        const uint4 vx = dequant_chunk<BF16, D>(fresh ? v_new + o : nullptr, ch, nullptr, nullptr, s8V + at,
+                                                s_scale[1][stage][row]);
         *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sK) + swz<D>(row, ch)) = kx;
         *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sV) + swz<D>(row, ch)) = vx;
       }
       __syncthreads();  // sync point: the dequantized tile visible to all warps
+    } else if (rope_cos && (tile + 1) * BN > ctx_start) {  // uniform: this tile holds new keys, landed
+      rotate_new_keys<BF16, D>(sK + stage * BN * D, tile * BN, ctx_start, kv_end, rope_cos, rope_sin);
+      __syncthreads();  // sync point: the rotated keys visible to all warps
     }
     const int t16 = KV8 ? 0 : stage;
     const u32 kb = smem_addr(sK + t16 * BN * D), vb = smem_addr(sV + t16 * BN * D);
@@ -574,12 +678,13 @@ __device__ __forceinline__ void attention_tile(
   u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, void *k_cache, void *v_cache, float *k_scales, \
       float *v_scales, const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks,                    \
       const int *block_tables, const long long *slot_mapping, float *ws_o, float *ws_ml, int *counters,       \
-      int num_seqs, int num_q_heads, int num_kv_heads, float scale_log2, int one_tile
+      const float *rope_cos, const float *rope_sin, int q_stride, int kv_stride, int num_seqs, int num_q_heads, \
+      int num_kv_heads, float scale_log2, int one_tile
 #define KV_T kv_elem<KV_INT8 != 0>::type
 #define ATTN_ARGS                                                                                          \
   out, q, k_new, v_new, static_cast<KV_T*>(k_cache), static_cast<KV_T*>(v_cache), k_scales, v_scales,      \
-      cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, ws_o, ws_ml, counters, num_seqs,      \
-      num_q_heads, num_kv_heads, scale_log2, one_tile
+      cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, ws_o, ws_ml, counters, rope_cos,       \
+      rope_sin, q_stride, kv_stride, num_seqs, num_q_heads, num_kv_heads, scale_log2, one_tile
 
 // M64_MIN_BLOCKS=3 caps registers at 168 so three prefill blocks share an SM at D=128 (a few
 // spills; without it ptxas takes ~172 registers and two blocks fit). D=64 fits three unbounded.
@@ -589,14 +694,16 @@ __device__ __forceinline__ void attention_tile(
 #define M64_BOUNDS __launch_bounds__(NTHREADS)
 #endif
 extern "C" __global__ void M64_BOUNDS paged_attention_m64(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
+  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, false, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
 }
 // Decode is memory-bound: 3 stages (96 KB, 2 blocks/SM) measured best at D=128, 2 stages (32 KB,
 // 4+ blocks/SM) at D=64. The loader passes -DM16_STAGES (the bench can vary it).
 #ifndef M16_STAGES
 #define M16_STAGES (HEAD_DIM == 64 ? 2 : 3)
 #endif
-extern "C" __global__ void __launch_bounds__(NTHREADS) paged_attention_m16(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
+// At D=64 the bound holds the decode kernel to 128 registers, so 4 blocks share an SM (the fused
+// RoPE code would otherwise take it to ~138 and 3 blocks).
+extern "C" __global__ void __launch_bounds__(NTHREADS, HEAD_DIM == 64 ? 4 : 1) paged_attention_m16(ATTN_PARAMS) {
+  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, true, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
 }
 #endif
