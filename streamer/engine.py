@@ -45,6 +45,7 @@ from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, To
 log = structlog.get_logger("streamer")
 GREEDY = SampleSpec()
 LOOP_LAG_PERIOD_S = 0.01  # how often watch_loop measures the event loop's lag
+SEND_BATCHES = 3  # scheduler batches the step loop yields after emitting tokens (see _step)
 
 
 @dataclass(slots=True)
@@ -392,7 +393,13 @@ class Engine:
                 self._retire(done, out["sampled"])
         if "launch_error" in out:
             self._fail(plan, out["launch_error"])
-        await trio.lowlevel.checkpoint_if_cancelled()  # the cancel the shield held back, if any
+        # The collected tokens go out before this task turns to the next step's host work
+        # (scheduling, packing and, for mixed steps, an eager launch hold the event loop for
+        # milliseconds). Three scheduler batches: in the first the request tasks take their tokens
+        # and wake their sockets' writers, which send in the second, whatever the order of tasks
+        # within a batch; this task goes on in the third. Also the cancel the shield held back.
+        for _ in range(SEND_BATCHES if done is not None else 1):
+            await trio.sleep(0)
 
     def _inputs(self, plan: StepPlan, prev: InFlight | None) -> tuple[list[SeqInput], dict[int, int]]:
         """The runner's inputs for `plan`, and each sampling request's row in its sampled ids."""

@@ -213,3 +213,30 @@ async def test_padded_static_batches_give_the_same_tokens_and_do_the_padded_work
     assert padded_tokens > plain_tokens
     # (overlapped: a batch's last request ends after the next step was planned with its padding rows)
     assert plain_steps <= padded_steps <= plain_steps + (3 if overlap else 0)  # 3 batches
+
+
+async def test_a_steps_tokens_reach_their_readers_before_the_next_launch():
+    """On the loop's own thread, the next step's host work (scheduling, packing, an eager launch)
+    holds the event loop. The tokens just collected are taken by their readers first, so a slow
+    launch delays the next token, never the one already computed."""
+    async with open_engine(run_config()) as engine:
+        engine.launch_inline = True
+        runner = engine.runner
+        real_launch = runner.launch
+        received, seen_at_launch = [], []
+
+        def launch(*args, **kw):
+            seen_at_launch.append(len(received))
+            return real_launch(*args, **kw)
+
+        runner.launch = launch
+        with trio.fail_after(30):
+            gen = engine.generate("hi", SamplingParams(max_tokens=20, ignore_eos=True))
+            async with gen:
+                async for ev in gen:
+                    if not isinstance(ev, FinishEvent):
+                        received.append(ev.index)
+        await wait_kv_free(engine)
+    assert received == list(range(20)) and len(seen_at_launch) == 20
+    # With overlap, launch m comes after step m - 2 was collected: tokens 0 .. m - 2 are read by then.
+    assert seen_at_launch[2:] == list(range(1, 19)), seen_at_launch
