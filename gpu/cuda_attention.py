@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpu import cupy_stream
 from gpu.arena import KVArena
 from gpu.attention import AttnMetadata
 
@@ -132,7 +133,6 @@ class CudaAttention:
         self._ws_o = torch.empty(_WS_ROWS * d, dtype=torch.float32, device=dev)
         self._ws_ml = torch.empty(_WS_ROWS * 2, dtype=torch.float32, device=dev)
         self._counters = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=dev)
-        self._streams: dict[int, object] = {}
         self._plan_meta: tuple | None = None  # (meta, num_q_heads, plan) of the last step
 
     def warmup(self) -> None:
@@ -175,14 +175,6 @@ class CudaAttention:
         keys. In a prefill launch every q tile of a prompt would rotate all of the prompt's keys
         again, so those steps rotate once beforehand (CudaOps.split_rope) and call forward."""
         return self.launch_plan(meta, num_q_heads)[0] == "m16"
-
-    def _stream(self):
-        import cupy
-
-        ptr = torch.cuda.current_stream(self._device).cuda_stream
-        if ptr not in self._streams:
-            self._streams[ptr] = cupy.cuda.ExternalStream(ptr)
-        return self._streams[ptr]
 
     def forward(
         self,
@@ -264,7 +256,7 @@ class CudaAttention:
             np.int32(one_tile),
         )
         smem = _smem_bytes(variant, d, self.arena.quantized)
-        with self._stream():  # launch on torch's current stream (also the capture stream in a graph)
+        with cupy_stream.current(self._device.index):  # torch's current stream (also the capture stream in a graph)
             kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=smem)
         self.launches += 1
         return out

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpu import cupy_stream
+
 _SRC = Path(__file__).parent / "csrc" / "fused_ops.cu"
 
 
@@ -104,7 +106,7 @@ class CudaOps:
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         assert cos.is_cuda and cos.dtype == torch.float32 and cos.is_contiguous()
         self.cos, self.sin = cos, sin.contiguous()
-        self._streams: dict[int, object] = {}
+        self._device_index = cos.device.index
         self._fns: dict[tuple, object] = {}
 
     @staticmethod
@@ -126,15 +128,10 @@ class CudaOps:
             m.get_function(name)
 
     def _launch(self, name: str, dtype, grid: int | tuple[int, int], args, threads: int = 0) -> None:
-        import cupy
-
-        ptr = torch.cuda.current_stream().cuda_stream
-        if ptr not in self._streams:
-            self._streams[ptr] = cupy.cuda.ExternalStream(ptr)
         fn = self._fns.get((name, dtype))
         if fn is None:
             fn = self._fns[(name, dtype)] = self._module(dtype).get_function(name)
-        with self._streams[ptr]:
+        with cupy_stream.current(self._device_index):
             fn(grid if isinstance(grid, tuple) else (grid,), (threads or self._THREADS,), args)
 
     @staticmethod
