@@ -45,7 +45,7 @@ from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, To
 log = structlog.get_logger("streamer")
 GREEDY = SampleSpec()
 LOOP_LAG_PERIOD_S = 0.01  # how often watch_loop measures the event loop's lag
-SEND_BATCHES = 3  # scheduler batches the step loop yields after emitting tokens (see _step)
+SEND_BATCHES = 3  # scheduler batches the step loop yields before an eager launch (see run)
 
 
 @dataclass(slots=True)
@@ -279,7 +279,19 @@ class Engine:
             if plan is None and self._inflight is None:
                 await trio.sleep(0)
                 continue
+            if plan is not None and self.launch_inline and self._runs_eagerly(plan):
+                # An eager launch holds the event loop for milliseconds: first the tokens of the
+                # step collected last go out. Three scheduler batches: in the first the request
+                # tasks take their tokens and wake their sockets' writers, which send in the
+                # second, whatever the order of tasks within a batch; this task goes on in the third.
+                # (Decode steps replay a graph in well under a millisecond and do not wait: their
+                # tokens go out while the step polls the device.)
+                for _ in range(SEND_BATCHES):
+                    await trio.sleep(0)
             await self._step(plan)
+
+    def _runs_eagerly(self, plan: StepPlan) -> bool:
+        return not (all(c.length == 1 and c.sample for c in plan.chunks) and self.runner.replays(len(plan.chunks)))
 
     def _shed_late(self, cutoff: float) -> None:
         """[controller] Refuse the requests waiting unstarted since before `cutoff`: they could no
@@ -393,13 +405,7 @@ class Engine:
                 self._retire(done, out["sampled"])
         if "launch_error" in out:
             self._fail(plan, out["launch_error"])
-        # The collected tokens go out before this task turns to the next step's host work
-        # (scheduling, packing and, for mixed steps, an eager launch hold the event loop for
-        # milliseconds). Three scheduler batches: in the first the request tasks take their tokens
-        # and wake their sockets' writers, which send in the second, whatever the order of tasks
-        # within a batch; this task goes on in the third. Also the cancel the shield held back.
-        for _ in range(SEND_BATCHES if done is not None else 1):
-            await trio.sleep(0)
+        await trio.lowlevel.checkpoint_if_cancelled()  # the cancel the shield held back, if any
 
     def _inputs(self, plan: StepPlan, prev: InFlight | None) -> tuple[list[SeqInput], dict[int, int]]:
         """The runner's inputs for `plan`, and each sampling request's row in its sampled ids."""
