@@ -151,6 +151,8 @@ def test_dashboard_charts_update(page, browser, url):
     page.goto(url + "/dashboard")
     page.wait_for_function("Number(document.body.dataset.updates || 0) >= 2")
     assert page.locator(".chart canvas").count() == 7
+    itl = page.locator(".chart").nth(2).text_content()  # the ITL chart's legend: queued, sent, the loop's lag
+    assert "Inter-token latency" in itl and "P99 sent" in itl and "loop lag P99" in itl, itl
     # Traffic from a chat page in another tab; the dashboard's figures follow it.
     chat = browser.new_page()
     open_chat(chat, url, 12)

@@ -14,6 +14,8 @@ const CHARTS = [
   { title: "Time to first token (ms)", series: pct("ttft").concat([objective("slo_ttft_ms")]) },
   { title: "Inter-token latency (ms)", series: pct("itl").concat([
       ["P99 sent", PURPLE, (s) => (s.window.itl_sent ? s.window.itl_sent.p99_ms : null), [2, 3]],
+      // how late the event loop woke a 10 ms sleeper: the wait a busy loop adds to every stream
+      ["loop lag P99", GREY, (s) => (s.window.loop_lag ? s.window.loop_lag.p99_ms : null), [1, 3]],
       objective("slo_itl_ms")]) },
   { title: "Requests", series: [["running", BLUE, (s) => s.running], ["waiting", AMBER, (s) => s.waiting]] },
   { title: "KV arena used (%)", series: [["KV %", BLUE, (s) => 100 * s.kv.usage]], fill: true, max: 100 },
