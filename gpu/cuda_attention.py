@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu import cupy_stream
+from gpu import cupy_launch
 from gpu.arena import KVArena
 from gpu.attention import AttnMetadata
 
@@ -241,7 +241,7 @@ class CudaAttention:
         k_cache, v_cache = self.arena.layer(layer)
         k_scales, v_scales = self.arena.layer_scales(layer) if self.arena.quantized else (None, None)
         cos, sin = rope or (None, None)
-        ptr = self._ptr
+        ptr = cupy_launch.ptr
         args = (
             *(ptr(x) for x in (out, q, k, v, k_cache, v_cache, k_scales, v_scales)),
             *(ptr(x) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
@@ -256,11 +256,8 @@ class CudaAttention:
             np.int32(one_tile),
         )
         smem = _smem_bytes(variant, d, self.arena.quantized)
-        with cupy_stream.current(self._device.index):  # torch's current stream (also the capture stream in a graph)
+        with cupy_launch.current(self._device.index):  # torch's current stream (also the capture stream in a graph)
             kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=smem)
         self.launches += 1
         return out
 
-    @staticmethod
-    def _ptr(t: torch.Tensor | None) -> np.uint64:
-        return np.uint64(0 if t is None else t.data_ptr())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpu import cupy_stream
+from gpu import cupy_launch
 
 _SRC = Path(__file__).parent / "csrc" / "fused_ops.cu"
 
@@ -131,12 +131,9 @@ class CudaOps:
         fn = self._fns.get((name, dtype))
         if fn is None:
             fn = self._fns[(name, dtype)] = self._module(dtype).get_function(name)
-        with cupy_stream.current(self._device_index):
+        with cupy_launch.current(self._device_index):
             fn(grid if isinstance(grid, tuple) else (grid,), (threads or self._THREADS,), args)
 
-    @staticmethod
-    def _ptr(t: torch.Tensor | None) -> np.uint64:
-        return np.uint64(0 if t is None else t.data_ptr())
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         assert positions.dtype == torch.int64
@@ -159,7 +156,7 @@ class CudaOps:
         assert self._aligned(x, delta, parts, weight), "add_rms_norm needs contiguous, 16-byte aligned tensors"
         out = torch.empty_like(x)
         if rows:
-            p = self._ptr
+            p = cupy_launch.ptr
             threads = max(128, -(-hidden // (8 * _NORM_VECS * 32)) * 32)
             self._launch("add_rms_norm", x.dtype, rows, (
                 p(x), p(delta), p(parts), np.int32(0 if parts is None else parts.shape[0]),
@@ -184,7 +181,7 @@ class CudaOps:
             return logits.argmax(dim=-1)
         out = torch.empty(rows, dtype=torch.int64, device=logits.device)
         if rows:
-            self._launch("argmax_rows", logits.dtype, rows, (self._ptr(logits), self._ptr(out), np.int32(vocab)),
+            self._launch("argmax_rows", logits.dtype, rows, (cupy_launch.ptr(logits), cupy_launch.ptr(out), np.int32(vocab)),
                          self._ARGMAX_THREADS)
         return out
 
@@ -196,7 +193,7 @@ class CudaOps:
         k = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
         v = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
         if t:
-            p = self._ptr
+            p = cupy_launch.ptr
             blocks = min(-(-t * (hq + 2 * hkv) * (d // 16) // self._THREADS), 65535)
             self._launch("split_rope", qkv.dtype, blocks, (p(qkv), p(rope), p(self.cos), p(self.sin), p(q), p(k), p(v),
                                                            np.int32(t), np.int32(hq), np.int32(hkv), np.int32(d)))
@@ -208,7 +205,7 @@ class CudaOps:
         assert two_inter % 16 == 0 and self._aligned(gate_up), "silu_mul needs an aligned (rows, 2*inter), inter % 8 == 0"
         out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
         if rows and inter:
-            p = self._ptr
+            p = cupy_launch.ptr
             blocks = min(-(-rows * inter // (8 * self._THREADS)), 4096)
             self._launch("silu_mul", gate_up.dtype, blocks, (p(gate_up), p(out), np.int32(rows), np.int32(inter)))
         return out
