@@ -192,6 +192,7 @@ class CudaAttention:
         besides `out`: capturable in a CUDA graph."""
         t, hq, d = q.shape
         hkv = self.arena.shape.num_kv_heads
+        assert d == self.arena.shape.head_dim, (q.shape, self.arena.shape.head_dim)
         assert k.shape == v.shape == (t, hkv, d), (k.shape, v.shape)
         for x in (q, k, v):
             assert x.is_contiguous() and x.data_ptr() % 16 == 0 and x.device == self._device
