@@ -98,9 +98,11 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: (T, Hq, D); k, v: (T, Hkv, D) of the new tokens. Returns (T, Hq, D), q's dtype."""
+        """q: (T, Hq, D); k, v: (T, Hkv, D) of the new tokens. Returns (T, Hq, D), q's dtype:
+        `out` if given."""
         ...
 
 
@@ -165,9 +167,9 @@ class TorchAttention:
         self.arena = arena
         self.scale = scale
 
-    def forward(self, layer, q, k, v, meta: AttnMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, meta: AttnMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         write_kv(self.arena, layer, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         start = 0
         for q_len, seq_len, table in zip(meta.q_lens_host, meta.seq_lens_host, meta.block_tables_host, strict=True):
             k_hist, v_hist = gather_history(self.arena, layer, table, seq_len)  # (Hkv, S, D)

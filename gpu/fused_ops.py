@@ -64,13 +64,19 @@ class TorchOps:
     def argmax(self, logits):
         return logits.argmax(dim=-1)
 
-    def split_rope(self, qkv, rope, hq: int, hkv: int, d: int):
-        """qkv (T, (hq+2hkv)*d) -> contiguous q (T, hq, d), k, v (T, hkv, d); q and k rotated."""
+    def split_rope(self, qkv, rope, hq: int, hkv: int, d: int, out=None):
+        """qkv (T, (hq+2hkv)*d) -> contiguous q (T, hq, d), k, v (T, hkv, d); q and k rotated.
+        `out`: (q, k, v) tensors of those shapes to write instead of new ones."""
         cos, sin = rope
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q = apply_rope(q.view(-1, hq, d), cos, sin).contiguous()
         k = apply_rope(k.view(-1, hkv, d), cos, sin).contiguous()
-        return q, k, v.reshape(-1, hkv, d).contiguous()
+        v = v.reshape(-1, hkv, d).contiguous()
+        if out is None:
+            return q, k, v
+        for o, x in zip(out, (q, k, v), strict=True):
+            o.copy_(x)
+        return out
 
     def silu_mul(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
@@ -185,13 +191,14 @@ class CudaOps:
                          self._ARGMAX_THREADS)
         return out
 
-    def split_rope(self, qkv, rope, hq: int, hkv: int, d: int):
+    def split_rope(self, qkv, rope, hq: int, hkv: int, d: int, out=None):
         t = qkv.shape[0]
         assert qkv.shape[1] == (hq + 2 * hkv) * d and rope.shape == (t,)
         assert d % 16 == 0 and self._aligned(qkv), "split_rope needs head_dim % 16 == 0 and an aligned qkv"
-        q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
-        k = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
-        v = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
+        if out is None:
+            out = tuple(torch.empty(t, h, d, dtype=qkv.dtype, device=qkv.device) for h in (hq, hkv, hkv))
+        q, k, v = out
+        assert q.shape == (t, hq, d) and k.shape == v.shape == (t, hkv, d) and self._aligned(q, k, v)
         if t:
             p = cupy_launch.ptr
             blocks = min(-(-t * (hq + 2 * hkv) * (d // 16) // self._THREADS), 65535)

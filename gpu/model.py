@@ -137,30 +137,61 @@ class Transformer:
         model's dtype: greedy argmax reads them as they are (a 16-bit value converts to float32
         exactly, so the choice is the same), and the sampler converts only the rows it draws."""
         s = self.spec
-        q_size = s.num_heads * s.head_dim
         ops = ops or self.torch_ops
         # On CUDA, decode-shaped steps rotate q and the new keys inside the attention launch
         # (CudaAttention.forward_qkv); other steps run split_rope first. qk-norm models rotate with
         # torch ops: their gathered cos/sin, once per step.
         fused_rope = not s.qk_norm and ops.name == "cuda" and backend.fuses_rope(meta, s.num_heads)
-        rope = None if fused_rope else (self.torch_ops if s.qk_norm else ops).rope(positions, self.dtype)
+        rope = None if fused_rope else self.rope(positions, ops)
         x, delta = self.embed[input_ids], None  # the residual stream (T, H) and what the last block adds
-        for i, layer in enumerate(self.layers):
-            x, h = ops.add_rms_norm(x, delta, layer["ln1"], s.rms_eps)
-            qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # (T, q_size + 2*kv_size)
+        for i in range(s.num_layers):
             if fused_rope:
+                x, qkv = self.qkv(i, x, delta, ops)
                 attn = backend.forward_qkv(i, qkv, (self.cos, self.sin), s.num_heads, meta)  # (T, Hq, D)
             else:
-                if s.qk_norm:  # per-head norm before RoPE: torch ops (no fused kernel for it)
-                    q, k, v = self._split_norm_rope(qkv, layer, rope)
-                else:
-                    q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim)
+                x, q, k, v = self.attention_inputs(i, x, delta, rope, ops)
                 attn = backend.forward(i, q, k, v, meta)  # (T, Hq, D)
-            x, h = ops.add_rms_norm(x, ops.residual_linear(attn.reshape(-1, q_size), layer["o"]), layer["ln2"], s.rms_eps)
-            delta = ops.residual_linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
+            x, delta = self.mlp_block(i, x, attn, ops)
+        return self.head(x, delta, logit_rows, ops)
+
+    # The pieces of `forward`, in order, for callers that run the layers between attention launches
+    # themselves (gpu/piecewise.py captures them in CUDA graphs).
+    def rope(self, positions: torch.Tensor, ops):
+        """The step's RoPE operand for `attention_inputs`."""
+        return (self.torch_ops if self.spec.qk_norm else ops).rope(positions, self.dtype)
+
+    def qkv(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's residual add, input norm and QKV projection: (x, qkv (T, q_size + 2*kv_size))."""
+        layer = self.layers[i]
+        x, h = ops.add_rms_norm(x, delta, layer["ln1"], self.spec.rms_eps)
+        return x, F.linear(h, layer["qkv"], layer.get("qkv_bias"))
+
+    def attention_inputs(self, i: int, x, delta, rope, ops, out=None):
+        """Layer i up to its attention: (x, q, k, v), q and k rotated; into `out` (q, k, v) if given."""
+        s = self.spec
+        x, qkv = self.qkv(i, x, delta, ops)
+        if s.qk_norm:  # per-head norm before RoPE: torch ops (no fused kernel for it)
+            q, k, v = self._split_norm_rope(qkv, self.layers[i], rope)
+            if out is not None:
+                for o, t in zip(out, (q, k, v), strict=True):
+                    o.copy_(t)
+                q, k, v = out
+        else:
+            q, k, v = ops.split_rope(qkv, rope, s.num_heads, s.num_kv_heads, s.head_dim, out)
+        return x, q, k, v
+
+    def mlp_block(self, i: int, x, attn, ops):
+        """Layer i after its attention: o projection, residual add and norm, MLP. (x, delta)."""
+        s, layer = self.spec, self.layers[i]
+        x, h = ops.add_rms_norm(x, ops.residual_linear(attn.reshape(-1, s.num_heads * s.head_dim), layer["o"]),
+                                layer["ln2"], s.rms_eps)
+        return x, ops.residual_linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
+
+    def head(self, x, delta, logit_rows, ops):
+        """Final residual add, norm and LM head, at `logit_rows` only (None: every row)."""
         if logit_rows is not None:  # only the rows that sample; delta may be split-K partials (S, T, H)
             x, delta = x[logit_rows], delta[logit_rows] if delta.dim() == 2 else delta[:, logit_rows]
-        _, x = ops.add_rms_norm(x, delta, self.norm, s.rms_eps)
+        _, x = ops.add_rms_norm(x, delta, self.norm, self.spec.rms_eps)
         return F.linear(x, self.lm_head)  # (S, V)
 
     def _split_norm_rope(self, qkv, layer, rope):
