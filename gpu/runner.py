@@ -61,12 +61,15 @@ class ModelRunner:
     def __init__(
         self, model: Transformer, num_blocks: int, block_size: int, attention: str,
         graph_batch: int = 0, capture: bool = True, kv_dtype: torch.dtype | None = None, swap_slots: int = 0,
+        graph_tokens: int = 0,
     ) -> None:
         """`num_blocks` usable KV blocks (ids 0..num_blocks-1); one more, the scratch block, takes
         the writes of padding rows. `graph_batch` > 0: decode steps of up to that many requests
         run from static buffers, replayed as CUDA graphs when `capture`. `kv_dtype`: how the arena
         stores K/V, the model's dtype (None) or torch.int8. `swap_slots` > 0: a host pool of that
-        many blocks for preempted requests' KV."""
+        many blocks for preempted requests' KV. `graph_tokens` > 0: other steps of up to that many
+        tokens run as pieces between attention launches (gpu/piecewise.py), replayed as CUDA graphs
+        when `capture`."""
         s = model.spec
         self.model = model
         self.device = model.device
@@ -85,6 +88,11 @@ class ModelRunner:
 
             per_seq = -(-min(s.max_position, num_blocks * block_size) // block_size)
             self.graphs = DecodeGraphs(model, self.backend, self.ops, block_size, num_blocks, graph_batch, per_seq, capture)
+        self.pieces = None
+        if graph_tokens:
+            from gpu.piecewise import PiecewiseGraphs
+
+            self.pieces = PiecewiseGraphs(model, self.backend, self.ops, graph_tokens, capture)
 
     def step(self, seqs: list[SeqInput]) -> list[int | None]:
         """Run one forward pass over all `seqs`; return a sampled id per seq that samples."""
@@ -92,8 +100,9 @@ class ModelRunner:
 
     def replays(self, num_seqs: int) -> bool:
         """Whether a decode step of `num_seqs` one-token sampling seqs goes through the decode
-        graphs: on CUDA a graph replay, well under a millisecond of host time, where an eager step
-        launches ~200 kernels from Python (several milliseconds)."""
+        graphs: on CUDA one graph replay, well under a millisecond of host time. Other steps launch
+        from Python: as pieces, a replay and an attention launch a layer; eagerly, ~200 kernels
+        (several milliseconds)."""
         return self.graphs is not None and 0 < num_seqs <= self.graphs.bmax
 
     def launch(self, seqs: list[SeqInput], swap_out: tuple[tuple[int, int], ...] = (),
@@ -144,7 +153,10 @@ class ModelRunner:
         input_ids, pos, row_idx, fed_rows, fed_src = packed.split([t, t, len(rows), k, k])
         if k:
             input_ids.index_put_((fed_rows,), self._last_ids.index_select(0, fed_src))  # (see graphs.py _upload)
-        logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)  # writes the KV
+        if self.pieces is not None and t <= self.pieces.tmax:
+            logits = self.pieces.logits(input_ids, pos, meta, row_idx)  # writes the KV
+        else:
+            logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)
         ids = sample(logits, specs, self.ops.argmax) if specs else torch.empty(0, dtype=torch.long, device=dev)
         return self._sampled(ids, [s.sample is not None for s in seqs], begin)
 

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reuse the KV blocks of prompt prefixes seen before")
     serve.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=defaults["cuda_graphs"],
                        help="replay decode steps as CUDA graphs (CUDA only)")
+    serve.add_argument("--mixed-graphs", action=argparse.BooleanOptionalAction, default=defaults["mixed_graphs"],
+                       help="run steps with prefill as CUDA graph pieces between the attention launches, "
+                            "bucketed by token count (CUDA only; steps over 8192 tokens run eagerly)")
     serve.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=defaults["overlap"],
                        help="plan and launch the next step while the device runs this one (default: on for CUDA)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")

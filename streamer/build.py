@@ -17,6 +17,7 @@ from streamer.config import EngineConfig
 
 CPU_KV_BASE_GIB = 4.0  # on the CPU a fractional --kv-memory is a fraction of this
 TUNE_CANDIDATES = (256, 512, 1024, 2048, 4096, 8192)  # step budgets auto-tuning tries
+MAX_GRAPH_TOKENS = max(TUNE_CANDIDATES)  # the largest step that runs as CUDA graph pieces; larger ones run eagerly
 TUNE_CHUNK = 512  # tokens per synthetic prompt in a tuning step
 TUNE_KNEE = 0.9  # keep the smallest budget within this fraction of the best throughput
 
@@ -85,9 +86,11 @@ def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int]:
     kv_dtype = kv_storage_dtype(config, dtype)
     num_blocks = kv_blocks(config, loaded, device, kv_dtype)
     graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
+    pieces = graphs and config.mixed_graphs
     runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
                          graph_batch=min(config.max_running, 512) if graphs else 0, kv_dtype=kv_dtype,
-                         swap_slots=swap_slots(config, loaded, device, kv_dtype, num_blocks))
+                         swap_slots=swap_slots(config, loaded, device, kv_dtype, num_blocks),
+                         graph_tokens=min(config.max_batch_tokens or MAX_GRAPH_TOKENS, MAX_GRAPH_TOKENS) if pieces else 0)
     warmup(runner, scratch_block=num_blocks)
     return loaded, runner, num_blocks
 

@@ -47,6 +47,7 @@ class EngineConfig:
     seed: int = 0  # seed of random:NAME weights
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs (CUDA only)
+    mixed_graphs: bool = True  # other steps as CUDA graph pieces between attention launches (CUDA only)
     # Plan and launch step N+1 before step N's ids are back, so the device need not wait on the
     # host. None: on for CUDA; off on the CPU, where a launch computes the step before it returns,
     # so overlapping would only hold each token back a step.

@@ -280,7 +280,7 @@ class Engine:
                 await trio.sleep(0)
                 continue
             if plan is not None and self.launch_inline and self._runs_eagerly(plan):
-                # An eager launch holds the event loop for milliseconds: first the tokens of the
+                # A launch from Python holds the event loop (eagerly, for milliseconds): first the tokens of the
                 # step collected last go out. Three scheduler batches: in the first the request
                 # tasks take their tokens and wake their sockets' writers, which send in the
                 # second, whatever the order of tasks within a batch; this task goes on in the third.
