@@ -2,7 +2,8 @@
 
 (a) streamer, continuous batching (`serial`: the same with overlapped steps off, so each step
 waits for the host to plan it; `threaded`: overlapped, with the launch and the wait in a worker
-thread as on the CPU instead of on the loop's thread); (b) streamer, static batches of 64 (`static-padded`: padded as a
+thread as on the CPU instead of on the loop's thread; `eager-mixed`: steps with prefill launched
+eagerly instead of as CUDA graph pieces); (b) streamer, static batches of 64 (`static-padded`: padded as a
 static batch is, each prompt to the batch's longest and each finished row decoding on to the
 batch's end); (c) Hugging Face
 continuous batching (`init_continuous_batching`, per-request max_new_tokens, EOS off);
@@ -40,8 +41,8 @@ from streamer.config import EngineConfig  # noqa: E402
 from streamer.engine import open_engine  # noqa: E402
 from streamer.types import SamplingParams, TokenEvent  # noqa: E402
 
-SYSTEMS = ("engine", "serial", "threaded", "static", "static-padded", "hf-cb", "hf-generate")
-OURS = ("engine", "serial", "threaded", "static", "static-padded")
+SYSTEMS = ("engine", "serial", "threaded", "eager-mixed", "static", "static-padded", "hf-cb", "hf-generate")
+OURS = ("engine", "serial", "threaded", "eager-mixed", "static", "static-padded")
 
 
 def progress(label: str, done: int, total: int, t0: float) -> None:
@@ -117,7 +118,8 @@ async def run_engine(name: str, items: list[Item], args, system: str) -> tuple[f
     config = EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory, max_running=args.max_running,
                           max_batch_tokens=args.max_batch_tokens, static_batch=64 if static else None,
                           static_padding=system == "static-padded",
-                          max_waiting=max(1024, len(items) + 1), overlap=False if system == "serial" else None)
+                          max_waiting=max(1024, len(items) + 1), overlap=False if system == "serial" else None,
+                          mixed_graphs=system != "eager-mixed")
     async with open_engine(config) as engine:
         if system == "threaded":  # the launch and the wait in a worker thread, as on the CPU
             engine.launch_inline = False
