@@ -134,6 +134,13 @@ class CudaAttention:
         self._ws_ml = torch.empty(_WS_ROWS * 2, dtype=torch.float32, device=dev)
         self._counters = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=dev)
         self._plan_meta: tuple | None = None  # (meta, num_q_heads, plan) of the last step
+        # Each layer's arena pointers (k, v, and int8 scales or null), and the launch of the last
+        # step's layers, which differ only in those: (meta, key, kernel, grid, smem, args before,
+        # args after). A step's launches then build no arguments but the layer's.
+        quant = arena.quantized
+        self._layer_ptrs = [tuple(cupy_launch.ptr(x) for x in (*arena.layer(i), *(arena.layer_scales(i) if quant else (None, None))))
+                            for i in range(arena.shape.num_layers)]
+        self._step_launch: tuple | None = None
 
     def warmup(self) -> None:
         """Compile this arena's specialisation now, so no request waits on NVRTC."""
@@ -237,14 +244,26 @@ class CudaAttention:
             out = torch.empty(t, hq, d, dtype=q.dtype, device=self._device)
         assert out.shape == (t, hq, d) and out.dtype == q.dtype and out.is_contiguous()
 
+        key = (hq, q_stride, kv_stride, *(x.data_ptr() for x in (out, q, k, v, *(rope or ()))))
+        step = self._step_launch
+        if step is None or step[0] is not meta or step[1] != key:
+            step = self._step_launch = (meta, key, *self._step_args(meta, out, q, k, v, q_stride, kv_stride, rope, hq))
+        _, _, kern, grid, smem, before, after = step
+        args = before + self._layer_ptrs[layer] + after
+        with cupy_launch.current(self._device.index):  # torch's current stream (also the capture stream in a graph)
+            kern(grid, (_THREADS, 1, 1), args, shared_mem=smem)
+        self.launches += 1
+        return out
+
+    def _step_args(self, meta, out, q, k, v, q_stride: int, kv_stride: int, rope, hq: int) -> tuple:
+        """(kernel, grid, shared memory, the arguments before the layer's arena pointers, those
+        after) of a step's launches: the same for every layer."""
+        s = self.arena.shape
         variant, tq, grid_x, splits, one_tile = self.launch_plan(meta, hq)
-        kern = self._kernels()[variant][0]
-        k_cache, v_cache = self.arena.layer(layer)
-        k_scales, v_scales = self.arena.layer_scales(layer) if self.arena.quantized else (None, None)
         cos, sin = rope or (None, None)
         ptr = cupy_launch.ptr
-        args = (
-            *(ptr(x) for x in (out, q, k, v, k_cache, v_cache, k_scales, v_scales)),
+        before = tuple(ptr(x) for x in (out, q, k, v))
+        after = (
             *(ptr(x) for x in (meta.cu_seqlens_q, meta.seq_lens, meta.cu_blocks)),
             *(ptr(x) for x in (meta.block_tables, meta.slot_mapping)),
             *(ptr(x) for x in (self._ws_o, self._ws_ml, self._counters, cos, sin)),
@@ -252,13 +271,10 @@ class CudaAttention:
             np.int32(kv_stride),
             np.int32(meta.num_seqs),
             np.int32(hq),
-            np.int32(hkv),
+            np.int32(s.num_kv_heads),
             np.float32(self.scale * math.log2(math.e)),
             np.int32(one_tile),
         )
-        smem = _smem_bytes(variant, d, self.arena.quantized)
-        with cupy_launch.current(self._device.index):  # torch's current stream (also the capture stream in a graph)
-            kern((grid_x, hkv, splits), (_THREADS, 1, 1), args, shared_mem=smem)
-        self.launches += 1
-        return out
+        smem = _smem_bytes(variant, s.head_dim, self.arena.quantized)
+        return self._kernels()[variant][0], (grid_x, s.num_kv_heads, splits), smem, before, after
 
