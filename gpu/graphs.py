@@ -10,6 +10,7 @@ inside the graph.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from array import array
 
@@ -17,6 +18,22 @@ import numpy as np
 import torch
 
 from gpu.attention import AttnMetadata, flat_tables
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """For CUDA-graph capture: no Python garbage may be finalized mid-capture (freeing, say, an
+    earlier engine's graphs makes CUDA calls that invalidate the capture). So collect it now and
+    pause the collector until the capture is done."""
+    gc.collect()
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -47,7 +64,8 @@ class DecodeGraphs:
         self.max_context = model.spec.max_position
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
-            self._capture_all()
+            with collector_paused():
+                self._capture()
 
     # --- views into the static buffers ---------------------------------------------------------
     def _inputs(self, b: int):
@@ -144,18 +162,6 @@ class DecodeGraphs:
             meta = self._meta(b, self._host(b, positions, tables))
             out = self.model.forward(inputs[0], inputs[1], meta, self.backend, None, self.ops)
         return out[:n]
-
-    def _capture_all(self) -> None:
-        # No Python garbage may be finalized mid-capture: freeing, say, an earlier engine's graphs
-        # makes CUDA calls that invalidate the capture. So collect it now and pause the collector.
-        gc.collect()
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            self._capture()
-        finally:
-            if paused:
-                gc.enable()
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()

@@ -22,9 +22,9 @@ piece may reuse what an earlier one no longer needs.
 
 from __future__ import annotations
 
-import gc
-
 import torch
+
+from gpu.graphs import collector_paused
 
 # Token-count buckets: ~1.25x apart above 256, so padding costs at most a quarter of a step's GEMMs.
 BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072,
@@ -47,7 +47,8 @@ class PiecewiseGraphs:
         # bucket -> (its pieces, the last piece's (x, delta, rope): the head reads x and delta)
         self.graphs: dict[int, tuple[list[torch.cuda.CUDAGraph], tuple]] = {}
         if capture:
-            self._capture_all()
+            with collector_paused():
+                self._capture()
 
     def bucket(self, t: int) -> int | None:
         return next((b for b in self.buckets if b >= t), None)
@@ -87,17 +88,6 @@ class PiecewiseGraphs:
                 self.backend.forward(i, q, k, v, meta, out=out)
         x, delta, _ = state
         return self.model.head(x, delta, logit_rows, self.ops)
-
-    def _capture_all(self) -> None:
-        # As in DecodeGraphs: no garbage may be finalized mid-capture.
-        gc.collect()
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            self._capture()
-        finally:
-            if paused:
-                gc.enable()
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
