@@ -7,6 +7,7 @@
 # The server's log goes to OUT_DIR/server.log, the load generator's JSON (and PNG, where
 # matplotlib is installed) to OUT_DIR, and the server's /stats, once a second while the load runs
 # (step budget, running cap and controller state included), to OUT_DIR/stats.jsonl.
+# (tools/stats_timeline.py prints it as a table over time.)
 # PYTHON (default python3) and PORT (default 8123) may be set.
 set -euo pipefail
 out=$1
