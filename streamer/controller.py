@@ -2,11 +2,11 @@
 and a cap on running requests. Plain synchronous Python, owned and called only by the step loop;
 every observation carries its own time, so tests drive it with a fake clock.
 
-What it sees: each inter-token gap (ITL), each time to first token (TTFT), and after each step the
-step's tokens, the number of running and of waiting requests, and how long the oldest waiting one
-has waited for its first token. An ITL is the gap as the step loop queued the tokens; a client
-gets them later by however long the event loop takes to get the frame onto the socket (`itl_sent`
-in /stats). What it sets: `budget` (the scheduler's `max_batch_tokens`) and
+What it sees: each inter-token gap (ITL), each time to first token (TTFT), each request it had
+refused (below), and after each step the step's tokens, the number of running and of waiting
+requests, and how long the oldest waiting one has waited for its first token. An ITL is the gap
+as the step loop queued the tokens; a client gets them later by however long the event loop takes
+to get the frame onto the socket (`itl_sent` in /stats). What it sets: `budget` (the scheduler's `max_batch_tokens`) and
 `running_cap` (the scheduler's `max_running`; None means the configured `--max-running`).
 
 Two levers, because a step's time has two parts: the model's work, which grows with the step's
@@ -20,7 +20,8 @@ shorten the gaps; otherwise the running cap holds ITL.
 
 The rule. Once a period (`period_s`, and at least `MIN_STEPS` steps) has passed, it takes the P99
 (nearest rank) of the ITLs and of the TTFTs observed in that period, the TTFT raised to the oldest
-waiting request's age (a stalled queue counts before anyone gets a first token), and the most
+waiting request's age (a stalled queue counts before anyone gets a first token) and counting each
+request refused in the period as a first token that missed the objective, and the most
 requests running in a step of the period, and the P99 of the loop's cycles that ended a
 decode-only step (no prompt tokens). When ITL P99 is over its objective while those cycles are
 under `HEADROOM` x it, the period is *prefill-bound*: the long gaps are the steps that carry prompt
@@ -67,8 +68,13 @@ objective is what its prefill and first token need. So the queue holds only what
 start in time, its client hears within half the objective that it should retry elsewhere, and TTFT P99 of the
 requests served stays near the objective whatever the offered rate. A preempted request is never
 refused: its client already has tokens. At low load nothing waits that long and nothing is
-refused; refusals are counted in `stats()["shed"]`. Without a TTFT objective the queue is bounded
-by `--max-waiting` alone, and TTFT wins over ITL as in 4.
+refused; refusals are counted in `stats()["shed"]`. Refusing keeps the served requests' TTFTs
+under the objective, so they alone would never show the queue's pressure: a period's refusals
+count in its TTFT P99 as misses (more than 1% refused is TTFT over), so rule 4 still holds. (Without
+that, the running cap went on tightening for ITL while the queue it starved was refused instead:
+on an H100 at 100 req/s with 200/25, caps down to 156 running refused 29% of the requests, and
+ITL P99 stayed over its objective anyway; docs/BENCHMARKS.md, tenth session.) Without a TTFT
+objective the queue is bounded by `--max-waiting` alone, and TTFT wins over ITL as in 4.
 The budget halves in one period and climbs from floor to ceiling in 1 / INCREASE_FRACTION periods;
 the cap climbs from its floor to none in 1 / RUNNING_INCREASE_FRACTION periods.
 """
@@ -101,6 +107,13 @@ def p99(values: list[float]) -> float | None:
     return heapq.nlargest(len(values) - i, values)[-1]
 
 
+def refused_past_p99(refused: int, served: int) -> bool:
+    """Whether the nearest-rank P99 of the first-token times of `served` requests and of `refused`
+    ones (each an endless wait) is one of the refused: more than 1% refused."""
+    n = refused + served
+    return refused > 0 and refused >= n - min(n - 1, int(0.99 * n))
+
+
 @dataclass(frozen=True)
 class Decision:
     """One period's evidence and what the controller did with it (shown in /stats)."""
@@ -112,6 +125,7 @@ class Decision:
     decode_step_p99_s: float | None  # loop cycles of decode-only steps
     running: int  # the most running in a step of the period
     waiting: int
+    refused: int  # requests refused in the period (counted in its TTFT P99 as misses)
     budget: int
     running_cap: int | None
     action: str  # the budget: "decrease", "increase", "restore" (a cut that did not work) or "hold"
@@ -147,6 +161,7 @@ class Controller:
         self._t_step: float | None = None  # when the last step ended
         self._cooldown = 0  # periods left in which ITL does not steer the budget
         self.shed = 0  # requests refused for waiting past shed_after_s
+        self._shed = 0  # of them, this period's
 
     @property
     def shed_after_s(self) -> float | None:
@@ -161,6 +176,11 @@ class Controller:
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.append(seconds)
+
+    def observe_shed(self, n: int) -> None:
+        """n requests refused for waiting past `shed_after_s`: first tokens that missed the objective."""
+        self.shed += n
+        self._shed += n
 
     def observe_step(self, now: float, tokens: int, running: int, waiting: int, oldest_wait_s: float,
                      prefill_tokens: int | None = None) -> None:
@@ -183,7 +203,8 @@ class Controller:
         ttft = max(p99(self._ttft) or 0.0, self._oldest_wait) if (self._ttft or self._oldest_wait) else None
         itl_over = self.itl_slo_s is not None and itl is not None and itl > self.itl_slo_s
         itl_room = self.itl_slo_s is None or itl is None or itl < HEADROOM * self.itl_slo_s
-        ttft_over = self.ttft_slo_s is not None and ttft is not None and ttft > self.ttft_slo_s
+        ttft_over = self.ttft_slo_s is not None and (
+            (ttft is not None and ttft > self.ttft_slo_s) or refused_past_p99(self._shed, len(self._ttft)))
         decode = p99(self._decode_cycles)
         # The long gaps come from steps carrying prompt chunks: decode-only steps were well inside
         # the objective, so the budget is the lever whatever the running cap does.
@@ -214,10 +235,10 @@ class Controller:
             self.running_cap, cap_action = (None if looser >= self.max_running else looser), "relax"
 
         self.decisions += 1
-        self.last = Decision(now, self._steps, itl, ttft, decode, self._running, self._waiting, self.budget,
-                             self.running_cap, action, cap_action)
+        self.last = Decision(now, self._steps, itl, ttft, decode, self._running, self._waiting, self._shed,
+                             self.budget, self.running_cap, action, cap_action)
         self._itl, self._ttft, self._decode_cycles = [], [], []
-        self._steps = self._full_steps = self._running = 0
+        self._steps = self._full_steps = self._running = self._shed = 0
         self._oldest_wait = 0.0
         self._t_last = now
 
@@ -231,7 +252,8 @@ class Controller:
             "last": None if d is None else {
                 "itl_p99_ms": ms(d.itl_p99_s), "ttft_p99_ms": ms(d.ttft_p99_s),
                 "decode_step_p99_ms": ms(d.decode_step_p99_s), "running": d.running,
-                "waiting": d.waiting, "steps": d.steps, "action": d.action, "cap_action": d.cap_action,
+                "waiting": d.waiting, "refused": d.refused, "steps": d.steps, "action": d.action,
+                "cap_action": d.cap_action,
             },
         }
 

@@ -311,7 +311,7 @@ class Engine:
         for rid in late:
             self._end(rid, "error", RequestError(
                 "overloaded", "the server could not start this request within its first-token objective; try again later"))
-        self.controller.shed += len(late)
+        self.controller.observe_shed(len(late))
 
     def _drain(self, channel: trio.MemoryReceiveChannel, limit: float) -> None:
         while limit > 0:

@@ -4,7 +4,15 @@ both grow back with ITL headroom."""
 
 from __future__ import annotations
 
-from streamer.controller import COOLDOWN, DEFAULT_CEILING, Controller, Decision, build_controller, p99
+from streamer.controller import (
+    COOLDOWN,
+    DEFAULT_CEILING,
+    Controller,
+    Decision,
+    build_controller,
+    p99,
+    refused_past_p99,
+)
 
 MS = 0.001
 
@@ -238,7 +246,7 @@ def test_stats_show_the_last_decision():
     s = c.stats()
     assert (s["slo_itl_ms"], s["floor"], s["ceiling"], s["running_floor"], s["decisions"]) == (25, 64, 4096, 8, 1)
     assert s["last"] == {"itl_p99_ms": 40.0, "ttft_p99_ms": None, "decode_step_p99_ms": None, "running": 200,
-                         "waiting": 5, "steps": 8, "action": "decrease", "cap_action": "hold"}
+                         "waiting": 5, "refused": 0, "steps": 8, "action": "decrease", "cap_action": "hold"}
     assert s["shed"] == 0 and c.shed_after_s == 0.1
 
 
@@ -284,3 +292,35 @@ def test_p99_is_the_nearest_rank_of_the_sorted_samples():
     for n in (2, 99, 100, 101, 1000, 25_000):
         xs = [rng.expovariate(50) for _ in range(n)]
         assert p99(xs) == sorted(xs)[min(n - 1, int(0.99 * n))]
+
+
+def test_more_than_one_percent_refused_is_a_ttft_p99_over_its_objective():
+    assert not refused_past_p99(0, 100)
+    assert refused_past_p99(1, 0) and refused_past_p99(1, 99)  # 1 in 100: the P99 is the refused one
+    assert not refused_past_p99(1, 199) and refused_past_p99(2, 198)  # at 200, 1% is 2
+
+
+def test_refusals_stop_the_cap_tightening_for_itl_and_relax_it():
+    """Past capacity the served requests' TTFTs stay under the objective because the late ones are
+    refused: those refusals are the queue's pressure, so ITL over tightens the cap no further and an
+    engaged cap climbs back, as with TTFT over (the budget is restored first, as there)."""
+    c = make(ceiling=4096, max_running=256)
+    c.running_cap = 160  # engaged for ITL earlier
+    f = Feed(c)
+    c.observe_shed(3)  # with the 8 served in the period below under the objective: 3 of 11 refused
+    d = f.period(itl_ms=40, ttft_ms=120, waiting=20, running=160)
+    assert d.refused == 3 and (d.cap_action, c.running_cap) == ("relax", 176)
+    assert c.stats()["shed"] == 3 and c.stats()["last"]["refused"] == 3
+    d = f.period(itl_ms=40, ttft_ms=120, waiting=20, running=176)  # nobody refused: ITL steers again
+    assert d.refused == 0 and d.cap_action == "tighten" and c.running_cap == int(0.85 * 176)
+
+
+def test_a_refusal_under_one_percent_leaves_the_cap_to_itl():
+    c = make(ceiling=4096, max_running=256)
+    c.running_cap = 160
+    f = Feed(c)
+    for _ in range(192):  # 192 + 8 served in the period below: 1 refused of 201 is under 1%
+        c.observe_ttft(0.1)
+    c.observe_shed(1)
+    d = f.period(itl_ms=40, ttft_ms=120, waiting=20, running=160)
+    assert d.refused == 1 and d.cap_action == "tighten" and c.running_cap == 136
