@@ -72,7 +72,7 @@ refused; refusals are counted in `stats()["shed"]`. Refusing keeps the served re
 under the objective, so they alone would never show the queue's pressure: a period's refusals
 count in its TTFT P99 as misses (more than 1% refused is TTFT over), so rule 4 still holds. (Without
 that, the running cap went on tightening for ITL while the queue it starved was refused instead:
-on an H100 at 100 req/s with 200/25, caps down to 156 running refused 29% of the requests, and
+on an H100 at 100 req/s with 200/25, caps of 137-175 running refused 29% of the requests, and
 ITL P99 stayed over its objective anyway; docs/BENCHMARKS.md, tenth session.) Without a TTFT
 objective the queue is bounded by `--max-waiting` alone, and TTFT wins over ITL as in 4.
 The budget halves in one period and climbs from floor to ceiling in 1 / INCREASE_FRACTION periods;
