@@ -8,16 +8,21 @@
 # matplotlib is installed) to OUT_DIR, and the server's /stats, once a second while the load runs
 # (step budget, running cap and controller state included), to OUT_DIR/stats.jsonl.
 # (tools/stats_timeline.py prints it as a table over time.)
-# PYTHON (default python3) and PORT (default 8123) may be set.
+# PYTHON (default python3) and PORT (default 8123) may be set. SERVER_CPUS and LOADGEN_CPUS (taskset
+# CPU lists, e.g. 2 and 4-5) pin the two processes apart: unpinned, servers started one after
+# another on one GPU host differed up to 2x in host speed (docs/BENCHMARKS.md, tenth session).
 set -euo pipefail
 out=$1
 server_flags=$2
 load_flags=$3
 py=${PYTHON:-python3}
 port=${PORT:-8123}
+pin() { if [ -n "$1" ]; then echo "taskset -c $1"; fi; }
+server_pin=$(pin "${SERVER_CPUS:-}")
+loadgen_pin=$(pin "${LOADGEN_CPUS:-}")
 mkdir -p "$out"
 # shellcheck disable=SC2086
-$py -m streamer serve --port "$port" $server_flags >"$out/server.log" 2>&1 &
+$server_pin $py -m streamer serve --port "$port" $server_flags >"$out/server.log" 2>&1 &
 pid=$!
 trap 'kill -INT $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
 $py - "$port" <<'PY'
@@ -45,4 +50,4 @@ PY
 stats_pid=$!
 trap 'kill $stats_pid 2>/dev/null || true; kill -INT $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
 # shellcheck disable=SC2086
-$py tools/loadgen.py --url "http://127.0.0.1:$port" --out "$out" $load_flags
+$loadgen_pin $py tools/loadgen.py --url "http://127.0.0.1:$port" --out "$out" $load_flags
