@@ -49,5 +49,8 @@ async def test_a_row_shows_the_budget_cap_and_decision_the_controller_set():
     assert [c.strip() for c in first[1:7]] == ["0", "0", "8192", "", "", "0"]
     assert [c.strip() for c in second[1:7]] == ["0", "0", "96", "3", f"{last.action}/{last.cap_action}", "0"]
     assert float(second[9]) > 0 and float(second[11]) >= 0  # ITL and loop lag P99s of the window
+    itl, _decode, _ttft = (c.strip() for c in second[12].split("/"))  # what the last decision saw
+    assert float(itl) == round(last.itl_p99_s * 1000, 1) and second[13].strip() == str(last.refused)
+    assert first[12].strip() == "" and first[13].strip() == ""  # no decision yet
     assert out[-1].startswith("whole run (since start), ms: ttft p99 ")
     assert len(tool.timeline(lines, every=2).splitlines()) == 2 + 1 + 2  # header, one row, summary

@@ -3,8 +3,10 @@
 `tools/load_sweep.sh` writes the server's /stats once a second to OUT_DIR/stats.jsonl. This prints
 one row per sample (every Nth with --every): uptime, running and waiting requests, the step budget
 and running cap in force, the controller's last decision (budget action / cap action), requests
-shed so far, throughput, and the last 10 s window's P99 TTFT, ITL as queued, ITL as sent and event
-loop lag. Then the whole run's percentiles (`since_start`).
+shed so far, throughput, the last 10 s window's P99 TTFT, ITL as queued, ITL as sent and event
+loop lag, and what the last decision saw over its own period (half a second): the P99s of ITL, of
+the decode-only loop cycles and of TTFT, and the requests refused. Then the whole run's
+percentiles (`since_start`).
 
     python3 tools/stats_timeline.py OUT_DIR/stats.jsonl [--every 2] [--from 40 --to 80]
 """
@@ -16,7 +18,7 @@ import json
 import sys
 
 HEAD = ("| uptime s | running | waiting | budget | running cap | decision | shed | tok/s "
-        "| TTFT p99 | ITL p99 | ITL sent p99 | loop lag p99 |")
+        "| TTFT p99 | ITL p99 | ITL sent p99 | loop lag p99 | decided on: ITL / decode / TTFT p99 | refused |")
 
 
 def _p99(window: dict, name: str) -> str:
@@ -34,7 +36,17 @@ def row(sample: dict) -> str:
     w = sample.get("window", {})
     return (f"| {sample['uptime_s']:.1f} | {sample['running']} | {sample['waiting']} | {batching.get('max_batch_tokens', '')} "
             f"| {'' if cap is None else cap} | {decision} | {ctl.get('shed', '')} | {sample.get('throughput_tok_s', 0):,.0f} "
-            f"| {_p99(w, 'ttft')} | {_p99(w, 'itl')} | {_p99(w, 'itl_sent')} | {_p99(w, 'loop_lag')} |")
+            f"| {_p99(w, 'ttft')} | {_p99(w, 'itl')} | {_p99(w, 'itl_sent')} | {_p99(w, 'loop_lag')} "
+            f"| {_period(last)} | {last.get('refused', '')} |")
+
+
+def _period(last: dict) -> str:
+    """The P99s the last decision was made on, over its own period (ms): ITL, the decode-only loop
+    cycles, TTFT."""
+    if not last:
+        return ""
+    return " / ".join("" if last.get(k) is None else f"{last[k]:.1f}"
+                      for k in ("itl_p99_ms", "decode_step_p99_ms", "ttft_p99_ms"))
 
 
 def timeline(lines, every: int = 1, start: float = 0.0, end: float = float("inf")) -> str:
