@@ -6,8 +6,9 @@ What it sees: each inter-token gap (ITL), each time to first token (TTFT), each 
 refused (below), and after each step the step's tokens, the number of running and of waiting
 requests, and how long the oldest waiting one has waited for its first token. An ITL is the gap
 as the step loop queued the tokens; a client gets them later by however long the event loop takes
-to get the frame onto the socket (`itl_sent` in /stats). What it sets: `budget` (the scheduler's `max_batch_tokens`) and
-`running_cap` (the scheduler's `max_running`; None means the configured `--max-running`).
+to get the frame onto the socket (`itl_sent` in /stats). What it sets: `budget` (the scheduler's
+`max_batch_tokens`) and `running_cap` (the scheduler's `max_running`; None means the configured
+`--max-running`).
 
 Two levers, because a step's time has two parts: the model's work, which grows with the step's
 tokens (the budget), and the host's per-token work for every running request (step bookkeeping,

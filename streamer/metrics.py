@@ -28,7 +28,7 @@ MAX_US = 3_600_000_000  # one hour in microseconds
 def _hdr() -> HdrHistogram:
     """Two significant digits: a percentile within 1% of the value it reports. /stats merges and
     walks 12 of these on the event loop, every stream's next token waiting: with three digits
-    (23k buckets each) that took ~3 ms on the dev VM and up to 8.5 ms on a GPU host, once a second
+    (23k buckets each) that took ~3 ms on the dev VM and up to 7-22 ms on GPU hosts, once a second
     while anything polled it; with two (3.3k buckets), 0.45 ms on the dev VM."""
     return HdrHistogram(1, MAX_US, 2)
 
