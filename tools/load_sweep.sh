@@ -17,7 +17,9 @@ server_flags=$2
 load_flags=$3
 py=${PYTHON:-python3}
 port=${PORT:-8123}
-pin() { if [ -n "$1" ]; then echo "taskset -c $1"; fi; }
+pin() {  # a bad CPU list fails here, at once, not as a server that never comes up
+  if [ -n "$1" ]; then taskset -c "$1" true || { echo "load_sweep.sh: bad CPU list '$1'" >&2; exit 2; }; echo "taskset -c $1"; fi
+}
 server_pin=$(pin "${SERVER_CPUS:-}")
 loadgen_pin=$(pin "${LOADGEN_CPUS:-}")
 mkdir -p "$out"
