@@ -9,8 +9,9 @@
 # (step budget, running cap and controller state included), to OUT_DIR/stats.jsonl.
 # (tools/stats_timeline.py prints it as a table over time.)
 # PYTHON (default python3) and PORT (default 8123) may be set. SERVER_CPUS and LOADGEN_CPUS (taskset
-# CPU lists, e.g. 2 and 4-5) pin the two processes apart: unpinned, servers started one after
-# another on one GPU host differed up to 2x in host speed (docs/BENCHMARKS.md, tenth session).
+# CPU lists, e.g. 2 and 4-5) pin the two processes apart. On the lent H100 hosts pinning did not
+# narrow the spread between servers: each vCPU's own speed swings ~1.8x in spells of seconds
+# (tools/host_probe.py; docs/BENCHMARKS.md, eleventh session), so compare many alternated servers.
 set -euo pipefail
 out=$1
 server_flags=$2
