@@ -1,13 +1,23 @@
-"""The load generator's prompts (tools/loadgen.py): what it sends shapes what a sweep measures."""
+"""The load generator (tools/loadgen.py): what it sends shapes what a sweep measures. Its modes run
+against a real server on 127.0.0.1 port 0 (random:tiny-qwen3), with few, short requests."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
+import trio
+from netutil import running_server
+
+from web.lifecycle import OpenCount
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import loadgen  # noqa: E402
+
+TIMEOUT = 60  # each run is a few seconds on a 2-core box; this only bounds a hang
+N = 4
 
 
 def test_each_load_level_has_prompt_texts_of_its_own():
@@ -18,3 +28,93 @@ def test_each_load_level_has_prompt_texts_of_its_own():
         assert [(p["_target"], p["max_tokens"]) for p in other] == [(p["_target"], p["max_tokens"]) for p in levels[0]]
         assert all(a["prompt"].split()[:3] != b["prompt"].split()[:3] for a, b in zip(levels[0], other, strict=True))
     assert levels[1] == loadgen.workload_prompts(loadgen.WORKLOAD_FILE, 30, None, None, 1.3, text_seed=1)  # reproducible
+
+
+def test_processes_split_the_load():
+    """Open loop: arrival i to process i % P at rate / P; closed loop: client j in process j % P, with
+    its requests; shared sockets split too; each process draws arrival times from a seed of its own."""
+    prompts = [{"prompt": str(i), "_target": 1} for i in range(10)]
+    args = loadgen.parse_args(["--rates", "1", "--processes", "2", "--connections", "3", "--seed", "7"])
+    shares = loadgen.split(args, prompts, 4.0, None, "4 req/s")
+    assert [s.rate for s in shares] == [2.0, 2.0] and [s.seed for s in shares] == [7, 8]
+    assert [s.connections for s in shares] == [2, 1]
+    assert [[p["prompt"] for p in s.prompts] for s in shares] == [list("02468"), list("13579")]
+    shares = loadgen.split(args, prompts, None, 3, "3 clients")
+    assert [s.concurrency for s in shares] == [2, 1]
+    assert sorted(len(s.prompts) for s in shares) == [3, 7] and sum(len(s.prompts) for s in shares) == 10
+    assert len(loadgen.split(args, prompts, None, 1, "1 client")) == 1  # never a process without clients
+
+
+@pytest.mark.parametrize("argv", [["--connections", "-1"], ["--processes", "2", "--connections", "1"],
+                                  ["--api", "openai", "--connections", "2"], ["--api", "openai", "--batch"],
+                                  ["--processes", "0"]])
+def test_bad_modes_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        loadgen.parse_args(["--rates", "1", *argv])
+
+
+class CountingOpen(OpenCount):
+    """The server's count of open /v1/stream sockets, also counting every socket ever opened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = 0
+
+    def open(self) -> None:
+        self.opened += 1
+        super().open()
+
+
+async def run_loadgen(server, *argv: str) -> dict:
+    """One load level against `server`; the server's websockets opened meanwhile are counted."""
+    sockets = server.lifecycle.sockets = CountingOpen()  # web/ws.py opens it per socket
+    args = loadgen.parse_args(["--url", server.http, "--num-requests", str(N), "--cap-prompt", "12",
+                               "--cap-output", "4", "--duration", "30", "--drain", "30", *argv])
+    with trio.fail_after(TIMEOUT):
+        [result] = await loadgen.main(args)
+    result["server_sockets"] = sockets.opened
+    return result
+
+
+async def test_default_opens_a_websocket_per_request():
+    async with running_server() as server:
+        result = await run_loadgen(server, "--concurrency", "2")
+    assert result["sent"] == result["completed"] == N
+    assert result["server_sockets"] == N + 1  # and the calibration probe's
+    assert result["connections"] == N  # the client's record: a local address:port per request
+    assert result["client"]["ttft"]["count"] == N
+    assert result["transport"] == "a websocket per request"
+    assert "client: a websocket per request" in loadgen.report.table(result)
+
+
+async def test_shared_connections_multiplex_the_requests():
+    async with running_server() as server:
+        result = await run_loadgen(server, "--rates", "20", "--connections", "2", "--batch")
+    assert result["sent"] == result["completed"] == N
+    assert result["server_sockets"] == 2 + 1
+    assert result["connections"] == 2
+    assert result["client"]["ttft"]["count"] == N
+
+
+async def test_openai_streams_over_a_connection_per_request():
+    async with running_server() as server:
+        result = await run_loadgen(server, "--rates", "20", "--api", "openai")
+    assert result["sent"] == result["completed"] == N
+    assert result["server_sockets"] == 0  # no websocket, not even for the calibration probe
+    assert result["connections"] == N
+    # A token whose text is empty (the random model makes some) sends no event: at most the server's counts.
+    client, server = result["client"], result["server"]
+    assert 1 <= client["ttft"]["count"] <= N and server["ttft"]["count"] == N
+    assert 1 <= client["itl"]["count"] <= server["itl"]["count"]
+    assert client["queue"]["count"] == 0  # only /v1/stream's done frame carries the server's timing
+
+
+async def test_processes_merge_every_workers_samples():
+    async with running_server() as server:
+        result = await run_loadgen(server, "--rates", "20", "--processes", "2")
+    assert result["sent"] == result["completed"] == N
+    assert [p["requests"] for p in result["client_processes"]] == [N // 2, N // 2]
+    assert all(p["cpu_share"] >= 0 for p in result["client_processes"])
+    assert result["client"]["ttft"]["count"] == result["client"]["e2e"]["count"] == N
+    assert result["server_sockets"] == N + 1 and result["connections"] == N
+    assert "2 processes" in loadgen.report.table(result)

@@ -1,8 +1,12 @@
-"""Load generator: real websocket clients on loopback against a running server's /v1/stream.
+"""Load generator: clients on loopback against a running server, each request as a chat user sends it.
 
-Open-loop Poisson arrivals at each --rates value, or closed-loop --concurrency; prompts shaped
-like gpu/workload.json (text of about each request's prompt length) or read from a file of chat
-prompts. Prints client- and server-side percentiles side by side; writes JSON and a PNG plot.
+By default every request opens a websocket of its own to /v1/stream (sends `generate`, reads to
+`done`, closes), so the per-socket cost is part of the load; `--connections K` multiplexes the
+requests over K shared sockets instead, and `--api openai` sends each over an HTTP connection of its
+own to the OpenAI door, streamed as server-sent events. Open-loop Poisson arrivals at each --rates
+value, or closed-loop --concurrency; `--processes P` splits the clients over P processes when one
+cannot keep up. Prompts shaped like gpu/workload.json or read from a file of chat prompts. Prints
+client- and server-side percentiles side by side; writes JSON and a PNG plot.
 
     python -m streamer serve --model random:tiny-qwen3 --port 8123 &
     python tools/loadgen.py --url http://127.0.0.1:8123 --rates 1,2 --num-requests 30
@@ -14,14 +18,18 @@ import argparse
 import itertools
 import json
 import random
+import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools")]
@@ -36,18 +44,39 @@ WORDS = ("the of and to in is it that for on was with as be at by this had not a
          "much your way well down should because each just those people how too little state good very make world "
          "still own see men work long get here between both life being under never day same another know while "
          "last might us great old year off come since against go came right used take three").split()
+# Request fields the OpenAI door takes (web/openai_api.py refuses others); /v1/stream's greedy default
+# is sent explicitly there, where the default temperature is 1.
+OPENAI_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "priority"}
 
 
 def text_of_length(n_tokens: int, tokens_per_word: float, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(max(1, round(n_tokens / tokens_per_word))))
 
 
-async def tokens_per_word(ws_url: str) -> float:
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"probe request failed: {exc.code}: {exc.read().decode(errors='replace')}") from None
+
+
+async def tokens_per_word(args) -> float:
     """The protocol takes text, and the server's tokenizer is not ours to load: one probe request
-    (max_tokens 1) reports how many tokens our words make, via its done frame's usage."""
+    (max_tokens 1), through the door under test, reports how many tokens our words make."""
     words = 200
-    async with open_websocket_url(ws_url) as ws:
-        prompt = text_of_length(words, 1.0, random.Random(1))
+    prompt = text_of_length(words, 1.0, random.Random(1))
+    if args.api == "openai":
+        body = {"model": args.model, "prompt": prompt, "max_tokens": 1}
+        answer = await trio.to_thread.run_sync(_post_json, f"{args.url}/v1/completions", body)
+        return answer["usage"]["prompt_tokens"] / words
+    async with open_websocket_url(ws_url(args.url, False)) as ws:
         await ws.send_message(json.dumps({"type": "generate", "id": "probe", "prompt": prompt, "max_tokens": 1}))
         while (frame := json.loads(await ws.get_message()))["type"] not in ("done", "error"):
             pass
@@ -83,8 +112,74 @@ def file_prompts(path: Path, max_tokens: int) -> list[dict]:
     return out
 
 
+def ws_url(http: str, batch: bool) -> str:
+    url = http.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
+    return url + "?batch=1" if batch else url
+
+
+def _new_outcome(body: dict, outcomes: list) -> report.Outcome:
+    outcome = report.Outcome(time.monotonic(), body["_target"], priority=body.get("priority", 0))
+    outcomes.append(outcome)
+    return outcome
+
+
+def _generate(rid: str, body: dict) -> str:
+    return json.dumps({"type": "generate", "id": rid, **{k: v for k, v in body.items() if not k.startswith("_")}})
+
+
+def _frames(message: str) -> list[dict]:
+    data = json.loads(message)
+    return data if isinstance(data, list) else [data]  # ?batch=1: arrays of frames
+
+
+def _endpoint(ws) -> str:
+    return f"{ws.local.address}:{ws.local.port}"
+
+
+def record(outcome: report.Outcome, frame: dict, now: float) -> bool:
+    """Note one /v1/stream frame of the outcome's request; True once the request has ended."""
+    if frame["type"] == "token":
+        outcome.token_times.append(now)
+    elif frame["type"] == "error":
+        outcome.error = frame["code"]
+        if not outcome.token_times:  # refused before starting: no done frame follows
+            outcome.t_done = now
+            return True
+    elif frame["type"] == "done":
+        outcome.done, outcome.t_done = frame, now
+        return True
+    return False
+
+
+async def _messages(ws):
+    while True:
+        try:
+            yield await ws.get_message()
+        except ConnectionClosed:
+            return
+
+
+async def ws_request(url: str, rid: str, body: dict, outcomes: list) -> None:
+    """One request on a websocket of its own, as a chat page sends it. The clock starts before the
+    handshake: the user waits for it too, so TTFT includes the connection's cost."""
+    outcome = _new_outcome(body, outcomes)
+    try:
+        # Large queue: we read at once; backpressure here would distort the timings.
+        async with open_websocket_url(url, message_queue_size=4096) as ws:
+            outcome.conn = _endpoint(ws)
+            await ws.send_message(_generate(rid, body))
+            async for message in _messages(ws):
+                now = time.monotonic()
+                if any(record(outcome, frame, now) for frame in _frames(message)):
+                    return  # leaving the block closes the socket
+    except (OSError, HandshakeError, ConnectionClosed):
+        pass  # the close after `done` may time out; that request still counts
+    if outcome.t_done is None:  # the handshake failed, or the socket closed before `done`
+        outcome.error, outcome.t_done = "connect" if outcome.conn is None else "closed", time.monotonic()
+
+
 class Connection:
-    """One websocket carrying many generations; a reader task routes frames to their Outcome."""
+    """One websocket carrying many generations (--connections); a reader task routes frames."""
 
     def __init__(self, ws) -> None:
         self.ws = ws
@@ -93,53 +188,243 @@ class Connection:
     async def read(self) -> None:
         async for message in _messages(self.ws):
             now = time.monotonic()
-            data = json.loads(message)
-            for frame in data if isinstance(data, list) else (data,):  # ?batch=1: arrays of frames
-                self._route(frame, now)
-
-    def _route(self, frame: dict, now: float) -> None:
-        entry = self.pending.get(frame.get("id"))
-        if entry is None:
-            return
-        outcome, event = entry
-        if frame["type"] == "token":
-            outcome.token_times.append(now)
-        elif frame["type"] == "error":
-            outcome.error = frame["code"]
-            if not outcome.token_times:  # refused before starting: no done frame follows
-                self._end(frame["id"], now)
-        elif frame["type"] == "done":
-            outcome.done = frame
-            self._end(frame["id"], now)
-
-    def _end(self, rid: str, now: float) -> None:
-        outcome, event = self.pending.pop(rid)
-        outcome.t_done = now
-        event.set()
+            for frame in _frames(message):
+                entry = self.pending.get(frame.get("id"))
+                if entry is not None and record(entry[0], frame, now):
+                    del self.pending[frame["id"]]
+                    entry[1].set()
 
     async def request(self, rid: str, body: dict, outcomes: list) -> None:
-        frame = {"type": "generate", "id": rid, **{k: v for k, v in body.items() if not k.startswith("_")}}
-        outcome = report.Outcome(time.monotonic(), body["_target"], priority=body.get("priority", 0))
-        outcomes.append(outcome)
+        outcome = _new_outcome(body, outcomes)
+        outcome.conn = _endpoint(self.ws)
         event = trio.Event()
         self.pending[rid] = (outcome, event)
-        await self.ws.send_message(json.dumps(frame))
+        await self.ws.send_message(_generate(rid, body))
         await event.wait()
 
 
-async def _messages(ws):
-    from trio_websocket import ConnectionClosed
+async def _open(url: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with open_websocket_url(url, message_queue_size=4096) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
 
+
+async def sse_request(client, base: str, model: str, rid: str, body: dict, outcomes: list) -> None:
+    """One request through the OpenAI door, streamed, on an HTTP connection of its own: each
+    server-sent chunk with text is a token's arrival (a token whose text waits for the rest of a
+    UTF-8 character comes with the next chunk)."""
+    import httpx
+
+    chat = "messages" in body
+    payload = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+               **{k: v for k, v in body.items() if k in OPENAI_FIELDS}}
+    outcome = _new_outcome(body, outcomes)
+    finish, usage = None, {}
+    try:
+        async with client.stream("POST", f"{base}/v1/{'chat/completions' if chat else 'completions'}",
+                                 json=payload) as r:
+            host, port = r.extensions["network_stream"].get_extra_info("client_addr")[:2]
+            outcome.conn = f"{host}:{port}"
+            if r.status_code != 200:  # refused: an OpenAI error body
+                text = await r.aread()
+                try:
+                    outcome.error = json.loads(text)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    outcome.error = f"http_{r.status_code}"
+            else:
+                async for line in r.aiter_lines():
+                    now = time.monotonic()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:  # mid-stream the status line is long gone
+                        outcome.error = chunk["error"]["code"]
+                    for choice in chunk.get("choices", ()):
+                        if choice["delta"].get("content") if chat else choice.get("text"):
+                            outcome.token_times.append(now)
+                        finish = choice.get("finish_reason") or finish
+                    usage = chunk.get("usage") or usage
+    except httpx.HTTPError:
+        outcome.error = "connect" if outcome.conn is None else "closed"
+    outcome.t_done = time.monotonic()
+    if finish is not None:
+        outcome.done = {"finish_reason": finish, "usage": usage, "timing": {}}  # as a /v1/stream done frame
+
+
+@dataclass(frozen=True)
+class Share:
+    """One client process's part of a load level (JSON-able: a worker process gets it on stdin)."""
+
+    url: str
+    api: str  # "stream" or "openai"
+    model: str | None  # the served model's name (the OpenAI door requires it)
+    connections: int  # 0: a connection per request; else websockets shared by this process's requests
+    batch: bool
+    duration: float
+    drain: float
+    rate: float | None  # open loop: this process's arrival rate
+    concurrency: int | None  # closed loop: this process's clients
+    seed: int
+    worker: int
+    label: str
+    prompts: list[dict]
+
+
+@asynccontextmanager
+async def transport(share: Share):
+    """`send(slot, rid, body, outcomes)` for the share's requests, by --api and --connections; `slot`
+    (arrival number, or client number) picks the shared socket."""
+    if share.api == "openai":
+        import httpx
+
+        # No pool limit (a queue in the client would distort TTFT), and no connection is kept for reuse.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+            yield lambda slot, rid, body, outcomes: sse_request(client, share.url, share.model, rid, body, outcomes)
+    elif share.connections == 0:
+        url = ws_url(share.url, share.batch)
+        yield lambda slot, rid, body, outcomes: ws_request(url, rid, body, outcomes)
+    else:
+        async with trio.open_nursery() as nursery:
+            conns = []
+            for _ in range(share.connections):
+                conn = Connection(await nursery.start(_open, ws_url(share.url, share.batch)))
+                nursery.start_soon(conn.read)
+                conns.append(conn)
+            yield lambda slot, rid, body, outcomes: conns[slot % len(conns)].request(rid, body, outcomes)
+            nursery.cancel_scope.cancel()  # closes the sockets: the server cancels what is left
+
+
+async def progress(label: str, total: int, outcomes: list, t0: float, tty: bool) -> None:
+    """A bar redrawn in place on a terminal; a line every 5 s otherwise (logs, CI, worker processes)."""
     while True:
+        done = sum(o.t_done is not None for o in outcomes)
+        errors = sum(o.error is not None for o in outcomes)
+        bar = "#" * (30 * done // max(1, total))
+        print(f"{label:>14} [{bar:<30}] {done}/{total} done, {len(outcomes) - done} in flight, "
+              f"{errors} errors, {time.monotonic() - t0:5.1f} s", end="\r" if tty else "\n", file=sys.stderr,
+              flush=True)
+        await trio.sleep(0.25 if tty else 5.0)
+
+
+async def drive(share: Share, tty: bool) -> dict:
+    """Send one process's share of a level; its outcomes, and the CPU this process spent doing it.
+    `tty`: redraw the progress bar in place (one process on a terminal)."""
+    outcomes: list[report.Outcome] = []
+    n = len(share.prompts)
+    ids = (f"w{share.worker}r{i}" for i in itertools.count())
+    cpu0, t0 = time.process_time(), time.monotonic()
+    async with trio.open_nursery() as outer, transport(share) as send:
+        t_first, t0_trio = time.monotonic(), trio.current_time()  # trio's clock has its own origin
+        outer.start_soon(progress, share.label, n, outcomes, t_first, tty)
+        # Sending stops at --duration; stragglers get --drain more seconds, then count as timeouts.
+        with trio.move_on_after(share.duration + share.drain):
+            async with trio.open_nursery() as nursery:
+                if share.rate:
+                    rng, t = random.Random(share.seed), 0.0
+                    for i in range(n):
+                        t += rng.expovariate(share.rate)
+                        if t > share.duration:
+                            break
+                        await trio.sleep_until(t0_trio + t)
+                        nursery.start_soon(send, i, next(ids), share.prompts[i], outcomes)
+                else:
+                    queue = iter(range(n))
+
+                    async def client(slot: int) -> None:
+                        for i in queue:
+                            if time.monotonic() - t_first > share.duration:
+                                return
+                            await send(slot, next(ids), share.prompts[i], outcomes)
+
+                    for slot in range(share.concurrency):
+                        nursery.start_soon(client, slot)
+        outer.cancel_scope.cancel()
+    if tty:
+        print(file=sys.stderr)
+    for o in outcomes:
+        if o.t_done is None:
+            o.error = "timeout"
+    t1 = time.monotonic()
+    return {"worker": share.worker, "outcomes": outcomes, "t0": t0, "t1": t1,
+            "cpu_s": time.process_time() - cpu0, "wall_s": t1 - t0}
+
+
+def split(args, prompts: list[dict], rate: float | None, concurrency: int | None, label: str) -> list[Share]:
+    """The level's load over --processes: arrival i (or client j's requests) to process i % P, each at
+    rate / P or with its share of the clients, on arrival times of a seed of its own."""
+    n = min(args.num_requests, len(prompts))
+    p = args.processes if rate else min(args.processes, concurrency)
+    owner = (lambda i: i % p) if rate else (lambda i: i % concurrency % p)  # client j lives in process j % P
+    return [Share(url=args.url, api=args.api, model=args.model, connections=len(range(w, args.connections, p)),
+                  batch=args.batch, duration=args.duration, drain=args.drain, rate=rate / p if rate else None,
+                  concurrency=len(range(w, concurrency, p)) if concurrency else None, seed=args.seed + w, worker=w,
+                  label=label if p == 1 else f"{label} w{w}", prompts=[prompts[i] for i in range(n) if owner(i) == w])
+            for w in range(p)]
+
+
+async def run_workers(shares: list[Share]) -> list[dict]:
+    """A process per share (`loadgen.py --worker`), started together: each imports, reads its share
+    and says `ready`; once all have, each gets `go`; each answers its samples as JSON on stdout."""
+    runs: list[dict | None] = [None] * len(shares)
+    ready, go = [0], trio.Event()
+
+    async def worker(share: Share) -> None:
+        proc = await trio.lowlevel.open_process([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE)
         try:
-            yield await ws.get_message()
-        except ConnectionClosed:
-            return
+            await proc.stdin.send_all(json.dumps(asdict(share)).encode() + b"\n")
+            out = b""
+            while b"ready\n" not in out:
+                chunk = await proc.stdout.receive_some()
+                if not chunk:
+                    raise RuntimeError(f"client process {share.worker} exited before starting")
+                out += chunk
+            ready[0] += 1
+            if ready[0] == len(shares):
+                go.set()
+            await go.wait()
+            await proc.stdin.send_all(b"go\n")
+            while chunk := await proc.stdout.receive_some():
+                out += chunk
+            if await proc.wait() != 0:
+                raise RuntimeError(f"client process {share.worker} failed ({proc.returncode}): see its stderr")
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+        run = json.loads(out.split(b"ready\n", 1)[1])
+        run["outcomes"] = [report.Outcome(**o) for o in run["outcomes"]]
+        runs[share.worker] = run
+
+    async with trio.open_nursery() as nursery:
+        for share in shares:
+            nursery.start_soon(worker, share)
+    return runs
+
+
+def _import_httpx() -> None:
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise SystemExit("--api openai needs httpx: pip install httpx") from None
+
+
+def worker_main() -> None:
+    """`loadgen.py --worker`: one Share on stdin, `ready`, wait for `go`, then its run as JSON."""
+    share = Share(**json.loads(sys.stdin.readline()))
+    if share.api == "openai":
+        _import_httpx()
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return
+    run = trio.run(drive, share, False)
+    json.dump({**run, "outcomes": [asdict(o) for o in run["outcomes"]]}, sys.stdout)
 
 
 def get_stats(http: str) -> dict:
-    with urllib.request.urlopen(f"{http}/stats?hdr=1", timeout=10) as r:
-        return json.loads(r.read())
+    return _get_json(f"{http}/stats?hdr=1")
 
 
 async def wait_idle(http: str, limit_s: float = 30.0) -> dict:
@@ -153,94 +438,52 @@ async def wait_idle(http: str, limit_s: float = 30.0) -> dict:
     return await trio.to_thread.run_sync(get_stats, http)
 
 
-async def progress(label: str, total: int, outcomes: list, t0: float) -> None:
-    """A bar redrawn in place on a terminal; a line every 5 s otherwise (logs, CI)."""
-    tty = sys.stderr.isatty()
-    while True:
-        done = sum(o.t_done is not None for o in outcomes)
-        errors = sum(o.error is not None for o in outcomes)
-        bar = "#" * (30 * done // max(1, total))
-        print(f"{label:>14} [{bar:<30}] {done}/{total} done, {len(outcomes) - done} in flight, "
-              f"{errors} errors, {time.monotonic() - t0:5.1f} s", end="\r" if tty else "\n", file=sys.stderr,
-              flush=True)
-        await trio.sleep(0.25 if tty else 5.0)
+def output_tokens(o: report.Outcome) -> int:
+    """The server's count where it finished (an SSE event carries no token with empty text), else
+    the tokens that arrived."""
+    usage = (o.done or {}).get("usage") or {}
+    return usage.get("completion_tokens", len(o.token_times))
+
+
+def transport_name(args) -> str:
+    if args.api == "openai":
+        return "OpenAI SSE, an HTTP connection per request"
+    name = "a websocket per request" if args.connections == 0 else f"{args.connections} shared websockets"
+    return name + " (?batch=1)" if args.batch else name
 
 
 async def run_one(args, prompts: list[dict], rate: float | None, concurrency: int | None) -> dict:
     """One load level: open loop at `rate` req/s, or closed loop with `concurrency` clients."""
-    ws_url = args.url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
-    if args.batch:
-        ws_url += "?batch=1"
     before = await wait_idle(args.url)
-    outcomes: list[report.Outcome] = []
-    label = f"{rate:g} req/s" if rate else f"{concurrency} clients"
-    ids = (f"r{i}" for i in itertools.count())
-    n = min(args.num_requests, len(prompts))
-    t0, t0_trio = time.monotonic(), trio.current_time()  # trio's clock has its own origin
-    async with trio.open_nursery() as outer:
-        outer.start_soon(progress, label, n, outcomes, t0)
-        conns = []
-        for _ in range(args.connections if rate else concurrency):
-            ws = await outer.start(_open, ws_url)
-            conn = Connection(ws)
-            outer.start_soon(conn.read)
-            conns.append(conn)
-        # Sending stops at --duration; stragglers get --drain more seconds, then count as timeouts.
-        with trio.move_on_after(args.duration + args.drain):
-            async with trio.open_nursery() as nursery:
-                if rate:
-                    rng, t = random.Random(args.seed), 0.0
-                    for i in range(n):
-                        t += rng.expovariate(rate)
-                        if t > args.duration:
-                            break
-                        await trio.sleep_until(t0_trio + t)
-                        nursery.start_soon(conns[i % len(conns)].request, next(ids), prompts[i], outcomes)
-                else:
-                    queue = iter(range(n))
-
-                    async def client(conn: Connection) -> None:
-                        for i in queue:
-                            if time.monotonic() - t0 > args.duration:
-                                return
-                            await conn.request(next(ids), prompts[i], outcomes)
-
-                    for conn in conns:
-                        nursery.start_soon(client, conn)
-        outer.cancel_scope.cancel()  # closes the sockets: the server cancels what is left
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    wall = time.monotonic() - t0
-    for o in outcomes:
-        if o.t_done is None:
-            o.error = "timeout"
+    shares = split(args, prompts, rate, concurrency, f"{rate:g} req/s" if rate else f"{concurrency} clients")
+    runs = [await drive(shares[0], sys.stderr.isatty())] if len(shares) == 1 else await run_workers(shares)
     after = await wait_idle(args.url)
+    outcomes = [o for run in runs for o in run["outcomes"]]
+    wall = max(run["t1"] for run in runs) - min(run["t0"] for run in runs)  # one monotonic clock per host
     ok = [o for o in outcomes if o.ok]
     sends = sorted(o.t_send for o in outcomes)
-    prompt_tokens = [o.done["usage"]["prompt_tokens"] for o in ok]
+    prompt_tokens = [o.done["usage"]["prompt_tokens"] for o in ok if "prompt_tokens" in o.done["usage"]]
     return {
         "load": rate or concurrency, "mode": "open" if rate else "closed", "sent": len(outcomes),
         "completed": len(ok), "wall_s": round(wall, 2),
         "arrival_rate": round((len(outcomes) - 1) / (sends[-1] - sends[0]), 3) if len(sends) > 1 else None,
-        "output_tok_s": round(sum(len(o.token_times) for o in outcomes) / wall, 1) if wall else 0.0,
+        "output_tok_s": round(sum(map(output_tokens, outcomes)) / wall, 1) if wall else 0.0,
         "mean_prompt_tokens": round(sum(prompt_tokens) / len(prompt_tokens), 1) if prompt_tokens else None,
         "goodput": report.goodput(outcomes, args.slo_ttft_ms, args.slo_itl_ms),
         "errors": dict(Counter(o.error for o in outcomes if o.error)),
+        "transport": transport_name(args),
+        "connections": len({o.conn for o in outcomes if o.conn}),  # distinct client (address, port) pairs
+        "client_processes": [{"worker": run["worker"], "requests": len(run["outcomes"]), "cpu_s": round(run["cpu_s"], 2),
+                              "cpu_share": round(run["cpu_s"] / run["wall_s"], 3) if run["wall_s"] else 0.0}
+                             for run in runs],
         "client": report.client_side(outcomes), "server": report.server_side(before, after),
         "by_priority": {str(p): report.client_side([o for o in outcomes if o.priority == p])
                         for p in sorted({o.priority for o in outcomes})} if len({o.priority for o in outcomes}) > 1 else {},
     }
 
 
-async def _open(url: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    # Large queue: the reader drains it at once; backpressure here would distort the timings.
-    async with open_websocket_url(url, message_queue_size=4096) as ws:
-        task_status.started(ws)
-        await trio.sleep_forever()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--rates", help="open loop: comma-separated arrival rates in req/s (Poisson)")
@@ -253,30 +496,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens for --prompts")
     p.add_argument("--cap-prompt", type=int, help="clip workload prompt lengths (small machines)")
     p.add_argument("--cap-output", type=int, help="clip workload output lengths")
-    p.add_argument("--connections", type=int, default=8, help="websockets shared by open-loop requests")
+    p.add_argument("--api", choices=("stream", "openai"), default="stream",
+                   help="stream: websockets to /v1/stream; openai: POST /v1/chat/completions (/v1/completions "
+                   "for plain prompts) with stream: true, read as server-sent events, an HTTP connection per "
+                   "request (needs httpx; TTFT and ITL from the events; ignore_eos is not sent there)")
+    p.add_argument("--connections", type=int, default=0,
+                   help="0: every request opens a websocket of its own and closes it after `done`, as chat "
+                   "users do; K >= 1: all requests multiplexed over K shared websockets (split over "
+                   "--processes; closed-loop client j uses socket j %% K)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes: each sends its share of the arrivals (rate/P, or its share of the "
+                   "clients, arrival times of its own seed); percentiles over all their samples; each one's CPU "
+                   "(user+sys over wall) is printed, with a warning above 80%% of a core")
     p.add_argument("--priorities", help="comma-separated request classes, cycled over the requests "
                    "(e.g. 0,0,0,5: a quarter at class 5); per-class percentiles are printed")
     p.add_argument("--batch", action="store_true",
                    help="open /v1/stream?batch=1: the server sends the frames ready together in one message")
     p.add_argument("--slo-ttft-ms", type=float, default=500.0)
     p.add_argument("--slo-itl-ms", type=float, default=50.0)
-    p.add_argument("--seed", type=int, default=7, help="seed of the arrival times")
+    p.add_argument("--seed", type=int, default=7, help="seed of the arrival times (process w uses seed + w)")
     p.add_argument("--warmup", type=float, default=0.0,
                    help="first run the first level's load this many seconds, unmeasured (prompts of its own)")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "loadgen", help="JSON and PNG go here")
     args = p.parse_args(argv)
+    if args.processes < 1:
+        p.error("--processes must be >= 1")
+    if args.connections < 0 or 0 < args.connections < args.processes:
+        p.error("--connections must be 0 (a websocket per request) or at least --processes (K shared ones)")
+    if args.api == "openai" and (args.connections or args.batch):
+        p.error("--connections and --batch are for websockets (--api stream)")
+    if args.api == "openai":
+        _import_httpx()  # here, not in the first request's time or CPU
     if not args.rates and not args.concurrency:
         args.rates = ",".join(str(r) for r in load_spec(args.workload)["online"]["rates_per_s"])
+    args.model = None  # the served model's name, asked of the server for --api openai
     return args
 
 
 async def main(args) -> list[dict]:
+    if args.api == "openai":
+        models = await trio.to_thread.run_sync(_get_json, f"{args.url}/v1/models")
+        args.model = models["data"][0]["id"]
     if args.prompts:  # the file's prompts, the same at every level (so prefix-cache hits carry over)
         prompts = file_prompts(args.prompts, args.max_tokens)
         prompts = list(itertools.islice(itertools.cycle(prompts), args.num_requests))
     else:
-        ws_url = args.url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
-        tpw = await tokens_per_word(ws_url)
+        tpw = await tokens_per_word(args)
         print(f"calibration: {tpw:.2f} tokens per word on this server's tokenizer", file=sys.stderr)
 
     def level_prompts(level: int) -> list[dict]:
@@ -288,6 +553,8 @@ async def main(args) -> list[dict]:
             out = [{**body, "priority": classes[i % len(classes)]} for i, body in enumerate(out)]
         return out
 
+    if args.api == "openai" and any(body.get("ignore_eos") for body in level_prompts(0)):
+        print("note: the OpenAI door takes no ignore_eos: answers may end at EOS before max_tokens", file=sys.stderr)
     levels = [(float(r), None) for r in args.rates.split(",")] if args.rates else \
              [(None, int(c)) for c in args.concurrency.split(",")]
     if args.warmup > 0:  # the first level's load, unmeasured: a fresh server pays for first calls
@@ -312,6 +579,9 @@ async def main(args) -> list[dict]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:  # a client process of --processes P (run_workers starts it)
+        worker_main()
+        raise SystemExit
     args = parse_args()
     results = trio.run(main, args)
     args.out.mkdir(parents=True, exist_ok=True)

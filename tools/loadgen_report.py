@@ -10,6 +10,7 @@ from hdrh.histogram import HdrHistogram
 
 SERIES = ("ttft", "itl", "e2e", "queue")
 MAX_US = 3_600_000_000
+CLIENT_CPU_WARN = 0.8  # a client process busier than this share of a core may be what limits the run
 
 
 def hdr() -> HdrHistogram:
@@ -27,6 +28,7 @@ class Outcome:
     priority: int = 0  # the request's class (--priorities)
     done: dict | None = None  # the server's done frame
     error: str | None = None  # an error code, or "timeout"
+    conn: str | None = None  # the client's address:port of the connection that carried it
 
     @property
     def ok(self) -> bool:
@@ -93,9 +95,19 @@ def goodput(outcomes: list[Outcome], slo_ttft_ms: float, slo_itl_ms: float) -> f
 
 
 def table(result: dict) -> str:
-    """Client and server percentiles side by side, in milliseconds."""
-    head = f"{'':6} {'':6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}   {'count':>6}"
-    lines = [head]
+    """Client and server percentiles side by side, in milliseconds, under a line saying how the
+    client loaded the server (and a warning when a client process was near a full core)."""
+    lines = []
+    if result.get("client_processes"):  # runs saved before they were recorded have none
+        procs = result["client_processes"]
+        cpu = ", ".join(f"{p['cpu_share']:.0%}" for p in procs)
+        lines.append(f"client: {result['transport']} ({result['connections']} connections), {len(procs)} "
+                     f"process{'es' if len(procs) > 1 else ''}, CPU {cpu} of a core")
+        for p in procs:
+            if p["cpu_share"] > CLIENT_CPU_WARN:
+                lines.append(f"WARNING: client process {p['worker']} used {p['cpu_share']:.0%} of a core: the client "
+                             "may be the bottleneck (more --processes, or CPUs of its own)")
+    lines.append(f"{'':6} {'':6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}   {'count':>6}")
     fmt = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"  # noqa: E731
     for s in SERIES:
         for side in ("client", "server"):
