@@ -24,9 +24,11 @@ import uuid
 from collections.abc import Sequence as SeqType
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 import trio
+from prometheus_client import generate_latest
 
 from gpu.models import LoadedModel
 from gpu.runner import Launched, ModelRunner, SeqInput
@@ -38,6 +40,7 @@ from streamer.controller import build_controller
 from streamer.detok import Detokenizer, add_batch
 from streamer.metrics import Metrics, StepRecord
 from streamer.policy import Policy
+from streamer.prompt import check_prompt, encode_chat, encode_prompt
 from streamer.request import AbortAll, Cancel, EventQueue, Generation, Request, Submit
 from streamer.scheduler import Scheduler, Sequence, StepPlan
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
@@ -86,6 +89,7 @@ class Engine:
         # whole KV arena if that is smaller.
         self.capacity = min(self.max_context, num_blocks * config.block_size)
         self.runner = runner
+        self.limits = f"context {self.max_context}, KV arena {num_blocks * config.block_size} tokens"
         self.overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         # Launch on the loop's own thread and poll for the ids (CUDA, where launching only queues
         # work), or launch and wait in a worker thread (the CPU, where launch computes the step).
@@ -125,54 +129,53 @@ class Engine:
 
     # --- request side (any task) ---------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return encode_prompt(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("invalid_request", "messages must be a non-empty list")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise RequestError("invalid_request", "each message needs a string 'role' and 'content'")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        except Exception as exc:  # a template that rejects the roles, say
-            raise RequestError("invalid_request", f"chat template failed: {exc}") from None
-        return list(ids)
+        return encode_chat(self.tokenizer, messages)
 
     def submit(self, prompt_ids: SeqType[int], params: SamplingParams, request_id: str | None = None,
                priority: int = 0, client: str = "") -> Generation:
         """Queue a request; raises RequestError when it cannot be served. `priority` and `client`
         matter under the `priority` and `fair` policies."""
+        ids = list(prompt_ids)
+        key = uuid.uuid4().hex  # engine-wide unique; clients' ids may repeat across connections
+        events = EventQueue(self.config.max_buffered_events)
+        max_tokens = self.accept(key, ids, params, events, Detokenizer(self.tokenizer, ids, params.stop),
+                                 request_id or key, priority, client)
+        # Room for every event of the generation: the engine's put never blocks or drops. (Set
+        # before the step loop, on this thread, first looks at the request.)
+        events.capacity = min(max_tokens + 1, self.config.max_buffered_events)
+        return Generation(key, len(ids), events, partial(self._control_send.send_nowait, Cancel(key)))
+
+    def _check(self, ids: list[int], params: SamplingParams, priority: int) -> int:
+        """Refuse what cannot be served (RequestError); the request's effective max_tokens."""
         if self._closing or not self._accepting:
             raise RequestError("shutting_down", "the server is shutting down")
-        ids = list(prompt_ids)
         check_priority(priority)
-        if not ids:
-            raise RequestError("invalid_request", "the prompt is empty")
-        vocab = self.loaded.model.spec.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise RequestError("invalid_request", f"token ids must be integers in [0, {vocab})")
         capacity = self.capacity
-        if len(ids) >= capacity:
-            raise RequestError(
-                "prompt_too_long",
-                f"prompt has {len(ids)} tokens; this server takes at most {capacity - 1} "
-                f"(context {self.max_context}, KV arena {self.allocator.num_blocks * self.block_size} tokens)",
-            )
-        key = uuid.uuid4().hex  # engine-wide unique; clients' ids may repeat across connections
-        # Room for every event of the generation: the engine's put never blocks or drops.
-        max_tokens = min(params.max_tokens, capacity - len(ids))
-        events = EventQueue(min(max_tokens + 1, self.config.max_buffered_events))
+        check_prompt(ids, self.loaded.model.spec.vocab_size, capacity, self.limits)
+        return min(params.max_tokens, capacity - len(ids))
+
+    def accept(self, key: str, ids: list[int], params: SamplingParams, outbox, detok: Detokenizer | None,
+               label: str, priority: int = 0, client: str = "") -> int:
+        """Queue a request whose events go to `outbox` (an EventQueue, or the core's link to a
+        front end); `detok` None: the tokens go out as ids and text is the receiver's business.
+        Returns its effective max_tokens; raises RequestError when it cannot be served."""
+        max_tokens = self._check(ids, params, priority)
         seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
                        priority=priority, client=client)
-        request = Request(seq, params, events, Detokenizer(self.tokenizer, ids, params.stop), time.monotonic(),
-                          request_id or key,
+        request = Request(seq, params, outbox, detok, time.monotonic(), label,
                           SampleSpec(params.temperature, params.top_k, params.top_p, params.seed))
         try:
             self._inbox_send.send_nowait(Submit(request))
         except trio.WouldBlock:
             raise RequestError("overloaded", "too many requests are waiting; try again later") from None
-        return Generation(key, len(ids), events, self._control_send)
+        return max_tokens
+
+    def cancel(self, key: str) -> None:
+        """Ask the step loop to end request `key` as cancelled (idempotent; never blocks)."""
+        self._control_send.send_nowait(Cancel(key))
 
     def delivered(self, gaps: list[float]) -> None:
         """A front door sent token frames to clients, each `gaps[i]` seconds after the previous
@@ -185,6 +188,10 @@ class Engine:
     def generate(self, prompt: str | SeqType[int], params: SamplingParams | None = None, request_id=None):
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
         return self.submit(ids, params or SamplingParams(), request_id)
+
+    def count_error(self, code: str) -> None:
+        """A door refused something with `code` before it reached the engine."""
+        self.metrics.error(code)
 
     # --- drain (any task; the step loop does the work) ---------------------------------------------
     def stop_accepting(self) -> None:
@@ -235,6 +242,71 @@ class Engine:
 
     def kv_statistics(self) -> AllocatorStats:
         return self.allocator.statistics()
+
+    # --- what the doors read (web/observe.py, web/app.py), as the EngineHandle protocol has it ---
+    async def stats(self, hdr: bool = False) -> dict:
+        return self.snapshot(hdr=hdr)
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+    async def health(self) -> dict:
+        kv = self.allocator.statistics()
+        return {"model": self.model_name, "max_context": self.max_context,
+                "kv": {"total_blocks": kv.total_blocks, "free_blocks": kv.free_blocks, "used_blocks": kv.used_blocks}}
+
+    def snapshot(self, step_window_s: float = 1.0, hdr: bool = False) -> dict:
+        """/stats: the metrics snapshot plus live scheduler and KV figures.
+
+        `running`, `waiting` and `kv` come from the scheduler and the allocator now, not from the
+        last step (which goes stale when the server is idle); `recent_steps` sums the steps that
+        ended in the last `step_window_s`. `hdr` adds the since-start HDR histograms, encoded, so
+        a client (tools/loadgen.py) can diff two snapshots and read one run's exact percentiles.
+        """
+        now = time.monotonic()
+        snap = self.metrics.snapshot(now)
+        s = self.statistics()
+        recent = [r for r in self.metrics.steps if r.t_end > now - step_window_s]
+        tokens = [r.tokens for r in recent]
+        snap.update(
+            model=self.model_name,
+            running=s.running,
+            waiting=s.waiting,
+            kv_used_blocks=s.kv.used_blocks,
+            kv_free_blocks=s.kv.free_blocks,
+            steps=s.steps,
+            preemptions=s.preemptions,
+            batching=self.batching(),
+            recomputed_tokens=s.recomputed_tokens,
+            swap={
+                "swaps_out": s.swaps_out,
+                "swaps_in": s.swaps_in,
+                "swapped_out_blocks": s.swapped_out_blocks,
+                "swapped_in_blocks": s.swapped_in_blocks,
+                "host_slots": s.swap_slots,
+                "host_slots_free": s.swap_slots_free,
+            },
+            kv={
+                "total_blocks": s.kv.total_blocks,
+                "used_blocks": s.kv.used_blocks,
+                "free_blocks": s.kv.free_blocks,
+                "usage": round(s.kv.used_blocks / s.kv.total_blocks, 4) if s.kv.total_blocks else 0.0,
+            },
+            recent_steps={
+                "window_s": step_window_s,
+                "steps": len(recent),
+                "batch_tokens_mean": round(sum(tokens) / len(tokens), 2) if tokens else 0.0,
+                "batch_tokens_max": max(tokens, default=0),
+                "prefill_tokens": sum(r.prefill_tokens for r in recent),
+                "decode_tokens": sum(r.decode_tokens for r in recent),
+                # the device's time in those steps, and idle between them waiting for the host
+                "device_s": round(sum(r.seconds for r in recent), 6),
+                "device_idle_s": round(sum(r.idle_gap for r in recent), 6),
+            },
+        )
+        if hdr:
+            snap["hdr"] = {name: h.encode().decode("ascii") for name, h in self.metrics.total.items()}
+        return snap
 
     def statistics(self) -> EngineStats:
         s = self.scheduler
@@ -473,14 +545,18 @@ class Engine:
                 gaps.append(now - req.t_last)
             req.t_last = now
             live.append((req, out))
-        texts = add_batch([(req.detok, out.token_id) for req, out in live])
-        for (req, out), text in zip(live, texts, strict=True):
+        # Requests with a detokenizer get text (in-process); the core's get ids only.
+        texts = iter(add_batch([(req.detok, out.token_id) for req, out in live if req.detok is not None]))
+        for req, out in live:
             reason = out.finish_reason
-            if req.detok.stopped and reason is None:
-                reason = "stop"
-                self.scheduler.finish(req.seq.request_id, reason)  # its token of the step in flight is dropped
-            if reason:
-                text += req.detok.finish()
+            text = ""
+            if req.detok is not None:
+                text = next(texts)
+                if req.detok.stopped and reason is None:
+                    reason = "stop"
+                    self.scheduler.finish(req.seq.request_id, reason)  # its token of the step in flight is dropped
+                if reason:
+                    text += req.detok.finish()
             self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
             if reason:
                 self._end(req.seq.request_id, reason)  # a no-op if _send already ended it

@@ -5,6 +5,7 @@ alone mutates a `Request`."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -21,8 +22,8 @@ class Request:
 
     seq: Sequence
     params: SamplingParams
-    outbox: EventQueue
-    detok: Detokenizer
+    outbox: EventQueue  # or, in the engine core process, the request's front end's link (streamer/core.py)
+    detok: Detokenizer | None  # None: the tokens leave as ids, detokenized by the front end
     t_arrival: float
     label: str  # the client's id, for logs
     spec: SampleSpec  # how its tokens are drawn (unseeded: the same for every token)
@@ -117,12 +118,11 @@ class AbortAll:
 class Generation:
     """A request's stream of events. Use as ``async with gen: async for ev in gen``."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, events: EventQueue,
-                 control: trio.MemorySendChannel) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, events: EventQueue, cancel: Callable[[], None]) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._events = events
-        self._control = control  # the engine's cancel channel
+        self._cancel = cancel  # asks the step loop to end the request; never blocks
         self._done = False
 
     async def __aenter__(self) -> Generation:
@@ -148,4 +148,4 @@ class Generation:
 
     async def cancel(self) -> None:
         """Ask the step loop to end this request; the stream then ends with 'cancelled'."""
-        self._control.send_nowait(Cancel(self.request_id))
+        self._cancel()

@@ -131,6 +131,9 @@ class SlowEngine:
     def submit(self, ids, params, request_id, **scheduling):
         return SlowGeneration(1000.0)
 
+    def count_error(self, code):
+        pass
+
     def delivered(self, gaps):  # sent-frame gaps the connection reports
         pass
 
@@ -194,6 +197,9 @@ class EndlessEngine:
 
     def submit(self, ids, params, request_id, **scheduling):
         return EndlessGeneration(self.yielded, request_id)
+
+    def count_error(self, code):
+        pass
 
     def delivered(self, gaps):  # sent-frame gaps the connection reports
         pass

@@ -15,7 +15,6 @@ from streamer.config import EngineConfig
 from streamer.engine import open_engine
 from streamer.types import SamplingParams
 from tests.conftest import read_tokens
-from web.observe import stats
 
 N, NEW = 50, 40
 
@@ -43,7 +42,7 @@ async def run(config, prompts, mixed=False):
         kv = engine.kv_statistics()
         assert kv.free_blocks == kv.total_blocks
         recomputed = engine.statistics().recomputed_tokens
-        assert stats(engine)["recomputed_tokens"] == recomputed
+        assert engine.snapshot()["recomputed_tokens"] == recomputed
         assert f"streamer_recomputed_tokens_total {float(recomputed)}" in generate_latest(engine.metrics.registry).decode()
     return out, preemptions, recomputed
 

@@ -11,7 +11,6 @@ import trio
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
 from streamer.types import SamplingParams
-from web.observe import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ async def test_a_row_shows_the_budget_cap_and_decision_the_controller_set():
     config = EngineConfig(model="random:tiny-qwen3", kv_blocks=64, max_running=8, slo_ttft_ms=200, slo_itl_ms=25)
     lines = []
     async with open_engine(config) as engine:
-        lines.append(json.dumps(stats(engine)))  # before any request: no decision yet
+        lines.append(json.dumps(engine.snapshot()))  # before any request: no decision yet
         engine.controller.period_s = 0.0  # decide every few steps
         async def run(tokens):
             with trio.fail_after(60):
@@ -41,7 +40,7 @@ async def test_a_row_shows_the_budget_cap_and_decision_the_controller_set():
         engine.controller.period_s = 1e9  # no more decisions: the next step applies these as they are
         engine.controller.budget, engine.controller.running_cap = 96, 3
         await run(2)
-        lines.append(json.dumps(stats(engine)))
+        lines.append(json.dumps(engine.snapshot()))
         last = engine.controller.last
     out = tool.timeline(lines + [""]).splitlines()
     assert out[0].startswith("| uptime s | running | waiting | budget | running cap | decision")

@@ -20,7 +20,6 @@ from streamer.engine import open_engine
 from streamer.scheduler import Scheduler, Sequence, Status
 from streamer.types import SamplingParams
 from tests.conftest import read_tokens
-from web.observe import stats
 
 BS = 4
 
@@ -192,7 +191,7 @@ async def run(config, cancel_after_swaps=0):
                     nursery.start_soon(canceller)
         st = engine.statistics()
         assert st.kv.free_blocks == st.kv.total_blocks and st.swap_slots_free == st.swap_slots
-        assert stats(engine)["swap"]["swapped_out_blocks"] == st.swapped_out_blocks
+        assert engine.snapshot()["swap"]["swapped_out_blocks"] == st.swapped_out_blocks
         per_block = engine.runner.arena.shape.bytes_per_block(engine.runner.arena.kv_dtype)
         text = generate_latest(engine.metrics.registry).decode()
     return out, st, text, per_block

@@ -329,6 +329,9 @@ class BrokenEngine:
     def delivered(self, gaps):  # sent-frame gaps the connection reports
         pass
 
+    def count_error(self, code):
+        pass
+
 
 async def test_engine_failure_is_internal_error_then_done():
     """No real engine fails on demand, so a fake one drives the connection directly."""

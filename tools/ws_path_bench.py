@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -53,7 +54,10 @@ class FakeEngine:
     def submit(self, ids, params, request_id=None, **scheduling):
         events = EventQueue(params.max_tokens + 1)
         self.live[request_id] = [events, params.max_tokens, 0]
-        return Generation(request_id, len(ids), events, self._control_send)
+        return Generation(request_id, len(ids), events, partial(self._control_send.send_nowait, Cancel(request_id)))
+
+    def count_error(self, code: str) -> None:
+        pass
 
     def delivered(self, gaps: list[float]) -> None:  # as the engine takes them: appended for the step loop
         self._delivered += gaps

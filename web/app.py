@@ -8,11 +8,12 @@ of their own. web/security.py guards every route (API key, websocket Origin, err
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from quart import send_from_directory, websocket
 from quart_trio import QuartTrio
 
+from streamer.handle import EngineHandle
+from streamer.types import RequestError
 from web import observe, openai_api, security
 from web.config import WebConfig
 from web.lifecycle import Lifecycle
@@ -21,7 +22,7 @@ from web.ws import Connection
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(engine: Any, config: WebConfig | None = None, lifecycle: Lifecycle | None = None) -> QuartTrio:
+def create_app(engine: EngineHandle, config: WebConfig | None = None, lifecycle: Lifecycle | None = None) -> QuartTrio:
     config = config or WebConfig()
     lifecycle = lifecycle or Lifecycle()
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
@@ -36,17 +37,10 @@ def create_app(engine: Any, config: WebConfig | None = None, lifecycle: Lifecycl
 
     @app.get("/healthz")
     async def healthz():
-        kv = engine.kv_statistics()
-        return {
-            "status": "ok",
-            "model": engine.model_name,
-            "max_context": engine.max_context,
-            "kv": {
-                "total_blocks": kv.total_blocks,
-                "free_blocks": kv.free_blocks,
-                "used_blocks": kv.used_blocks,
-            },
-        }
+        try:
+            return {"status": "ok", **await engine.health()}
+        except RequestError as exc:  # the engine core is gone: this front end cannot serve
+            return {"status": exc.code, "error": exc.message}, 503
 
     @app.websocket("/v1/stream")
     async def stream():

@@ -4,11 +4,10 @@ and `drain()`, which streamer/__main__.py (or a test) calls on SIGTERM.
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 import trio
 
+from streamer.handle import EngineHandle
 from streamer.types import RequestError
 
 log = structlog.get_logger(__name__)
@@ -53,7 +52,7 @@ class Lifecycle:
         self.sockets = OpenCount()
 
 
-async def drain(engine: Any, lifecycle: Lifecycle, timeout: float, hurry: trio.Event | None = None) -> int:
+async def drain(engine: EngineHandle, lifecycle: Lifecycle, timeout: float, hurry: trio.Event | None = None) -> int:
     """Stop accepting, let live generations finish for up to `timeout` s (or until `hurry` is set),
     then end the rest with a `shutting_down` error; returns how many were cut. Sockets close (1001)
     once their generations ended, given at most FLUSH_TIMEOUT s to send their last frames."""

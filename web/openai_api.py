@@ -14,6 +14,7 @@ from typing import Any
 
 from quart import Response, request
 
+from streamer.handle import EngineHandle
 from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
@@ -29,6 +30,7 @@ STATUS = {
     "model_not_found": (404, "invalid_request_error"),
     "overloaded": (429, "rate_limit_error"),
     "shutting_down": (503, "server_error"),
+    "unavailable": (503, "server_error"),
     "internal": (500, "server_error"),
 }
 CHAT_MAX_TOKENS = 256  # as /v1/stream
@@ -46,9 +48,9 @@ def error_body(code: str, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(engine: Any, exc: ApiError, count: bool = True) -> Response:
+def error_response(engine: EngineHandle, exc: ApiError, count: bool = True) -> Response:
     if count:  # refusals here; a generation that failed inside was counted by the engine
-        engine.metrics.error(exc.code)
+        engine.count_error(exc.code)
     status = STATUS.get(exc.code, (500,))[0]
     return Response(json.dumps(error_body(exc.code, exc.message, exc.param)), status=status,
                     content_type="application/json")
@@ -97,7 +99,7 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _prompt_ids(engine: Any, prompt: Any) -> list[int]:
+def _prompt_ids(engine: EngineHandle, prompt: Any) -> list[int]:
     """A string, a list of one string, or a list of token ids."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -109,7 +111,7 @@ def _prompt_ids(engine: Any, prompt: Any) -> list[int]:
                    "(one prompt per request)", "prompt")
 
 
-async def _parse(engine: Any, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams, int]:
+async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams, int]:
     try:
         body = await request.get_json(force=True, silent=True)
     except UnicodeDecodeError:  # silent=True covers bad JSON, not bytes that are not UTF-8 (fuzzing found it)
@@ -164,7 +166,7 @@ def _finish_error(ev: FinishEvent) -> ApiError:
     return ApiError("internal", "internal error")
 
 
-async def _complete(engine: Any, config: Any, chat: bool) -> Response:
+async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
     try:
         body, ids, params, priority = await _parse(engine, config, chat)
         # Under --policy fair, each remote address is one client (the API key is one for all).
@@ -233,7 +235,7 @@ async def _sse(gen: Any, chat: bool, head: dict, include_usage: bool) -> AsyncIt
     yield b"data: [DONE]\n\n"
 
 
-def register(app: Any, engine: Any, config: Any = None) -> None:
+def register(app: Any, engine: EngineHandle, config: Any = None) -> None:
     """`config` is web/config.py's WebConfig: its max_tokens and max_prompt_tokens apply here too."""
 
     @app.post("/v1/chat/completions")

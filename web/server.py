@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
 from hypercorn.protocol.ws_stream import WSStream
 
+from streamer.handle import EngineHandle
 from web.app import create_app
 from web.config import WebConfig
 from web.lifecycle import Lifecycle
@@ -42,11 +42,13 @@ def _guard_pings() -> None:
 _guard_pings()
 
 
-def hypercorn_config(host: str, port: int, web: WebConfig | None = None) -> Config:
+def hypercorn_config(host: str, port: int, web: WebConfig | None = None, fd: int | None = None) -> Config:
     web = web or WebConfig()
     config = Config()
-    # IPv6 literals need brackets in a bind string.
-    config.bind = [f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"]
+    if fd is not None:  # a socket the supervisor bound and shares among the front ends
+        config.bind = [f"fd://{fd}"]
+    else:  # IPv6 literals need brackets in a bind string.
+        config.bind = [f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"]
     # Route hypercorn's messages through the root logger that streamer.logging configured.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = None
@@ -64,19 +66,21 @@ def hypercorn_config(host: str, port: int, web: WebConfig | None = None) -> Conf
 
 
 async def serve(
-    engine: Any,
+    engine: EngineHandle,
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
     config: WebConfig | None = None,
     lifecycle: Lifecycle | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    fd: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled or until `shutdown_trigger` returns; reports the bound URLs as started."""
+    """Run until cancelled or until `shutdown_trigger` returns; reports the bound URLs as started.
+    `fd`: serve on that listening socket instead of binding `host`:`port`."""
     await hypercorn.trio.serve(
         create_app(engine, config, lifecycle),
-        hypercorn_config(host, port, config),
+        hypercorn_config(host, port, config, fd),
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 import trio
 
+from streamer.handle import EngineHandle
 from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
 from web.config import WebConfig
 from web.lifecycle import Lifecycle, OpenCount
@@ -43,7 +44,7 @@ Frame = dict[str, Any]
 
 
 class Connection:
-    def __init__(self, engine: Any, send_text: Callable[[str], Awaitable[None]], config: WebConfig | None = None,
+    def __init__(self, engine: EngineHandle, send_text: Callable[[str], Awaitable[None]], config: WebConfig | None = None,
                  lifecycle: Lifecycle | None = None, batch: bool = False) -> None:
         """`batch` (the client opened /v1/stream?batch=1): every message is a JSON array of the
         frames that were ready together, in order; one socket write carries many streams' tokens."""
@@ -114,8 +115,7 @@ class Connection:
                 self._start(command)
         except ProtocolError as exc:
             # Errors after a generation started are counted by the engine; these never reach it.
-            if (metrics := getattr(self.engine, "metrics", None)) is not None:
-                metrics.error(exc.code)
+            self.engine.count_error(exc.code)
             await self._frames.send(error_frame(exc.request_id, exc.code, exc.message))
 
     def _start(self, command: Generate) -> None:
