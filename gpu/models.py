@@ -69,6 +69,17 @@ def load_model(name: str, device, dtype: torch.dtype, seed: int = 0) -> LoadedMo
     return LoadedModel(name, Transformer(spec, weights, config, device, dtype), config, tokenizer)
 
 
+def load_tokenizer(name: str):
+    """The tokenizer `load_model(name)` would load, without the weights (for front-end processes;
+    the engine core, started first, has converted the embedded model already)."""
+    if name.startswith("random:"):
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    folder = ensure_smollm2() if name == "smollm2" else Path(name)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def read_hf_folder(folder: Path):
     """Config, weights (HF names) and tokenizer from a local Hugging Face model folder."""
     from safetensors.torch import load_file

@@ -19,6 +19,7 @@ import trio
 
 from streamer.config import KV_DTYPES, EngineConfig
 from streamer.logging import LEVELS, configure_logging
+from streamer.supervisor import Supervisor, child_argv, default_frontends, raise_fd_limit, watch_parent
 from streamer.types import RequestError
 from web.config import WebConfig
 
@@ -93,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=defaults["overlap"],
                        help="plan and launch the next step while the device runs this one (default: on for CUDA)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
+    serve.add_argument("--frontends", type=int, default=None,
+                       help="front-end processes (websockets, HTTP, tokenizing) beside the engine core's "
+                            "process; 0 runs everything in one process; default: one per four cores, 1 to 8")
+    # Set by the supervisor for its children; not for users.
+    serve.add_argument("--role", choices=("core", "frontend"), default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--ipc", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--frontend-id", type=int, default=0, help=argparse.SUPPRESS)
     _add_web_flags(serve)
     return parser
 
@@ -196,6 +207,99 @@ async def run_server(config: EngineConfig, host: str, port: int, web: WebConfig 
         raise StartupError(_first_message(group)) from None
 
 
+async def _startup_guarded(body, shutdown: Shutdown) -> None:
+    """Run `body`; a STARTUP_ERRORS before the process is serving becomes one StartupError line."""
+    try:
+        await body()
+    except* STARTUP_ERRORS as group:
+        if shutdown.serving:
+            raise
+        raise StartupError(_first_message(group)) from None
+
+
+def _say_ready(fd: int | None) -> None:
+    """Tell the supervisor this child is serving (one line on its ready pipe)."""
+    if fd is not None:
+        os.write(fd, b"ready\n")
+        os.close(fd)
+
+
+async def run_core(config: EngineConfig, ipc_path: str, ready_fd: int | None, drain_timeout: float,
+                   parent: int | None) -> None:
+    """The engine core process: the engine and the socket front ends reach it on; nothing else."""
+    from streamer.core import serve_core
+    from streamer.engine import open_engine
+
+    log = structlog.get_logger("streamer")
+    shutdown = Shutdown()
+
+    async def body() -> None:
+        async with trio.open_nursery() as root:
+            await root.start(_watch_signals, shutdown, root.cancel_scope, log)
+            root.start_soon(_watch_supervisor, parent, shutdown, root.cancel_scope)
+            async with open_engine(config) as engine, trio.open_nursery() as nursery:
+                await nursery.start(serve_core, engine, ipc_path)
+                gc.collect()
+                gc.freeze()
+                shutdown.serving = True
+                _say_ready(ready_fd)
+                await shutdown.requested.wait()
+                # The supervisor stops the core after its front ends: normally nothing is live.
+                engine.stop_accepting()
+                with trio.move_on_after(drain_timeout):
+                    await engine.wait_drained()
+                nursery.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+
+    await _startup_guarded(body, shutdown)
+
+
+async def run_frontend(config: EngineConfig, web: WebConfig, args: argparse.Namespace) -> None:
+    """A front-end process: the web app on the supervisor's listening socket, over an EngineClient."""
+    from gpu.models import load_tokenizer
+    from streamer.client import EngineClient
+    from web.lifecycle import Lifecycle, drain
+    from web.server import serve
+
+    log = structlog.get_logger("streamer")
+    shutdown = Shutdown()
+
+    async def body() -> None:
+        async with trio.open_nursery() as root:
+            await root.start(_watch_signals, shutdown, root.cancel_scope, log)
+            root.start_soon(_watch_supervisor, args.parent_pid, shutdown, root.cancel_scope)
+            tokenizer = await trio.to_thread.run_sync(load_tokenizer, config.model)
+            client = EngineClient(args.ipc, tokenizer, args.frontend_id, config.max_buffered_events)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                lifecycle = Lifecycle()
+                await nursery.start(partial(serve, client, config=web, lifecycle=lifecycle, fd=args.listen_fd))
+                gc.collect()
+                gc.freeze()
+                shutdown.serving = True
+                _say_ready(args.ready_fd)
+                await shutdown.requested.wait()
+                await drain(client, lifecycle, web.drain_timeout, shutdown.hurry)
+                nursery.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+
+    await _startup_guarded(body, shutdown)
+
+
+async def _watch_supervisor(parent: int | None, shutdown: Shutdown, scope: trio.CancelScope) -> None:
+    """A child whose supervisor died stops as if sent SIGTERM (before serving: at once)."""
+    if parent is None:
+        return
+
+    def gone() -> None:
+        if shutdown.serving:
+            shutdown.requested.set()
+        else:
+            scope.cancel()
+
+    await watch_parent(parent, gone)
+
+
 async def _watch_signals(shutdown: Shutdown, scope: trio.CancelScope, log, *,
                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     # The first signal drains (or, while loading, cancels); the second cuts the drain short; once
@@ -243,10 +347,26 @@ def main(argv: list[str] | None = None) -> int:
         web = web_config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    frontends = default_frontends() if args.frontends is None else args.frontends
+    if frontends < 0:
+        parser.error("--frontends must be >= 0")
     configure_logging(args.log_level)
+    raise_fd_limit()  # every websocket is a file descriptor; 1024 is a common soft limit
     status = 0
     try:
-        trio.run(run_server, config, args.host, args.port, web)
+        if args.role == "core":
+            trio.run(run_core, config, args.ipc, args.ready_fd, web.drain_timeout + 5, args.parent_pid)
+        elif args.role == "frontend":
+            trio.run(run_frontend, config, web, args)
+        elif frontends == 0:
+            trio.run(run_server, config, args.host, args.port, web)
+        else:
+            supervisor = Supervisor(child_argv(sys.argv[1:] if argv is None else argv), frontends, args.host,
+                                    args.port, config.model)
+            try:
+                status = trio.run(supervisor.run)
+            except OSError as exc:  # the port: taken, or not ours to bind
+                raise StartupError(f"cannot start: {exc.strerror or exc}") from None
     except* KeyboardInterrupt:  # a Ctrl-C during loading, or a second one during shutdown
         status = 130
     except* StartupError as group:
