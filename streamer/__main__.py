@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--slo-itl-ms", type=float, default=None,
                        help="P99 inter-token latency objective; the controller adapts budget and admission")
     serve.add_argument("--max-running", type=int, default=defaults["max_running"],
-                       help="most sequences in one step")
+                       help="most sequences in one step; default: as many as the KV arena holds at a "
+                            "1k-token context, 8 to 256")
     serve.add_argument("--max-waiting", type=int, default=defaults["max_waiting"],
                        help="queued requests beyond which new ones are refused as overloaded")
     serve.add_argument("--seed", type=int, default=defaults["seed"], help="seed of random:NAME weights")

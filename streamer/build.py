@@ -78,21 +78,31 @@ def swap_slots(config: EngineConfig, loaded: LoadedModel, device: torch.device, 
     return slots
 
 
-def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int]:
+def running_limit(config: EngineConfig, num_blocks: int) -> int:
+    """--max-running, or as many requests as the arena holds at a 1k-token context, between 8 and
+    256 (more running than the arena holds only preempts; 256 is where decode steps of the
+    shared workload stop gaining tokens/s: docs/BENCHMARKS.md, "Online against offline")."""
+    if config.max_running is not None:
+        return config.max_running
+    return max(8, min(256, num_blocks * config.block_size // 1024))
+
+
+def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int, int]:
     """Load the model, size the KV arena and the swap pool, build and warm the runner: (model,
-    runner, KV blocks)."""
+    runner, KV blocks, most requests in a step)."""
     device, dtype, attention = resolve_device(config)
     loaded = load_model(config.model, device, dtype, seed=config.seed)
     kv_dtype = kv_storage_dtype(config, dtype)
     num_blocks = kv_blocks(config, loaded, device, kv_dtype)
+    max_running = running_limit(config, num_blocks)
     graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
     pieces = graphs and config.mixed_graphs
     runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
-                         graph_batch=min(config.max_running, 512) if graphs else 0, kv_dtype=kv_dtype,
+                         graph_batch=min(max_running, 512) if graphs else 0, kv_dtype=kv_dtype,
                          swap_slots=swap_slots(config, loaded, device, kv_dtype, num_blocks),
                          graph_tokens=min(config.max_batch_tokens or MAX_GRAPH_TOKENS, MAX_GRAPH_TOKENS) if pieces else 0)
     warmup(runner, scratch_block=num_blocks)
-    return loaded, runner, num_blocks
+    return loaded, runner, num_blocks, max_running
 
 
 def warmup(runner: ModelRunner, scratch_block: int) -> None:

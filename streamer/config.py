@@ -41,7 +41,7 @@ class EngineConfig:
     kv_dtype: str = "auto"  # KV storage: "auto" (the model's dtype) or "int8" (per-token, per-head scales)
     block_size: int = 16
     max_batch_tokens: int | None = None  # token budget of one step; None: auto-tuned, else DEFAULT_BATCH_TOKENS
-    max_running: int = 64  # cap on sequences in one step
+    max_running: int | None = None  # cap on sequences in one step; None: from the KV arena (streamer/build.py)
     max_waiting: int = 1024  # bounded inbox + waiting queue; beyond it submit() says "overloaded"
     max_buffered_events: int = 1024  # per request; a client further behind is aborted ("slow_consumer")
     seed: int = 0  # seed of random:NAME weights
@@ -82,7 +82,7 @@ class EngineConfig:
             raise ValueError("static_batch must be >= 1")
         if self.static_padding and not self.static_batch:
             raise ValueError("static_padding pads static batches: set static_batch too")
-        if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or self.max_running < 1 \
+        if (self.max_batch_tokens is not None and self.max_batch_tokens < 1) or (self.max_running or 1) < 1 \
                 or self.max_waiting < 1:
             raise ValueError("max_batch_tokens, max_running and max_waiting must be >= 1")
         for name in ("slo_ttft_ms", "slo_itl_ms"):

@@ -34,7 +34,7 @@ from gpu.models import LoadedModel
 from gpu.runner import Launched, ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
 from streamer.allocator import AllocatorStats, BlockAllocator, HostSlots
-from streamer.build import TuneResult, load_runner, tune_budget
+from streamer.build import TuneResult, load_runner, running_limit, tune_budget
 from streamer.config import DEFAULT_BATCH_TOKENS, EngineConfig
 from streamer.controller import build_controller
 from streamer.detok import Detokenizer, add_batch
@@ -79,7 +79,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, runner: ModelRunner, num_blocks: int,
-                 tuned: TuneResult | None = None) -> None:
+                 tuned: TuneResult | None = None, max_running: int | None = None) -> None:
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -95,16 +95,17 @@ class Engine:
         # work), or launch and wait in a worker thread (the CPU, where launch computes the step).
         self.launch_inline = runner.device.type == "cuda"
         self.block_size = config.block_size
+        self.max_running = max_running or running_limit(config, num_blocks)
         self.allocator = BlockAllocator(num_blocks)
         self.host_slots = HostSlots(runner.swap.num_slots if runner.swap else 0)
         # [controller] With objectives, the controller steers the budget and the running cap
         # (applied before each schedule()); else the budget is explicit, auto-tuned or the default.
         self.tuned = tuned
         self.controller = build_controller(config.slo_ttft_ms, config.slo_itl_ms, config.max_batch_tokens,
-                                           tuned and tuned.budget, config.max_running, time.monotonic())
+                                           tuned and tuned.budget, self.max_running, time.monotonic())
         budget = self.controller.budget if self.controller else (
             config.max_batch_tokens or (tuned and tuned.budget) or DEFAULT_BATCH_TOKENS)
-        self.scheduler = Scheduler(self.allocator, config.block_size, budget, config.max_running,
+        self.scheduler = Scheduler(self.allocator, config.block_size, budget, self.max_running,
                                    config.static_batch, config.prefix_caching,
                                    Policy.parse(config.policy, config.prefill_share, config.aging_s),
                                    host_slots=self.host_slots, static_padding=config.static_padding,
@@ -344,7 +345,7 @@ class Engine:
                     self._shed_late(time.monotonic() - self.controller.shed_after_s)
                 self.scheduler.max_batch_tokens = self.controller.budget
                 # Lowering it preempts nobody: the scheduler only stops admitting until fewer run.
-                self.scheduler.max_running = self.controller.running_cap or self.config.max_running
+                self.scheduler.max_running = self.controller.running_cap or self.max_running
             plan = self.scheduler.schedule() if self.scheduler.has_work() else None
             if plan is not None and not plan.chunks and not plan.swap_out:
                 plan = None
@@ -636,8 +637,8 @@ class Engine:
 
 def build_engine(config: EngineConfig) -> Engine:
     """Load the model and size the arena (blocking; run it in a thread)."""
-    loaded, runner, num_blocks = load_runner(config)
-    return Engine(config, loaded, runner, num_blocks, tune_budget(config, loaded, runner, num_blocks))
+    loaded, runner, num_blocks, max_running = load_runner(config)
+    return Engine(config, loaded, runner, num_blocks, tune_budget(config, loaded, runner, num_blocks), max_running)
 
 
 @asynccontextmanager
@@ -652,7 +653,8 @@ async def open_engine(config: EngineConfig):
     log.info("engine_ready", model=engine.model_name, kv_blocks=engine.allocator.num_blocks,
              block_size=engine.block_size, kv_tokens=engine.allocator.num_blocks * engine.block_size,
              device=str(engine.runner.device), attention=engine.runner.backend.name,
-             max_batch_tokens=engine.scheduler.max_batch_tokens, budget_source=engine.budget_source)
+             max_batch_tokens=engine.scheduler.max_batch_tokens, budget_source=engine.budget_source,
+             max_running=engine.max_running)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.run)

@@ -1,0 +1,151 @@
+"""The server against its own engine, in one run: what a user's server delivers, one websocket per
+request, next to what the engine does offline on the same card and workload.
+
+For each server configuration: start `python -m streamer serve` with its flags, load it at a
+saturating Poisson rate with tools/loadgen.py (a websocket per request, over --processes client
+processes), read back delivered tok/s and client/server P99s, and the server's CPU time per
+streamed token (every process of the server: supervisor, core, front ends), then stop it.
+`--offline` first runs tools/bench_offline.py (our engine alone) for the ratio column.
+
+    python tools/serve_bench.py --model random:qwen2.5-0.5b --offline --rate 200 --num-requests 512 \\
+        --processes 4 --config "one process=--frontends 0" --config "default="
+    python tools/serve_bench.py --model random:tiny-qwen3 --rate 20 --num-requests 60 --cap-prompt 64 \\
+        --cap-output 32 --config "one process=--frontends 0" --config "default=" --server-flags "--kv-memory 0.05"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (/proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def get(url: str, path: str, timeout: float = 5) -> dict:
+    return json.loads(urllib.request.urlopen(url + path, timeout=timeout).read())
+
+
+def start_server(model: str, port: int, flags: str, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "streamer", "serve", "--model", model, "--port", str(port), *shlex.split(flags)]
+    print(f"$ {shlex.join(cmd)}", file=sys.stderr)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
+        try:
+            get(url, "/healthz", 1)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise SystemExit("server not ready in time")
+
+
+def server_pids(url: str, proc: subprocess.Popen) -> list[int]:
+    procs = get(url, "/stats").get("processes")
+    if not procs:  # one process (--frontends 0)
+        return [proc.pid]
+    return [proc.pid, procs["core"]["pid"], *(f["pid"] for f in procs["frontends"])]
+
+
+def offline(model: str, extra: str) -> float | None:
+    name = model.removeprefix("random:")
+    cmd = [sys.executable, "tools/bench_offline.py", "--models", name, "--systems", "engine", "--no-decode-step",
+           *shlex.split(extra)]
+    print(f"$ {shlex.join(cmd)}", file=sys.stderr)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    sys.stderr.write(out.stderr[-3000:])
+    m = re.search(rf"RESULT {re.escape(name)} engine: .*= ([\d,]+) tok/s", out.stdout + out.stderr)
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def run_config(args, name: str, flags: str, out: Path) -> dict:
+    url = f"http://127.0.0.1:{args.port}"
+    out.mkdir(parents=True, exist_ok=True)
+    proc = start_server(args.model, args.port, f"{args.server_flags} {flags}", out / "server.log")
+    try:
+        wait_ready(url, proc)
+        pids = server_pids(url, proc)
+        cpu0 = cpu_seconds(pids)
+        tokens0 = get(url, "/stats")["tokens_generated"]
+        load = [sys.executable, "tools/loadgen.py", "--url", url, "--rates", str(args.rate), "--num-requests",
+                str(args.num_requests), "--processes", str(args.processes), "--out", str(out),
+                *shlex.split(args.loadgen_flags)]
+        print(f"$ {shlex.join(load)}", file=sys.stderr)
+        subprocess.run(load, cwd=ROOT, check=True, stdout=(out / "loadgen.txt").open("w"))
+        stats = get(url, "/stats")
+        cpu = cpu_seconds(pids) - cpu0
+        tokens = stats["tokens_generated"] - tokens0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    result = json.loads((out / "loadgen.json").read_text())["results"][0]
+    return {"name": name, "flags": flags, "tok_s": result["output_tok_s"], "completed": result["completed"],
+            "sent": result["sent"], "errors": result["errors"], "client": result["client"], "server": result["server"],
+            "cpu_ms_per_token": round(cpu * 1000 / tokens, 4) if tokens else None, "processes": len(pids),
+            "client_cpu": [p["cpu_share"] for p in result["client_processes"]]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="random:qwen2.5-0.5b")
+    p.add_argument("--config", action="append", default=[],
+                   help="NAME=SERVER FLAGS, repeatable; default: one process (--frontends 0) and the defaults")
+    p.add_argument("--server-flags", default="", help="flags every configuration gets")
+    p.add_argument("--loadgen-flags", default="", help="extra tools/loadgen.py flags (e.g. --cap-output 64)")
+    p.add_argument("--rate", type=float, default=200.0, help="offered req/s (Poisson); above capacity saturates")
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--processes", type=int, default=4, help="load generator processes")
+    p.add_argument("--offline", action="store_true", help="run tools/bench_offline.py first (engine alone)")
+    p.add_argument("--offline-flags", default="", help="extra tools/bench_offline.py flags")
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "serve_bench")
+    args = p.parse_args()
+    configs = [c.split("=", 1) for c in args.config] or [["one process", "--frontends 0"], ["default", ""]]
+    base = offline(args.model, args.offline_flags) if args.offline else None
+    rows = [run_config(args, name, flags, args.out / re.sub(r"\W+", "_", name)) for name, flags in configs]
+    (args.out / "serve_bench.json").write_text(json.dumps({"offline_tok_s": base, "rows": rows}, indent=1))
+    print(f"\n{args.model}, {args.num_requests} requests at {args.rate:g} req/s (Poisson), a websocket per request, "
+          f"{args.processes} client processes" + (f"; engine offline: {base:,.0f} tok/s" if base else ""))
+    print("| server | delivered tok/s | of offline | completed | client TTFT p99 | client ITL p99 | server ITL p99 "
+          "| server CPU / token | client CPU (max) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        c, s = r["client"], r["server"] or {}
+        ratio = f"{r['tok_s'] / base:.0%}" if base else "-"
+        ms = lambda d, k: "-" if not d or d.get(k, {}).get("p99_ms") is None else f"{d[k]['p99_ms']:.1f} ms"  # noqa: E731
+        print(f"| {r['name']} (`{r['flags'] or 'defaults'}`, {r['processes']} proc) | {r['tok_s']:,.0f} | {ratio} | "
+              f"{r['completed']}/{r['sent']} | {ms(c, 'ttft')} | {ms(c, 'itl')} | {ms(s, 'itl')} | "
+              f"{r['cpu_ms_per_token']} ms | {max(r['client_cpu'], default=0):.0%} |")
+
+
+if __name__ == "__main__":
+    main()
