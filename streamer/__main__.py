@@ -356,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         if args.role == "core":
+            # The front ends need cores of their own: torch's CPU threads, spinning on every core,
+            # took a 2-core machine's ITL P99 from 16 to 196 ms (tools/serve_bench.py, dev VM).
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - frontends))
             trio.run(run_core, config, args.ipc, args.ready_fd, web.drain_timeout + 5, args.parent_pid)
         elif args.role == "frontend":
             trio.run(run_frontend, config, web, args)

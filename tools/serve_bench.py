@@ -7,9 +7,9 @@ processes), read back delivered tok/s and client/server P99s, and the server's C
 streamed token (every process of the server: supervisor, core, front ends), then stop it.
 `--offline` first runs tools/bench_offline.py (our engine alone) for the ratio column.
 
-    python tools/serve_bench.py --model random:qwen2.5-0.5b --offline --rate 200 --num-requests 512 \\
+    python tools/serve_bench.py --model random:qwen2.5-0.5b --offline --rates 2000,90 --num-requests 256 \\
         --processes 4 --config "one process=--frontends 0" --config "default="
-    python tools/serve_bench.py --model random:tiny-qwen3 --rate 20 --num-requests 60 --cap-prompt 64 \\
+    python tools/serve_bench.py --model random:tiny-qwen3 --rates 20 --num-requests 60 --cap-prompt 64 \\
         --cap-output 32 --config "one process=--frontends 0" --config "default=" --server-flags "--kv-memory 0.05"
 """
 
@@ -53,16 +53,16 @@ def start_server(model: str, port: int, flags: str, log: Path) -> subprocess.Pop
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+def wait_ready(log: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
+    """Until the server logs its ready line: every front end is serving (a /healthz answer would
+    come from the first front end up)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode} before it was ready")
-        try:
-            get(url, "/healthz", 1)
+        if "Streamer ready" in log.read_text(errors="replace"):
             return
-        except Exception:
-            time.sleep(0.5)
+        time.sleep(0.5)
     raise SystemExit("server not ready in time")
 
 
@@ -89,11 +89,11 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     proc = start_server(args.model, args.port, f"{args.server_flags} {flags}", out / "server.log")
     try:
-        wait_ready(url, proc)
+        wait_ready(out / "server.log", proc)
         pids = server_pids(url, proc)
         cpu0 = cpu_seconds(pids)
         tokens0 = get(url, "/stats")["tokens_generated"]
-        load = [sys.executable, "tools/loadgen.py", "--url", url, "--rates", str(args.rate), "--num-requests",
+        load = [sys.executable, "tools/loadgen.py", "--url", url, "--rates", args.rates, "--num-requests",
                 str(args.num_requests), "--processes", str(args.processes), "--out", str(out),
                 *shlex.split(args.loadgen_flags)]
         print(f"$ {shlex.join(load)}", file=sys.stderr)
@@ -107,11 +107,15 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    result = json.loads((out / "loadgen.json").read_text())["results"][0]
-    return {"name": name, "flags": flags, "tok_s": result["output_tok_s"], "completed": result["completed"],
-            "sent": result["sent"], "errors": result["errors"], "client": result["client"], "server": result["server"],
-            "cpu_ms_per_token": round(cpu * 1000 / tokens, 4) if tokens else None, "processes": len(pids),
-            "client_cpu": [p["cpu_share"] for p in result["client_processes"]]}
+    rows = []
+    for result in json.loads((out / "loadgen.json").read_text())["results"]:
+        rows.append({"name": name, "flags": flags, "rate": result["load"], "tok_s": result["output_tok_s"],
+                     "completed": result["completed"], "sent": result["sent"], "errors": result["errors"],
+                     "client": result["client"], "server": result["server"], "processes": len(pids),
+                     "client_cpu": [p["cpu_share"] for p in result["client_processes"]], "idle": result.get("idle_sockets"),
+                     # over every level of the run: the server's CPU (all its processes) per streamed token
+                     "cpu_ms_per_token": round(cpu * 1000 / tokens, 4) if tokens else None})
+    return rows
 
 
 def main() -> None:
@@ -121,7 +125,8 @@ def main() -> None:
                    help="NAME=SERVER FLAGS, repeatable; default: one process (--frontends 0) and the defaults")
     p.add_argument("--server-flags", default="", help="flags every configuration gets")
     p.add_argument("--loadgen-flags", default="", help="extra tools/loadgen.py flags (e.g. --cap-output 64)")
-    p.add_argument("--rate", type=float, default=200.0, help="offered req/s (Poisson); above capacity saturates")
+    p.add_argument("--rates", default="200", help="offered req/s (Poisson), comma-separated levels; above "
+                   "capacity saturates")
     p.add_argument("--num-requests", type=int, default=512)
     p.add_argument("--processes", type=int, default=4, help="load generator processes")
     p.add_argument("--offline", action="store_true", help="run tools/bench_offline.py first (engine alone)")
@@ -131,18 +136,18 @@ def main() -> None:
     args = p.parse_args()
     configs = [c.split("=", 1) for c in args.config] or [["one process", "--frontends 0"], ["default", ""]]
     base = offline(args.model, args.offline_flags) if args.offline else None
-    rows = [run_config(args, name, flags, args.out / re.sub(r"\W+", "_", name)) for name, flags in configs]
+    rows = [row for name, flags in configs for row in run_config(args, name, flags, args.out / re.sub(r"\W+", "_", name))]
     (args.out / "serve_bench.json").write_text(json.dumps({"offline_tok_s": base, "rows": rows}, indent=1))
-    print(f"\n{args.model}, {args.num_requests} requests at {args.rate:g} req/s (Poisson), a websocket per request, "
+    print(f"\n{args.model}, {args.num_requests} requests a level (Poisson arrivals), a websocket per request, "
           f"{args.processes} client processes" + (f"; engine offline: {base:,.0f} tok/s" if base else ""))
-    print("| server | delivered tok/s | of offline | completed | client TTFT p99 | client ITL p99 | server ITL p99 "
+    print("| server | offered req/s | delivered tok/s | of offline | completed | client TTFT p99 | client ITL p99 | server ITL p99 "
           "| server CPU / token | client CPU (max) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c, s = r["client"], r["server"] or {}
         ratio = f"{r['tok_s'] / base:.0%}" if base else "-"
         ms = lambda d, k: "-" if not d or d.get(k, {}).get("p99_ms") is None else f"{d[k]['p99_ms']:.1f} ms"  # noqa: E731
-        print(f"| {r['name']} (`{r['flags'] or 'defaults'}`, {r['processes']} proc) | {r['tok_s']:,.0f} | {ratio} | "
+        print(f"| {r['name']} (`{r['flags'] or 'defaults'}`, {r['processes']} proc) | {r['rate']:g} | {r['tok_s']:,.0f} | {ratio} | "
               f"{r['completed']}/{r['sent']} | {ms(c, 'ttft')} | {ms(c, 'itl')} | {ms(s, 'itl')} | "
               f"{r['cpu_ms_per_token']} ms | {max(r['client_cpu'], default=0):.0%} |")
 
