@@ -133,3 +133,16 @@ async def test_client_leaving_a_stream_frees_kv(tiny_server):
         while engine.kv_statistics().used_blocks:  # the request is aborted and its blocks freed
             await trio.sleep(0.01)
     assert engine.statistics().running == 0
+
+
+async def test_ignore_eos_runs_to_max_tokens(tiny_server):
+    """`ignore_eos`, as vLLM takes it (benchmarks need every answer full length); a non-boolean is a 400."""
+    engine, url = tiny_server
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+        with trio.fail_after(TIMEOUT):
+            r = await http.post("/v1/completions", json={"model": engine.model_name, "prompt": "a", "max_tokens": 40,
+                                                         "temperature": 0, "ignore_eos": True})
+            bad = await http.post("/v1/completions", json={"model": engine.model_name, "prompt": "a",
+                                                           "ignore_eos": "yes"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"

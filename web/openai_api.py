@@ -18,7 +18,7 @@ from streamer.handle import EngineHandle
 from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
-          "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "priority"}
+          "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "priority", "ignore_eos"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 # Fields clients often send with their neutral value; anything else is refused, not ignored.
@@ -76,6 +76,7 @@ def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
             top_p=1.0 if body.get("top_p") is None else body["top_p"],
             seed=seed % 2**63 if isinstance(seed, int) and not isinstance(seed, bool) else seed,
             stop=() if stop is None else stop,
+            ignore_eos=body.get("ignore_eos", False),  # as vLLM takes it: for benchmarks
         )
     except RequestError as exc:
         raise ApiError(exc.code, exc.message) from None
