@@ -16,6 +16,7 @@ from quart import Response, request
 
 from streamer.handle import EngineHandle
 from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
+from web import intake
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
           "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "priority", "ignore_eos"}
@@ -60,17 +61,16 @@ def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
     for name, neutral in NEUTRAL.items():
         if name in body and body[name] != neutral and body[name] is not None:
             raise ApiError("invalid_request", f"'{name}' is only supported as {json.dumps(neutral)}", name)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if cap is not None:  # the server's --max-tokens: refuse asking for more, clip the default
-        if isinstance(max_tokens, int) and max_tokens > cap:
-            raise ApiError("invalid_request", f"max_tokens is at most {cap} on this server", "max_tokens")
-        default_max = min(default_max, cap)
+    try:
+        max_tokens = intake.max_tokens(body.get("max_completion_tokens", body.get("max_tokens")), default_max, cap)
+    except RequestError as exc:
+        raise ApiError(exc.code, exc.message, "max_tokens") from None
     stop = body.get("stop")
     stop = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
     seed = body.get("seed")
     try:
         return SamplingParams(
-            max_tokens=default_max if max_tokens is None else max_tokens,
+            max_tokens=max_tokens,
             # OpenAI's defaults: temperature 1 and top_p 1; null means the default.
             temperature=1.0 if body.get("temperature") is None else body["temperature"],
             top_p=1.0 if body.get("top_p") is None else body["top_p"],
@@ -104,10 +104,9 @@ def _prompt_ids(engine: EngineHandle, prompt: Any) -> list[int]:
     """A string, a list of one string, or a list of token ids."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return engine.encode_prompt(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
+    if (isinstance(prompt, str) and prompt) or (isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        return intake.prompt_ids(engine, prompt)
     raise ApiError("invalid_request", "'prompt' must be a non-empty string or list of token ids "
                    "(one prompt per request)", "prompt")
 
@@ -135,12 +134,10 @@ async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, l
     except RequestError as exc:
         raise ApiError(exc.code, exc.message, "priority") from None
     try:
-        ids = engine.encode_chat(_chat_messages(body.get("messages"))) if chat else _prompt_ids(engine, body.get("prompt"))
+        ids = intake.prompt_ids(engine, messages=_chat_messages(body.get("messages"))) if chat else \
+            _prompt_ids(engine, body.get("prompt"))
     except RequestError as exc:
         raise ApiError(exc.code, exc.message) from None
-    limit = getattr(config, "max_prompt_tokens", None)
-    if limit is not None and len(ids) > limit:
-        raise ApiError("prompt_too_long", f"prompt has {len(ids)} tokens; this server takes at most {limit}")
     return body, ids, params, priority
 
 
@@ -171,7 +168,7 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
     try:
         body, ids, params, priority = await _parse(engine, config, chat)
         # Under --policy fair, each remote address is one client (the API key is one for all).
-        gen = engine.submit(ids, params, request_id=f"oai-{uuid.uuid4().hex[:12]}", priority=priority,
+        gen = intake.submit(engine, config, ids, params, request_id=f"oai-{uuid.uuid4().hex[:12]}", priority=priority,
                             client=f"ip:{request.remote_addr}")
     except ApiError as exc:
         return error_response(engine, exc)

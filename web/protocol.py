@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
+from web import intake
 
 MAX_ID_CHARS = 128
 MAX_MESSAGES = 512
@@ -109,11 +110,10 @@ def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise bad(f"{name} must be a number")
             kwargs[name] = float(value)
-    if max_tokens is not None:
-        asked = kwargs.get("max_tokens", SamplingParams.max_tokens)
-        if "max_tokens" in kwargs and asked > max_tokens:
-            raise bad(f"max_tokens is at most {max_tokens} on this server")
-        kwargs["max_tokens"] = min(asked, max_tokens)
+    try:
+        kwargs["max_tokens"] = intake.max_tokens(kwargs.get("max_tokens"), SamplingParams.max_tokens, max_tokens)
+    except RequestError as exc:
+        raise bad(exc.message) from None
     if obj.get("seed") is not None:
         kwargs["seed"] = _int(obj["seed"], "seed", bad)
     if "stop" in obj:

@@ -18,6 +18,7 @@ import trio
 
 from streamer.handle import EngineHandle
 from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
+from web import intake
 from web.config import WebConfig
 from web.lifecycle import Lifecycle, OpenCount
 from web.protocol import Cancel, Generate, ProtocolError, done_frame, error_frame, parse_frame, token_frame
@@ -126,19 +127,11 @@ class Connection:
         if len(self._live) >= limit:
             raise ProtocolError("overloaded", f"at most {limit} live generations per connection", cid)
         try:
-            # Tokenising on the event loop: the tokenizer is fast native code and prompts are
-            # bounded by the websocket message size, so a worker thread would cost more than it saves.
-            if command.messages is not None:
-                ids = self.engine.encode_chat(command.messages)
-            else:
-                ids = self.engine.encode_prompt(command.prompt)
-            limit = self.config.max_prompt_tokens
-            if limit is not None and len(ids) > limit:
-                raise RequestError("prompt_too_long", f"prompt has {len(ids)} tokens; this server takes at most {limit}")
+            ids = intake.prompt_ids(self.engine, command.prompt, command.messages)
             # The engine's id must be unique server-wide; client ids are only unique per socket.
             # Under --policy fair, each connection is one client.
-            gen = self.engine.submit(ids, command.params, request_id=f"c{self.number}/{cid}",
-                                     priority=command.priority, client=f"ws:{self.number}")
+            gen = intake.submit(self.engine, self.config, ids, command.params, request_id=f"c{self.number}/{cid}",
+                                priority=command.priority, client=f"ws:{self.number}")
         except RequestError as exc:
             raise ProtocolError(exc.code, exc.message, cid) from None
         self._live[cid] = gen
