@@ -10,6 +10,7 @@ import pytest
 import trio
 from netutil import running_server
 
+from web.config import WebConfig
 from web.lifecycle import OpenCount
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -118,3 +119,54 @@ async def test_processes_merge_every_workers_samples():
     assert result["client"]["ttft"]["count"] == result["client"]["e2e"]["count"] == N
     assert result["server_sockets"] == N + 1 and result["connections"] == N
     assert "2 processes" in loadgen.report.table(result)
+
+
+async def test_idle_sockets_stay_open_through_the_levels(monkeypatch, capsys):
+    """--idle-sockets: silent websockets opened before the first level, split over the client
+    processes, held through it (the server counts them open before and after the level's requests)
+    and closed at the end."""
+    seen = []  # the server's open sockets whenever loadgen waits for it to be idle: before and after a level
+    real_wait_idle = loadgen.wait_idle
+
+    async def wait_idle(http: str, limit_s: float = 30.0) -> dict:
+        stats = await real_wait_idle(http, limit_s)
+        seen.append(server.lifecycle.sockets.value)
+        return stats
+
+    monkeypatch.setattr(loadgen, "wait_idle", wait_idle)
+    async with running_server() as server:
+        result = await run_loadgen(server, "--rates", "20", "--processes", "2", "--idle-sockets", "30")
+        with trio.fail_after(10):
+            await server.lifecycle.sockets.wait_zero()  # closed at the end
+    assert result["sent"] == result["completed"] == N
+    assert result["idle_sockets"] == {"requested": 30, "opened": 30, "failed": 0, "failures": {}, "open": 30,
+                                      "dropped": 0, "drops": {}, "open_s": result["idle_sockets"]["open_s"]}
+    assert result["server_sockets"] == 30 + N + 1  # and the calibration probe's
+    assert len(seen) == 2 and all(n >= 30 for n in seen)
+    out = capsys.readouterr().out
+    assert "idle sockets: 30/30 open before the first level" in out
+    assert "idle sockets: 30/30 still open (30 opened in" in out
+
+
+async def test_idle_sockets_report_failures_and_drops():
+    """A refused handshake counts by its status; a socket the server closes (here its idle timeout,
+    which pings do not reset) counts as dropped, by its close code."""
+    async with running_server(web=WebConfig(idle_timeout=0.3, ping_interval=0.1)) as server:
+        idle = loadgen.IdleSockets(server.ws.replace("/v1/stream", "/nowhere"), 3)
+        async with trio.open_nursery() as nursery:
+            await idle.connect(nursery)
+        assert (idle.opened, idle.failures) == (0, {"http_404": 3})
+
+        with trio.fail_after(10):
+            async with loadgen.hold_idle(server.ws, 2) as idle:
+                assert len(idle.open) == 2
+                while idle.open:
+                    await trio.sleep(0.05)
+    snap = idle.snapshot()
+    assert (snap["opened"], snap["failed"], snap["open"], snap["dropped"]) == (2, 0, 0, 2)
+    assert snap["drops"] == {"4408 idle timeout": 2}
+
+
+def test_idle_sockets_that_cannot_fit_stop_with_the_reason():
+    with pytest.raises(SystemExit, match="is to hold 1000000000 idle sockets, but it may open only"):
+        loadgen.raise_fd_limit(10**9, "this process")

@@ -5,8 +5,10 @@ By default every request opens a websocket of its own to /v1/stream (sends `gene
 requests over K shared sockets instead, and `--api openai` sends each over an HTTP connection of its
 own to the OpenAI door, streamed as server-sent events. Open-loop Poisson arrivals at each --rates
 value, or closed-loop --concurrency; `--processes P` splits the clients over P processes when one
-cannot keep up. Prompts shaped like gpu/workload.json or read from a file of chat prompts. Prints
-client- and server-side percentiles side by side; writes JSON and a PNG plot.
+cannot keep up; `--idle-sockets N` holds N more websockets open through every level that send
+nothing, as chat users who opened the page and say nothing. Prompts shaped like gpu/workload.json or
+read from a file of chat prompts. Prints client- and server-side percentiles side by side; writes
+JSON and a PNG plot.
 
     python -m streamer serve --model random:tiny-qwen3 --port 8123 &
     python tools/loadgen.py --url http://127.0.0.1:8123 --rates 1,2 --num-requests 30
@@ -15,8 +17,11 @@ client- and server-side percentiles side by side; writes JSON and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
+import math
+import os
 import random
 import subprocess
 import sys
@@ -29,7 +34,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    open_websocket_url,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools")]
@@ -47,6 +58,9 @@ WORDS = ("the of and to in is it that for on was with as be at by this had not a
 # Request fields the OpenAI door takes (web/openai_api.py refuses others); /v1/stream's greedy default
 # is sent explicitly there, where the default temperature is 1.
 OPENAI_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "priority"}
+IDLE_HANDSHAKES = 200  # --idle-sockets: handshakes in flight at once, per process
+IDLE_CONNECT_S = 30.0  # one idle socket's handshake, before it counts as failed
+FD_HEADROOM = 256  # descriptors a process keeps beside its idle sockets, for the load's own connections
 
 
 def text_of_length(n_tokens: int, tokens_per_word: float, rng: random.Random) -> str:
@@ -295,6 +309,162 @@ async def transport(share: Share):
             nursery.cancel_scope.cancel()  # closes the sockets: the server cancels what is left
 
 
+def _failure(exc: BaseException) -> str:
+    """Why an idle socket did not open: the status the server refused the handshake with, a
+    timeout, or the underlying error's type (and errno name), e.g. `ConnectionRefusedError (ECONNREFUSED)`."""
+    if isinstance(exc, ConnectionRejected):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, ConnectionTimeout):
+        return "handshake_timeout"
+    cause = exc
+    while getattr(cause, "errno", None) is None:  # trio: HandshakeError from OSError from a group of attempts
+        inner = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__
+        if inner is None:
+            break
+        cause = inner
+    name = errno.errorcode.get(getattr(cause, "errno", None) or 0)
+    return f"{type(cause).__name__} ({name})" if name else type(cause).__name__
+
+
+def _closed(reason) -> str:
+    """A close the server sent (or a connection lost), e.g. `4408 idle timeout`, `1006 ABNORMAL_CLOSURE`."""
+    return f"{reason.code} {reason.reason or reason.name}" if reason is not None else "closed"
+
+
+class IdleSockets:
+    """--idle-sockets: chat users who opened the page and say nothing. Each holds a websocket to
+    /v1/stream and reads it (nothing is expected; trio-websocket answers the server's pings in the
+    background meanwhile) until it closes; one the server closed before we did counts as dropped,
+    by its close code."""
+
+    def __init__(self, url: str, requested: int) -> None:
+        self.url, self.requested = url, requested
+        self.opened, self.failures, self.drops = 0, Counter(), Counter()
+        self.open: set = set()
+        self.open_s = 0.0  # how long opening them all took
+        self.closing = False
+        self._settled, self._all_settled = 0, trio.Event()
+
+    async def connect(self, nursery: trio.Nursery) -> None:
+        """Start them all in `nursery`, at most IDLE_HANDSHAKES handshakes at a time; return once
+        each one opened or failed."""
+        t0, slots = time.monotonic(), trio.Semaphore(IDLE_HANDSHAKES)
+        if self.requested:
+            for _ in range(self.requested):
+                nursery.start_soon(self._user, slots)
+            await self._all_settled.wait()
+        self.open_s = time.monotonic() - t0
+
+    def _settle(self, slots: trio.Semaphore) -> None:
+        slots.release()
+        self._settled += 1
+        if self._settled == self.requested:
+            self._all_settled.set()
+
+    def _drop(self, ws, why: str) -> None:
+        """The socket is gone: a drop, unless we are closing them."""
+        if ws in self.open:
+            self.open.discard(ws)
+            if not self.closing:
+                self.drops[why] += 1
+
+    async def _user(self, slots: trio.Semaphore) -> None:
+        ws = None
+        await slots.acquire()
+        try:
+            async with open_websocket_url(self.url, connect_timeout=IDLE_CONNECT_S) as ws:
+                self._settle(slots)
+                self.opened += 1
+                self.open.add(ws)
+                try:
+                    while True:
+                        await ws.get_message()
+                except ConnectionClosed as exc:
+                    self._drop(ws, _closed(exc.reason))
+        # Any error: one user's socket failing is counted, never the end of the run.
+        except Exception as exc:
+            if ws is None:
+                self._settle(slots)
+                self.failures[_failure(exc)] += 1
+            else:
+                self._drop(ws, type(exc).__name__)
+        finally:
+            self.open.discard(ws)  # cancelled: hold_idle is closing them
+
+    def close(self) -> None:
+        """Mark the end: what closes from here on is no drop. (hold_idle then cancels them: each
+        socket's TCP connection closes without a close handshake, as a closed tab's or a lost
+        network's does. A handshake would race the server's pings: trio-websocket answers a ping
+        that arrives after our close frame with a pong wsproto refuses to send, and the reader task
+        fails; python-trio/trio-websocket#184.)"""
+        self.closing = True
+
+    def snapshot(self) -> dict:
+        return {"requested": self.requested, "opened": self.opened, "failed": sum(self.failures.values()),
+                "failures": dict(self.failures), "open": len(self.open), "dropped": sum(self.drops.values()),
+                "drops": dict(self.drops), "open_s": round(self.open_s, 2)}
+
+
+def merge_idle(snapshots: list[dict]) -> dict:
+    """The client processes' idle-socket counts as one."""
+    out = {"requested": 0, "opened": 0, "failed": 0, "failures": Counter(), "open": 0, "dropped": 0,
+           "drops": Counter(), "open_s": 0.0}
+    for snap in snapshots:
+        for key in ("requested", "opened", "failed", "open", "dropped"):
+            out[key] += snap[key]
+        out["failures"].update(snap["failures"])
+        out["drops"].update(snap["drops"])
+        out["open_s"] = max(out["open_s"], snap["open_s"])
+    return {**out, "failures": dict(out["failures"]), "drops": dict(out["drops"])}
+
+
+def idle_line(idle: dict) -> str:
+    def reasons(counts: dict) -> str:
+        return f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if counts else ""
+
+    return (f"idle sockets: {idle['open']}/{idle['requested']} still open ({idle['opened']} opened in "
+            f"{idle['open_s']:g} s; {idle['failed']} refused or failed{reasons(idle['failures'])}; "
+            f"{idle['dropped']} dropped by the server{reasons(idle['drops'])})")
+
+
+def raise_fd_limit(sockets: int, who: str) -> None:
+    """Raise this process's soft limit on open files to its hard limit; stop here, with the reason,
+    if `sockets` idle sockets and FD_HEADROOM more descriptors would not fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16
+    if soft != resource.RLIM_INFINITY and sockets + in_use + FD_HEADROOM > soft:
+        raise SystemExit(
+            f"--idle-sockets: {who} is to hold {sockets} idle sockets, but it may open only {soft} files "
+            f"(hard limit {hard}; {in_use} open already, {FD_HEADROOM} kept for the load's own "
+            f"connections): raise the hard limit (ulimit -Hn as root, LimitNOFILE= in a systemd unit, "
+            f"--ulimit nofile= for docker) or spread them over more --processes")
+
+
+@asynccontextmanager
+async def hold_idle(url: str, n: int):
+    """The IdleSockets of this process, open (or failed) on entry, held through the block, closed on
+    leaving it."""
+    idle = IdleSockets(url, n)
+    async with trio.open_nursery() as nursery:
+        await idle.connect(nursery)
+        try:
+            yield idle
+        finally:
+            idle.close()
+            nursery.cancel_scope.cancel()
+
+
 async def progress(label: str, total: int, outcomes: list, t0: float, tty: bool) -> None:
     """A bar redrawn in place on a terminal; a line every 5 s otherwise (logs, CI, worker processes)."""
     while True:
@@ -363,45 +533,131 @@ def split(args, prompts: list[dict], rate: float | None, concurrency: int | None
             for w in range(p)]
 
 
-async def run_workers(shares: list[Share]) -> list[dict]:
-    """A process per share (`loadgen.py --worker`), started together: each imports, reads its share
-    and says `ready`; once all have, each gets `go`; each answers its samples as JSON on stdout."""
-    runs: list[dict | None] = [None] * len(shares)
-    ready, go = [0], trio.Event()
+class Lines:
+    """Newline-ended messages on a trio stream: a client process's stdout, or its stdin there."""
 
-    async def worker(share: Share) -> None:
-        proc = await trio.lowlevel.open_process([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE)
-        try:
-            await proc.stdin.send_all(json.dumps(asdict(share)).encode() + b"\n")
-            out = b""
-            while b"ready\n" not in out:
-                chunk = await proc.stdout.receive_some()
-                if not chunk:
-                    raise RuntimeError(f"client process {share.worker} exited before starting")
-                out += chunk
+    def __init__(self, stream) -> None:
+        self.stream, self.buf, self.scanned = stream, bytearray(), 0
+
+    async def get(self) -> bytes | None:
+        """The next line, without its newline; None at the end of the stream."""
+        while (i := self.buf.find(b"\n", self.scanned)) < 0:
+            self.scanned = len(self.buf)
+            chunk = await self.stream.receive_some()
+            if not chunk:
+                return None
+            self.buf += chunk
+        line = bytes(self.buf[:i])
+        del self.buf[:i + 1]
+        self.scanned = 0
+        return line
+
+
+def _run_json(run: dict) -> bytes:
+    return json.dumps({**run, "outcomes": [asdict(o) for o in run["outcomes"]]}).encode()
+
+
+def _run_from_json(line: bytes) -> dict:
+    run = json.loads(line)
+    run["outcomes"] = [report.Outcome(**o) for o in run["outcomes"]]
+    return run
+
+
+class Clients:
+    """Where the levels' shares run, kept through every level: this process (--processes 1), or P
+    client processes (`loadgen.py --worker`, started once). Each holds its part of the idle sockets."""
+
+    def __init__(self, idle: IdleSockets | None = None, procs: list | None = None) -> None:
+        self.local_idle, self.procs = idle, procs or []
+        self.out = [Lines(proc.stdout) for proc in self.procs]
+
+    async def _send(self, w: int, message: bytes) -> None:
+        await self.procs[w].stdin.send_all(message + b"\n")
+
+    async def _get(self, w: int) -> bytes:
+        line = await self.out[w].get()
+        if line is None:
+            raise RuntimeError(f"client process {w} exited ({await self.procs[w].wait()}): see its stderr")
+        return line
+
+    async def _each(self, fn, n: int | None = None) -> list:
+        """fn(w) for the first n processes (all by default) at once; their answers in order."""
+        answers: list = [None] * (len(self.procs) if n is None else n)
+
+        async def one(w: int) -> None:
+            answers[w] = await fn(w)
+
+        async with trio.open_nursery() as nursery:
+            for w in range(len(answers)):
+                nursery.start_soon(one, w)
+        return answers
+
+    async def ask(self, message: bytes) -> list[bytes]:
+        async def one(w: int) -> bytes:
+            await self._send(w, message)
+            return await self._get(w)
+
+        return await self._each(one)
+
+    async def run(self, shares: list[Share]) -> list[dict]:
+        """One level. In processes: each gets its share and says `ready`; once all have, each gets
+        `go`, and answers its samples as a line of JSON."""
+        if not self.procs:
+            return [await drive(shares[0], sys.stderr.isatty())]
+        ready, go = [0], trio.Event()
+
+        async def one(w: int) -> dict:
+            await self._send(w, json.dumps(asdict(shares[w])).encode())
+            if await self._get(w) != b"ready":
+                raise RuntimeError(f"client process {w}: expected `ready`")
             ready[0] += 1
             if ready[0] == len(shares):
                 go.set()
             await go.wait()
-            await proc.stdin.send_all(b"go\n")
-            while chunk := await proc.stdout.receive_some():
-                out += chunk
+            await self._send(w, b"go")
+            return _run_from_json(await self._get(w))
+
+        return await self._each(one, len(shares))  # a closed-loop level with fewer clients leaves some idle
+
+    async def idle(self) -> dict:
+        """The idle sockets' counts now, over every process."""
+        if not self.procs:
+            return self.local_idle.snapshot()
+        return merge_idle([json.loads(line) for line in await self.ask(b"idle")])
+
+
+@asynccontextmanager
+async def clients(args):
+    """The Clients for a run, with --idle-sockets open before the first level and closed after the last."""
+    url, n, p = ws_url(args.url, False), args.idle_sockets, args.processes
+    if p == 1:
+        async with hold_idle(url, n) as idle:
+            yield Clients(idle=idle)
+        return
+    procs = []
+    try:
+        for _ in range(p):
+            procs.append(await trio.lowlevel.open_process([sys.executable, __file__, "--worker"],
+                                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        pool = Clients(procs=procs)
+
+        async def hello(w: int) -> bytes:
+            await pool._send(w, json.dumps({"worker": w, "api": args.api, "url": url,
+                                            "idle_sockets": len(range(w, n, p))}).encode())
+            return await pool._get(w)  # once its idle sockets are open (or failed)
+
+        await pool._each(hello)
+        yield pool
+        await pool._each(lambda w: pool._send(w, b"close"))
+        for w, proc in enumerate(procs):
             if await proc.wait() != 0:
-                raise RuntimeError(f"client process {share.worker} failed ({proc.returncode}): see its stderr")
-        finally:
+                raise RuntimeError(f"client process {w} failed ({proc.returncode}): see its stderr")
+    finally:
+        for proc in procs:
             if proc.returncode is None:
                 proc.kill()
                 with trio.CancelScope(shield=True):
                     await proc.wait()
-        run = json.loads(out.split(b"ready\n", 1)[1])
-        run["outcomes"] = [report.Outcome(**o) for o in run["outcomes"]]
-        runs[share.worker] = run
-
-    async with trio.open_nursery() as nursery:
-        for share in shares:
-            nursery.start_soon(worker, share)
-    return runs
 
 
 def _import_httpx() -> None:
@@ -411,16 +667,36 @@ def _import_httpx() -> None:
         raise SystemExit("--api openai needs httpx: pip install httpx") from None
 
 
-def worker_main() -> None:
-    """`loadgen.py --worker`: one Share on stdin, `ready`, wait for `go`, then its run as JSON."""
-    share = Share(**json.loads(sys.stdin.readline()))
-    if share.api == "openai":
-        _import_httpx()
-    print("ready", flush=True)
-    if sys.stdin.readline().strip() != "go":
+async def worker_loop() -> None:
+    """`loadgen.py --worker`, one client process of --processes P (Clients starts them). On stdin,
+    a line each: first its part ({worker, api, url, idle_sockets}), answered with its idle sockets'
+    counts once they are open; then per level a Share, answered `ready`, then `go`, answered with
+    its run; `idle`, answered with the counts; `close` (or the end of stdin) closes the idle sockets
+    and exits. Every answer is one line on stdout."""
+    stdin = Lines(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+
+    def answer(data: bytes) -> None:
+        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.buffer.flush()
+
+    part = json.loads(await stdin.get() or b"null")
+    if part is None:
         return
-    run = trio.run(drive, share, False)
-    json.dump({**run, "outcomes": [asdict(o) for o in run["outcomes"]]}, sys.stdout)
+    if part["api"] == "openai":
+        _import_httpx()
+    if part["idle_sockets"]:
+        raise_fd_limit(part["idle_sockets"], f"client process {part['worker']}")
+    async with hold_idle(part["url"], part["idle_sockets"]) as idle:
+        answer(json.dumps(idle.snapshot()).encode())
+        while (line := await stdin.get()) not in (None, b"close"):
+            if line == b"idle":
+                answer(json.dumps(idle.snapshot()).encode())
+                continue
+            share = Share(**json.loads(line))
+            answer(b"ready")
+            if await stdin.get() != b"go":
+                return
+            answer(_run_json(await drive(share, False)))
 
 
 def get_stats(http: str) -> dict:
@@ -452,12 +728,13 @@ def transport_name(args) -> str:
     return name + " (?batch=1)" if args.batch else name
 
 
-async def run_one(args, prompts: list[dict], rate: float | None, concurrency: int | None) -> dict:
+async def run_one(args, pool: Clients, prompts: list[dict], rate: float | None, concurrency: int | None) -> dict:
     """One load level: open loop at `rate` req/s, or closed loop with `concurrency` clients."""
     before = await wait_idle(args.url)
     shares = split(args, prompts, rate, concurrency, f"{rate:g} req/s" if rate else f"{concurrency} clients")
-    runs = [await drive(shares[0], sys.stderr.isatty())] if len(shares) == 1 else await run_workers(shares)
+    runs = await pool.run(shares)
     after = await wait_idle(args.url)
+    idle = await pool.idle()  # at the level's end: how many of the idle sockets are still open
     outcomes = [o for run in runs for o in run["outcomes"]]
     wall = max(run["t1"] for run in runs) - min(run["t0"] for run in runs)  # one monotonic clock per host
     ok = [o for o in outcomes if o.ok]
@@ -479,6 +756,7 @@ async def run_one(args, prompts: list[dict], rate: float | None, concurrency: in
         "client": report.client_side(outcomes), "server": report.server_side(before, after),
         "by_priority": {str(p): report.client_side([o for o in outcomes if o.priority == p])
                         for p in sorted({o.priority for o in outcomes})} if len({o.priority for o in outcomes}) > 1 else {},
+        "idle_sockets": idle,
     }
 
 
@@ -508,6 +786,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="client processes: each sends its share of the arrivals (rate/P, or its share of the "
                    "clients, arrival times of its own seed); percentiles over all their samples; each one's CPU "
                    "(user+sys over wall) is printed, with a warning above 80%% of a core")
+    p.add_argument("--idle-sockets", type=int, default=0, metavar="N",
+                   help="idle chat users: before the first level (the warm-up too), open N websockets to "
+                   "/v1/stream that send nothing, split over --processes, and hold them through every level "
+                   "(the server's pings answered); closed at the end. Handshakes go at most "
+                   f"{IDLE_HANDSHAKES} at a time per process; each process raises its open-file soft limit to "
+                   "the hard limit and stops if its share does not fit. Each level reports how many opened, "
+                   "were refused or failed (by reason) and are still open; one the server closed meanwhile "
+                   "counts as dropped. The server closes a websocket silent for its --ws-idle-timeout (default "
+                   "300 s; pings do not count): long enough for a benchmark, else raise it there (0: never)")
     p.add_argument("--priorities", help="comma-separated request classes, cycled over the requests "
                    "(e.g. 0,0,0,5: a quarter at class 5); per-class percentiles are printed")
     p.add_argument("--batch", action="store_true",
@@ -521,6 +808,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.processes < 1:
         p.error("--processes must be >= 1")
+    if args.idle_sockets < 0:
+        p.error("--idle-sockets must be >= 0")
     if args.connections < 0 or 0 < args.connections < args.processes:
         p.error("--connections must be 0 (a websocket per request) or at least --processes (K shared ones)")
     if args.api == "openai" and (args.connections or args.batch):
@@ -534,6 +823,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 async def main(args) -> list[dict]:
+    if args.idle_sockets:  # before anything starts (each client process checks its own share again)
+        p = args.processes
+        raise_fd_limit(math.ceil(args.idle_sockets / p), "this process" if p == 1 else "each client process")
     if args.api == "openai":
         models = await trio.to_thread.run_sync(_get_json, f"{args.url}/v1/models")
         args.model = models["data"][0]["id"]
@@ -557,14 +849,21 @@ async def main(args) -> list[dict]:
         print("note: the OpenAI door takes no ignore_eos: answers may end at EOS before max_tokens", file=sys.stderr)
     levels = [(float(r), None) for r in args.rates.split(",")] if args.rates else \
              [(None, int(c)) for c in args.concurrency.split(",")]
+    async with clients(args) as pool:  # the idle sockets open here, before the warm-up, until the end
+        if args.idle_sockets:
+            print(idle_line(await pool.idle()).replace("still open", "open before the first level"))
+        return await run_levels(args, pool, levels, level_prompts)
+
+
+async def run_levels(args, pool: Clients, levels: list, level_prompts) -> list[dict]:
     if args.warmup > 0:  # the first level's load, unmeasured: a fresh server pays for first calls
         warm = argparse.Namespace(**{**vars(args), "duration": args.warmup, "drain": min(args.drain, 30.0)})
-        result = await run_one(warm, level_prompts(0), *levels[0])
+        result = await run_one(warm, pool, level_prompts(0), *levels[0])
         print(f"== warm-up at the first level's load for {args.warmup:g} s: {result['completed']}/{result['sent']} "
               f"completed, {result['output_tok_s']} output tok/s (not reported)")
     results = []
     for level, (rate, concurrency) in enumerate(levels, start=1):
-        result = await run_one(args, level_prompts(level), rate, concurrency)
+        result = await run_one(args, pool, level_prompts(level), rate, concurrency)
         results.append(result)
         print(f"\n== {result['mode']} loop, {result['load']:g} {'req/s offered' if rate else 'clients'}: "
               f"{result['completed']}/{result['sent']} completed in {result['wall_s']} s "
@@ -575,18 +874,23 @@ async def main(args) -> list[dict]:
         for p, side in result["by_priority"].items():
             print(f"  priority {p:>3}: {side['ttft']['count']} requests, TTFT p50 {side['ttft']['p50_ms']} "
                   f"p99 {side['ttft']['p99_ms']} ms, ITL p99 {side['itl']['p99_ms']} ms (client)")
+        if args.idle_sockets:
+            print(idle_line(result["idle_sockets"]))
     return results
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:  # a client process of --processes P (run_workers starts it)
-        worker_main()
+    if sys.argv[1:] == ["--worker"]:  # a client process of --processes P (clients() starts it)
+        trio.run(worker_loop)
         raise SystemExit
     args = parse_args()
     results = trio.run(main, args)
     args.out.mkdir(parents=True, exist_ok=True)
+    idle = results[-1]["idle_sockets"] if results else None  # after the last level
+    if args.idle_sockets:
+        print(f"\nafter the last level, {idle_line(idle)}")
     (args.out / "loadgen.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": results}, indent=1))
+                                                       "idle_sockets": idle, "results": results}, indent=1))
     print(f"\nwrote {args.out / 'loadgen.json'}")
     try:
         report.plot(results, str(args.out / "loadgen.png"), "offered rate (req/s)" if args.rates else "clients")
