@@ -43,6 +43,7 @@ from streamer.policy import Policy
 from streamer.prompt import check_prompt, encode_chat, encode_prompt
 from streamer.request import AbortAll, Cancel, EventQueue, Generation, Request, Submit
 from streamer.scheduler import Scheduler, Sequence, StepPlan
+from streamer.static import StaticScheduler
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
 
 log = structlog.get_logger("streamer")
@@ -105,11 +106,13 @@ class Engine:
                                            tuned and tuned.budget, self.max_running, time.monotonic())
         budget = self.controller.budget if self.controller else (
             config.max_batch_tokens or (tuned and tuned.budget) or DEFAULT_BATCH_TOKENS)
-        self.scheduler = Scheduler(self.allocator, config.block_size, budget, self.max_running,
-                                   config.static_batch, config.prefix_caching,
-                                   Policy.parse(config.policy, config.prefill_share, config.aging_s),
-                                   host_slots=self.host_slots, static_padding=config.static_padding,
-                                   capacity=self.capacity)
+        args = (self.allocator, config.block_size, budget, self.max_running)
+        kw = dict(prefix_caching=config.prefix_caching,
+                  policy=Policy.parse(config.policy, config.prefill_share, config.aging_s))
+        if config.static_batch:  # the benchmark baseline
+            self.scheduler = StaticScheduler(*args, config.static_batch, config.static_padding, self.capacity, **kw)
+        else:
+            self.scheduler = Scheduler(*args, host_slots=self.host_slots, **kw)
         self._inbox_send, self._inbox = trio.open_memory_channel(config.max_waiting)
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
         # cancels at most once, so it holds at most as many messages as there are requests.

@@ -18,11 +18,7 @@ dropped. A request preempted while its sample is in flight still gets that token
 A request preempted for memory is swapped out when the host pool has free slots (the plan lists
 the block -> slot copies for the runner) and resumes from where it stopped; else it is recomputed.
 
-Static batching (`static_batch`, a benchmark baseline) admits a batch together and nothing more
-until all of it has finished. With `static_padding` it also does the work a padded static batch
-does: each prompt's padding up to the batch's longest is computed (a padding row of its own), and
-a finished request's row goes on decoding until the batch's last request ends. Those rows are
-`ghost` sequences: no request behind them, their tokens go nowhere, memory pressure drops them.
+The static-batch benchmark baseline is a subclass of this one: streamer/static.py.
 """
 
 from __future__ import annotations
@@ -36,6 +32,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import ClassVar
 
 from streamer.allocator import BlockAllocator, HostSlots
 from streamer.policy import Policy
@@ -72,7 +69,7 @@ class Sequence:
     last_step: int = 0  # the step that last scheduled it (least recently scheduled is preempted first)
     computed_high: int = 0  # most tokens it ever had computed: below this, computing again is recompute
     swap_slots: list[int] = field(default_factory=list)  # swapped out: host slot i holds its block i
-    ghost: bool = False  # a padding row of a padded static batch (see the module docstring)
+    ghost: ClassVar[bool] = False  # True for a padding row of a padded static batch (streamer/static.py)
 
     @property
     def num_tokens(self) -> int:
@@ -125,28 +122,23 @@ class TokenOutput:
 
 
 class Scheduler:
+    # Running requests are scheduled in this order: least recently scheduled first, then by arrival.
+    _order_key: ClassVar[Callable[[Sequence], tuple]] = attrgetter("last_step", "arrival")
+
     def __init__(
         self, allocator: BlockAllocator, block_size: int, max_batch_tokens: int, max_running: int,
-        static_batch: int | None = None, prefix_caching: bool = False, policy: Policy | None = None,
+        prefix_caching: bool = False, policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic, host_slots: HostSlots | None = None,
-        static_padding: bool = False, capacity: int | None = None,
     ) -> None:
-        """`capacity`: the most tokens one sequence may hold (a padding row never grows past it)."""
         self.allocator = allocator
         self.host_slots = host_slots or HostSlots(0)  # the swap pool's free slots; none: always recompute
         self.policy = policy or Policy()
         self.clock = clock
         self.prefix_caching = prefix_caching
         self.prefix_hit_tokens = 0
-        # Static batching (a baseline for benchmarks): admit up to `static_batch` requests together,
-        # only once the previous batch has completely finished.
-        self.static_batch = static_batch
-        self.static_padding = static_padding  # ... and padded (module docstring)
-        self.capacity = capacity
         self.block_size = block_size
         # Knobs a controller may turn between steps (from the step loop, like everything here):
         self.max_batch_tokens = max_batch_tokens  # token budget of one step
-        self.max_admit_per_step: int | None = None  # requests admitted per step, resumed ones included; None: no cap
         # Most running requests. Lowered below the running count, it preempts nobody: admission
         # stops until fewer run (only _admit and _pending_prefill read it).
         self.max_running = max_running
@@ -176,10 +168,8 @@ class Scheduler:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
-        if seq.status is Status.RUNNING and self.static_padding:
-            self._hold_row(seq)  # its row goes on decoding, a padding row now
-        elif seq.status is Status.RUNNING:
-            self.running.remove(seq)
+        if seq.status is Status.RUNNING:
+            self._stop_running(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self._release(seq)
@@ -199,26 +189,14 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
         self._swap_out, self._swap_in = [], []
-        if self.static_batch and all(s.ghost for s in self.running):
-            for ghost in self.running:  # the batch has ended: its padding rows go
-                self._release(ghost)
-                ghost.status = Status.FINISHED
-            self.running = []
-            while self.waiting and len(self.running) < self.static_batch:
-                seq = self.waiting.popleft()
-                seq.status = Status.RUNNING
-                self.running.append(seq)  # blocks come as its prefill chunks are scheduled
-            if self.static_padding and self.running:
-                self._pad_prompts()
-
         # Running requests, least recently scheduled first (a decode deferred last step goes first
         # now): decodes (one token to catch up), then unfinished prefills. With the `first-token`
         # policy, decodes leave a share of the budget to pending prefills.
-        order = sorted(self.running, key=attrgetter("ghost", "last_step", "arrival"))  # (padding rows last)
+        order = sorted(self.running, key=self._order_key)
         keep = self.policy.prefill_reserve(budget, self._pending_prefill(budget)) if self.policy.first_token else 0
         budget = self._schedule_running(order, True, budget, keep, chunks, scheduled, preempted)
         budget = self._schedule_running(order, False, budget, 0, chunks, scheduled, preempted)
-        if not preempted and not self.static_batch:
+        if not preempted:
             budget = self._admit(budget, chunks, scheduled)
         if keep:  # budget the prefills could not use goes to the decodes deferred for them
             self._schedule_running(order, True, budget, 0, chunks, scheduled, preempted)
@@ -252,7 +230,7 @@ class Scheduler:
         request whose blocks do not fit stops admission: nothing overtakes it, so a long prompt
         is not starved by short ones. Returns the budget left."""
         policy = self.policy
-        if not self.waiting or budget <= 0 or len(self.running) >= self.max_running or self.max_admit_per_step == 0:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_running:
             return budget
         candidates = self.waiting
         if policy.reorders:
@@ -264,8 +242,6 @@ class Scheduler:
         admitted = 0
         for seq in candidates:
             if budget <= 0 or len(self.running) >= self.max_running:
-                break
-            if self.max_admit_per_step is not None and admitted >= self.max_admit_per_step:
                 break
             if policy.fair and not seq.num_preemptions and running_of[seq.client] >= share and any(
                     n for c, n in waiting_of.items() if c != seq.client):
@@ -312,38 +288,6 @@ class Scheduler:
         seq.num_computed = end
         seq.pending += sample
 
-    # --- padded static batches (a benchmark baseline) -------------------------------------------
-    def _pad_prompts(self) -> None:
-        """A padding row for each prompt of the new batch shorter than its longest: the padding's
-        tokens are computed (its K/V written to blocks of its own) and one token sampled."""
-        width = max(s.num_tokens for s in self.running)
-        for seq in list(self.running):
-            if seq.num_tokens < width:
-                self.running.append(self._ghost(f"pad:{seq.request_id}", [0] * (width - seq.num_tokens), 1, seq))
-
-    def _hold_row(self, seq: Sequence) -> None:
-        """`seq` ended: a padding row takes its place, its blocks and its tokens, and decodes on
-        while the batch's longest request may still run (never past `capacity`)."""
-        live = [s for s in self.running if not s.ghost and s is not seq]
-        tokens = seq.prompt_ids + seq.output_ids
-        longest = max((s.max_tokens - len(s.output_ids) for s in live), default=0)
-        if self.capacity is not None:
-            longest = min(longest, self.capacity - len(tokens))
-        i = self.running.index(seq)
-        if longest < 1:
-            del self.running[i]
-            return
-        ghost = self._ghost(f"held:{seq.request_id}", tokens, longest, seq)
-        ghost.block_table, seq.block_table = seq.block_table, array("i")
-        ghost.block_hashes, seq.block_hashes = seq.block_hashes, []
-        ghost.num_computed = min(seq.num_computed, len(tokens) - 1)  # the last token is the next input
-        ghost.computed_high = ghost.num_computed
-        self.running[i] = ghost
-
-    def _ghost(self, name: str, tokens: list[int], max_tokens: int, like: Sequence) -> Sequence:
-        return Sequence(name, tokens, max_tokens, status=Status.RUNNING, ghost=True, arrival=like.arrival,
-                        t_arrival=like.t_arrival, last_step=like.last_step)
-
     def _pending_prefill(self, limit: int) -> int:
         """Prefill tokens that could run this step (counted up to `limit`)."""
         n = 0
@@ -370,8 +314,6 @@ class Scheduler:
                 assert token is not None
                 seq.pending -= 1
                 seq.output_ids.append(token)  # a request preempted since this step was planned keeps it too
-                if seq.ghost:
-                    continue  # a padding row: its token goes nowhere
             # A block is cached once its ids are all known (its K/V may still be in flight: any
             # step that reads it is planned later, so runs later on the device's one stream).
             if (prefix_caching and seq.num_computed // block_size > len(seq.block_hashes) and seq.status is running
@@ -401,31 +343,27 @@ class Scheduler:
         if not need:  # most decode steps: the last block has room
             return True
         while not self.allocator.can_allocate(need):
-            victim = min((s for s in self.running if id(s) not in scheduled),
-                         key=lambda s: (not s.ghost, self.policy.victim_key(s)))  # padding rows go first
+            victim = min((s for s in self.running if id(s) not in scheduled), key=self.policy.victim_key)
             self._preempt(victim)
-            if not victim.ghost:  # (a padding row is just dropped)
-                preempted.append(victim)
+            preempted.append(victim)
             if victim is seq:
                 return False
         seq.block_table.extend(self.allocator.allocate(need))
         return True
 
+    def _stop_running(self, seq: Sequence) -> None:
+        """`seq`, running, has ended (finish() frees its blocks next)."""
+        self.running.remove(seq)
+
     def _preempt(self, seq: Sequence) -> None:
-        if seq.ghost:  # a padding row is dropped, never queued
-            self.running.remove(seq)
-            self._release(seq)
-            seq.status = Status.FINISHED
-            return
         """Free all of seq's blocks. If the host pool has room for its computed blocks they are
         swapped out (copied before this step's forward may overwrite them) and it resumes from
         num_computed; else it will be recomputed from prompt + generated tokens (with prefix
-        caching, its full blocks stay cached until evicted, and come back for free). Static
-        batching, a baseline, always recomputes. It waits ahead of every new arrival, among the
-        preempted ones by arrival."""
+        caching, its full blocks stay cached until evicted, and come back for free). It waits
+        ahead of every new arrival, among the preempted ones by arrival."""
         self.running.remove(seq)
         n = -(-seq.num_computed // self.block_size)
-        slots = self.host_slots.allocate(n) if n and not self.static_batch else None
+        slots = self.host_slots.allocate(n) if n else None
         if slots is not None:
             self._swap_out += zip(seq.block_table[:n], slots, strict=True)
             seq.swap_slots = slots

@@ -17,6 +17,7 @@ from streamer.allocator import BlockAllocator
 from streamer.config import EngineConfig
 from streamer.policy import Policy
 from streamer.scheduler import Scheduler, Sequence, Status
+from tests.test_scheduler import AdmissionCapped
 
 BS = 4
 
@@ -31,9 +32,9 @@ class Clock:
         return self.now
 
 
-def make(policy="fcfs", num_blocks=64, budget=64, max_running=8, **knobs):
+def make(policy="fcfs", num_blocks=64, budget=64, max_running=8, cls=Scheduler, **knobs):
     clock = Clock()
-    s = Scheduler(BlockAllocator(num_blocks), BS, budget, max_running, policy=Policy.parse(policy, **knobs), clock=clock)
+    s = cls(BlockAllocator(num_blocks), BS, budget, max_running, policy=Policy.parse(policy, **knobs), clock=clock)
     return s, clock
 
 
@@ -209,7 +210,7 @@ def test_first_token_gives_unused_share_back_to_decodes():
 
 
 def test_max_admit_per_step_caps_admissions_and_can_change_between_steps():
-    s, _ = make("fcfs", max_running=8)
+    s, _ = make("fcfs", max_running=8, cls=AdmissionCapped)
     s.max_admit_per_step = 2
     for r in "abcde":
         s.add(seq(r))

@@ -9,9 +9,26 @@ from streamer.scheduler import Scheduler, Sequence, Status
 BS = 4
 
 
-def make(num_blocks=64, budget=16, max_running=8):
+class AdmissionCapped(Scheduler):
+    """At most `max_admit_per_step` requests admitted a step, resumed ones included (None: no cap),
+    for tests of admission changing between steps: the cap lowers the running cap while it admits."""
+
+    max_admit_per_step: int | None = None
+
+    def _admit(self, budget, chunks, scheduled):
+        if self.max_admit_per_step is None:
+            return super()._admit(budget, chunks, scheduled)
+        max_running = self.max_running
+        self.max_running = min(max_running, len(self.running) + self.max_admit_per_step)
+        try:
+            return super()._admit(budget, chunks, scheduled)
+        finally:
+            self.max_running = max_running
+
+
+def make(num_blocks=64, budget=16, max_running=8, cls=Scheduler):
     alloc = BlockAllocator(num_blocks)
-    return alloc, Scheduler(alloc, BS, budget, max_running)
+    return alloc, cls(alloc, BS, budget, max_running)
 
 
 def seq(rid, prompt_len, max_tokens=4, eos=frozenset()):
@@ -150,23 +167,8 @@ def test_update_drops_results_of_requests_finished_during_the_step():
     assert alloc.num_free == alloc.num_blocks
 
 
-def test_static_batching_admits_together_and_waits_for_the_whole_batch():
-    alloc = BlockAllocator(64)
-    s = Scheduler(alloc, BS, 64, 8, static_batch=2)
-    s.add(seq("a", 2, max_tokens=1))
-    s.add(seq("b", 2, max_tokens=4))
-    s.add(seq("c", 2, max_tokens=1))
-    plan = run_step(s)
-    assert [c.seq.request_id for c in plan.chunks] == ["a", "b"]  # a finishes here
-    for _ in range(3):
-        plan = run_step(s)
-        assert [c.seq.request_id for c in plan.chunks] == ["b"]  # c waits although a slot is free
-    plan = run_step(s)
-    assert [c.seq.request_id for c in plan.chunks] == ["c"]
-
-
 def test_admission_cap_limits_new_requests_per_step():
-    alloc, s = make(budget=64)
+    alloc, s = make(budget=64, cls=AdmissionCapped)
     s.max_admit_per_step = 2
     for i in range(5):
         s.add(seq(f"r{i}", 3, max_tokens=8))
@@ -177,36 +179,3 @@ def test_admission_cap_limits_new_requests_per_step():
     s.max_admit_per_step = None
     plan = run_step(s)
     assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1", "r2", "r3", "r4"]
-
-
-def test_padded_static_batch_computes_the_padding_and_holds_finished_rows():
-    alloc = BlockAllocator(64)
-    s = Scheduler(alloc, BS, 64, 8, static_batch=2, static_padding=True)
-    s.add(seq("a", 2, max_tokens=1))
-    s.add(seq("b", 5, max_tokens=4))
-    s.add(seq("c", 2, max_tokens=1))
-    plan = run_step(s)  # a's prompt is padded to b's 5 tokens: a row of 3 padding tokens
-    assert [(c.seq.request_id, c.length) for c in plan.chunks] == [("a", 2), ("b", 5), ("pad:a", 3)]
-    assert s.requests.keys() == {"b", "c"}  # a finished (1 token); its row is held
-    for _ in range(3):  # b's 3 more tokens; a's row decodes beside it, the padding row does not
-        plan = run_step(s)
-        assert [c.seq.request_id for c in plan.chunks] == ["b", "held:a"]
-        assert all(c.length == 1 for c in plan.chunks)
-    assert "b" not in s.requests
-    plan = run_step(s)  # the batch has ended: padding rows go, c comes in alone (no padding)
-    assert [c.seq.request_id for c in plan.chunks] == ["c"] and all(not q.ghost for q in s.running)
-    assert not s.has_work() and alloc.num_free == alloc.num_blocks
-
-
-def test_padding_rows_give_way_under_memory_pressure():
-    alloc = BlockAllocator(4)  # 16 tokens
-    s = Scheduler(alloc, BS, 64, 8, static_batch=2, static_padding=True)
-    s.add(seq("a", 1, max_tokens=1))
-    s.add(seq("b", 4, max_tokens=9))
-    run_step(s)  # a, b and a's 3-token padding row: 3 blocks
-    rows = [[c.seq.request_id for c in run_step(s).chunks] for _ in range(8)]  # b grows to 12 tokens
-    assert rows[0] == ["b", "held:a"] and rows[-1] == ["b"]  # a's rows gave their blocks up ...
-    assert s.num_preemptions == 0 and not s.requests  # ... and b was never preempted
-    assert all(q.ghost for q in s.running)
-    run_step(s)
-    assert not s.has_work() and alloc.num_free == alloc.num_blocks
