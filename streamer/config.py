@@ -9,6 +9,7 @@ from streamer.policy import Policy
 DEFAULT_BATCH_TOKENS = 512  # the step budget when neither --max-batch-tokens nor auto-tuning sets one
 KV_DTYPES = ("auto", "int8")
 PREEMPTIONS = (None, "swap", "recompute")
+LAUNCHES = (None, "inline", "thread")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class EngineConfig:
     # host. None: on for CUDA; off on the CPU, where a launch computes the step before it returns,
     # so overlapping would only hold each token back a step.
     overlap: bool | None = None
+    # How a step is launched and waited for. "inline": on the step loop's own thread, polling for
+    # the ids between the other tasks' turns (on CUDA a launch only queues work); "thread": launch
+    # and wait in a worker thread (on the CPU a launch computes the step). None: by the device.
+    launch: str | None = None
     static_batch: int | None = None  # benchmark baseline: static batches of this size, no continuous batching
     static_padding: bool = False  # ... padded too: prompts to the batch's longest, rows held to its end
     auto_tune: bool | None = None  # time candidate budgets at warm-up; None: on for CUDA, off on the CPU
@@ -92,6 +97,8 @@ class EngineConfig:
         Policy.parse(self.policy, self.prefill_share, self.aging_s)  # raises ValueError with the reason
         if self.static_batch is not None and self.policy != "fcfs":
             raise ValueError("static_batch is the FIFO baseline; it takes no --policy")
+        if self.launch not in LAUNCHES:
+            raise ValueError(f"launch must be 'inline' or 'thread', got {self.launch!r}")
         if self.preemption not in PREEMPTIONS:
             raise ValueError(f"preemption must be 'swap' or 'recompute', got {self.preemption!r}")
         if not self.swap_space >= 0:

@@ -92,9 +92,9 @@ class Engine:
         self.runner = runner
         self.limits = f"context {self.max_context}, KV arena {num_blocks * config.block_size} tokens"
         self.overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
-        # Launch on the loop's own thread and poll for the ids (CUDA, where launching only queues
-        # work), or launch and wait in a worker thread (the CPU, where launch computes the step).
-        self.launch_inline = runner.device.type == "cuda"
+        # Launch on the loop's own thread and poll for the ids (`launch` "inline", CUDA's default: launching
+        # only queues work), or launch and wait in a worker thread ("thread", the CPU's: launch computes the step).
+        self.launch_inline = (config.launch or ("inline" if runner.device.type == "cuda" else "thread")) == "inline"
         self.block_size = config.block_size
         self.max_running = max_running or running_limit(config, num_blocks)
         self.allocator = BlockAllocator(num_blocks)

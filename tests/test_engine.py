@@ -35,9 +35,9 @@ async def engine(request):
     """The step loops: serial (the CPU's default), overlapped (step N+1 is planned and launched
     before step N's ids are back), and overlapped with the launch on the loop's own thread and a
     polled wait (CUDA's)."""
-    config = EngineConfig(model=TINY, kv_blocks=64, max_batch_tokens=64, overlap=request.param != "serial")
+    config = EngineConfig(model=TINY, kv_blocks=64, max_batch_tokens=64, overlap=request.param != "serial",
+                          launch="inline" if request.param == "inline" else "thread")
     async with open_engine(config) as eng:
-        eng.launch_inline = request.param == "inline"
         yield eng
 
 

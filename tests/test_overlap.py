@@ -105,12 +105,20 @@ async def test_steps_are_in_flight_together_and_collected_in_order():
     assert len(launched) == 6  # one prefill + 5 decodes: no step planned past the last token
 
 
+async def test_the_launch_follows_the_config_and_the_cpu_launches_in_a_worker_thread_by_default():
+    with pytest.raises(ValueError, match="launch"):
+        run_config(launch="gpu")
+    for launch, inline in ((None, False), ("thread", False), ("inline", True)):
+        async with open_engine(run_config(launch=launch)) as engine:
+            assert engine.launch_inline is inline
+
+
 async def test_inline_launch_polls_the_device_and_lets_other_tasks_run():
     """CUDA's loop shape: launch on the loop's thread, then poll until the step's ids are there.
     While a step is not ready the other tasks run, and they run at every step even when the ids
     are ready at the first look (the loop never holds the thread for a whole generation)."""
-    async with open_engine(run_config()) as engine:
-        engine.launch_inline = True
+    async with open_engine(run_config(launch="inline")) as engine:
+        assert engine.launch_inline
         runner = engine.runner
         looks: dict[int, int] = {}
 
@@ -219,8 +227,8 @@ async def test_a_steps_tokens_reach_their_readers_before_the_next_launch():
     """On the loop's own thread, the next step's host work (scheduling, packing, an eager launch)
     holds the event loop. The tokens just collected are taken by their readers first, so a slow
     launch delays the next token, never the one already computed."""
-    async with open_engine(run_config()) as engine:
-        engine.launch_inline = True
+    async with open_engine(run_config(launch="inline")) as engine:
+        assert engine.launch_inline
         runner = engine.runner
         real_launch = runner.launch
         received, seen_at_launch = [], []

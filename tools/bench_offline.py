@@ -119,10 +119,9 @@ async def run_engine(name: str, items: list[Item], args, system: str) -> tuple[f
                           max_batch_tokens=args.max_batch_tokens, static_batch=64 if static else None,
                           static_padding=system == "static-padded",
                           max_waiting=max(1024, len(items) + 1), overlap=False if system == "serial" else None,
-                          mixed_graphs=system != "eager-mixed")
+                          mixed_graphs=system != "eager-mixed",
+                          launch="thread" if system == "threaded" else None)  # threaded: as on the CPU
     async with open_engine(config) as engine:
-        if system == "threaded":  # the launch and the wait in a worker thread, as on the CPU
-            engine.launch_inline = False
         gc.collect()
         gc.freeze()  # as `streamer serve` does once ready: full collections skip the start-up heap
         walls, produced = [], 0

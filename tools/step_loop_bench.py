@@ -69,10 +69,10 @@ def fake_launcher(ids: str):
 async def main(args) -> None:
     config = EngineConfig(model="random:tiny-qwen3", device="cpu", kv_blocks=args.requests * (args.tokens // 16 + 3),
                           max_running=args.requests, max_batch_tokens=max(8192, args.requests * 8),
-                          max_waiting=args.requests + 1, overlap=args.overlap)
+                          max_waiting=args.requests + 1, overlap=args.overlap,
+                          launch="inline" if args.inline else "thread")
     async with open_engine(config) as engine:
         engine.runner.launch = fake_launcher(args.ids)
-        engine.launch_inline = args.inline
         # As on CUDA, decode steps count as graph replays (the loop does not yield before them).
         engine.runner.replays = lambda n: 0 < n <= 512
         if not args.no_freeze:
