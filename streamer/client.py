@@ -17,6 +17,7 @@ from collections.abc import Sequence as SeqType
 from dataclasses import dataclass
 from functools import partial
 
+import msgspec
 import structlog
 import trio
 
@@ -114,9 +115,7 @@ class EngineClient:
         self._errors.append(code)
 
     async def stats(self, hdr: bool = False) -> dict:
-        import json
-
-        snap = json.loads(await self._query(hdr=hdr, metrics=False))
+        snap = msgspec.msgpack.decode(await self._query(hdr=hdr, metrics=False))
         snap["answered_by"] = {"frontend": self.frontend, "pid": os.getpid(), "live": len(self._live)}
         return snap
 

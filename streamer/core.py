@@ -108,7 +108,7 @@ class CoreServer:
         self.engine = engine
         self.links: dict[int, Link] = {}
         self._numbers = itertools.count(1)
-        self._json = msgspec.json.Encoder()
+        self._encoder = msgspec.msgpack.Encoder()
 
     def welcome(self) -> ipc.Welcome:
         e = self.engine
@@ -205,7 +205,7 @@ class CoreServer:
             return generate_latest(self.engine.metrics.registry)
         snap = self.engine.snapshot(hdr=query.hdr)
         snap["processes"] = self.processes()
-        return self._json.encode(snap)
+        return self._encoder.encode(snap)
 
     def processes(self) -> dict:
         """The core and each front end: pid, and how late each one's event loop wakes tasks."""

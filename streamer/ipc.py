@@ -93,7 +93,7 @@ class Step(msgspec.Struct, tag="step", array_like=True):
 
 class StatsReply(msgspec.Struct, tag="stats", array_like=True):
     nonce: int
-    body: bytes  # JSON of the core's /stats, or its Prometheus text (as asked)
+    body: bytes  # the core's /stats (MessagePack), or its Prometheus text (as asked)
 
 
 ToCore = Hello | Submit | Cancel | Report | StatsQuery
