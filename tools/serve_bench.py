@@ -118,6 +118,10 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
     return rows
 
 
+def idle_open(idle: dict | None) -> str:
+    return f"{idle['open']}/{idle['requested']}" if idle else "-"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="random:qwen2.5-0.5b")
@@ -141,15 +145,16 @@ def main() -> None:
     print(f"\n{args.model}, {args.num_requests} requests a level (Poisson arrivals), a websocket per request, "
           f"{args.processes} client processes" + (f"; engine offline: {base:,.0f} tok/s" if base else ""))
     print("| server | offered req/s | delivered tok/s | of offline | completed | client TTFT p99 | client ITL p99 | server ITL p99 "
-          "| server CPU / token | client CPU (max) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| server CPU / token | client CPU (max) | idle sockets open |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c, s = r["client"], r["server"] or {}
         ratio = f"{r['tok_s'] / base:.0%}" if base else "-"
         ms = lambda d, k: "-" if not d or d.get(k, {}).get("p99_ms") is None else f"{d[k]['p99_ms']:.1f} ms"  # noqa: E731
         print(f"| {r['name']} (`{r['flags'] or 'defaults'}`, {r['processes']} proc) | {r['rate']:g} | {r['tok_s']:,.0f} | {ratio} | "
               f"{r['completed']}/{r['sent']} | {ms(c, 'ttft')} | {ms(c, 'itl')} | {ms(s, 'itl')} | "
-              f"{r['cpu_ms_per_token']} ms | {max(r['client_cpu'], default=0):.0%} |")
+              f"{r['cpu_ms_per_token']} ms | {max(r['client_cpu'], default=0):.0%} | "
+              f"{idle_open(r['idle'])} |")
 
 
 if __name__ == "__main__":
