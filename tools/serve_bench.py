@@ -119,7 +119,7 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
 
 
 def idle_open(idle: dict | None) -> str:
-    return f"{idle['open']}/{idle['requested']}" if idle else "-"
+    return f"{idle['open']}/{idle['requested']}" if idle and idle.get("requested") else "-"
 
 
 def main() -> None:
