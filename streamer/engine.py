@@ -128,6 +128,9 @@ class Engine:
         self._inflight: InFlight | None = None  # the launched step not collected yet (overlap)
         self._last_collected: Launched | None = None  # the step before, for the device's idle gap; None after idle
         self.metrics = Metrics()
+        self.metrics.watch_live(lambda: len(self.scheduler.running), lambda: len(self.scheduler.waiting),
+                                lambda: self.allocator.statistics().used_blocks,
+                                lambda: self.allocator.statistics().free_blocks)
         self.metrics.watch_knobs(lambda: self.scheduler.max_batch_tokens,  # [controller] read at scrape time
                                  lambda: self.scheduler.max_running)
 

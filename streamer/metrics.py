@@ -173,6 +173,13 @@ class Metrics:
         self.generated = 0
         self.finished = 0
 
+    def watch_live(self, running, waiting, kv_used, kv_free) -> None:
+        """Running and waiting requests and KV blocks, as functions the gauges read when scraped:
+        set at each step instead, they kept the last busy step's values on an idle server."""
+        for gauge, fn in ((self.running, running), (self.waiting, waiting), (self.kv_used, kv_used),
+                          (self.kv_free, kv_free)):
+            gauge.set_function(fn)
+
     def watch_knobs(self, budget, running_cap) -> None:
         """The two batching knobs, as functions the gauges read when scraped."""
         self.step_budget.set_function(budget)
@@ -225,10 +232,6 @@ class Metrics:
         self.device_idle.inc(rec.idle_gap)
         self.decode_tokens.set(rec.decode_tokens)
         self.preemptions.inc(preempted)
-        self.running.set(rec.running)
-        self.waiting.set(rec.waiting)
-        self.kv_used.set(rec.kv_used)
-        self.kv_free.set(rec.kv_free)
         self.batch_tokens.set(rec.tokens)
 
     def snapshot(self, now: float | None = None) -> dict:

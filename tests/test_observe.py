@@ -46,6 +46,10 @@ async def test_metrics_and_stats_after_traffic(tiny_server):
     # per-step figures: the step's own time, its decode tokens, the device's idle time between steps
     assert "streamer_step_seconds_count" in text and "streamer_device_idle_seconds_total" in text
     assert "streamer_decode_tokens " in text
+    # live gauges, not the last busy step's: an idle server shows nothing running and its KV free
+    kv_total = engine.allocator.num_blocks
+    assert "streamer_running_requests 0.0" in text and "streamer_waiting_requests 0.0" in text
+    assert "streamer_kv_used_blocks 0.0" in text and f"streamer_kv_free_blocks {float(kv_total)}" in text
     assert stats["step_ms"] > 0 and 0 <= stats["device_idle"] <= 1 and stats["decode_tokens"] >= 0
     assert {"device_s", "device_idle_s"} <= stats["recent_steps"].keys()
     assert stats["model"] == engine.model_name
@@ -113,3 +117,22 @@ def test_percentiles_agree_with_the_hdr_library():
             h.record_value(max(1, int(rng.lognormvariate(rng.uniform(3, 12), rng.uniform(0.1, 3)))), rng.randint(1, 5))
         pcts = (50, 95, 99, 99.9, 0.001, 100)
         assert values_at_percentiles(h, pcts) == [h.get_value_at_percentile(p) for p in pcts]
+
+
+async def test_gauges_are_live_after_clients_leave(tiny_server):
+    """Clients that leave mid-stream end their requests outside any step: the gauges must still
+    say nothing runs and every KV block is free, as /stats and /healthz do."""
+    engine, url = tiny_server
+    with trio.fail_after(TIMEOUT):
+        async with open_websocket_url(url.replace("http://", "ws://") + "/v1/stream") as ws:
+            for i in range(3):
+                await ws.send_message(json.dumps({"type": "generate", "id": str(i), "prompt": "x",
+                                                  "max_tokens": 1000, "ignore_eos": True}))
+            while engine.statistics().running < 3:
+                await ws.get_message()
+        while engine.live_requests:
+            await trio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=url) as http:
+            text = (await http.get("/metrics")).text
+    assert "streamer_running_requests 0.0" in text and "streamer_waiting_requests 0.0" in text
+    assert "streamer_kv_used_blocks 0.0" in text
