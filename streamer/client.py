@@ -158,15 +158,15 @@ class EngineClient:
                     await trio.sleep(RECONNECT_S)
                     continue
                 try:
-                    await self._serve(stream, task_status if not started else None)
-                    started = True
+                    started = await self._serve(stream, None if started else task_status) or started
                 finally:
                     self._lost()
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(stream)
                 await trio.sleep(RECONNECT_S)
 
-    async def _serve(self, stream: trio.SocketStream, task_status) -> None:
+    async def _serve(self, stream: trio.SocketStream, task_status) -> bool:
+        """Serve one connection until it drops; True if the core welcomed this front end."""
         reader = ipc.FrameReader(stream, ipc.to_frontend)
         try:
             await stream.send_all(ipc.encode([ipc.Hello(self.frontend, os.getpid())]))
@@ -188,8 +188,9 @@ class EngineClient:
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ipc.MalformedFrame, OSError) as exc:
             log.error("core_connection_lost", frontend=self.frontend, error=repr(exc))
-            return
-        log.error("core_connection_lost", frontend=self.frontend, error="closed by the core")
+        else:
+            log.error("core_connection_lost", frontend=self.frontend, error="closed by the core")
+        return self._stream is stream
 
     async def _write(self, stream: trio.SocketStream) -> None:
         while True:

@@ -136,11 +136,11 @@ class CoreServer:
             while (messages := await reader.receive()) is not None:
                 for msg in messages:
                     self._on(link, msg)
-        except ipc.MalformedFrame as exc:
-            log.error("ipc_malformed", frontend=link.frontend, link=link.number, error=str(exc)[:200],
-                      live=len(link.keys))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception as exc:  # garbage, or a message that decodes but makes no sense: cut it off
+            log.error("ipc_malformed", frontend=link.frontend, link=link.number, error=repr(exc)[:200],
+                      live=len(link.keys))
 
     async def _write(self, link: Link, scope: trio.CancelScope) -> None:
         """One frame per wake-up: everything the step loop queued for this front end meanwhile."""
@@ -186,6 +186,8 @@ class CoreServer:
             log.info("frontend_joined", frontend=msg.frontend, pid=msg.pid, link=link.number)
 
     def _submit(self, link: Link, m: ipc.Submit) -> None:
+        if m.rid in link.keys:  # a front end that reuses a live number has lost track: cut it off
+            raise ValueError(f"request {m.rid} is live already")
         key = f"f{link.number}/{m.rid}"  # unique for the core's life: link numbers never repeat
         try:
             params = SamplingParams(m.max_tokens, m.temperature, m.top_k, m.top_p, m.seed, (), m.ignore_eos)

@@ -227,3 +227,21 @@ async def test_refusals_by_the_core_arrive_as_error_finishes():
         ids, _, done = await read(client.submit(client.encode_prompt("still fine"), SamplingParams(max_tokens=3)))
         assert done.finish_reason == "length"
 
+
+
+async def test_a_front_end_that_reuses_a_live_request_number_is_cut_off():
+    async with core_and_client() as (engine, client, path, _):
+        sock = await trio.open_unix_socket(path)
+        reader = ipc.FrameReader(sock, ipc.to_frontend)
+        await reader.receive()
+        submit = ipc.Submit(1, [1, 2, 3], 1000, 0.0, 0, 1.0, None, True, 0, "c", "x")
+        await sock.send_all(ipc.encode([submit]))
+        while engine.live_requests < 1:
+            await trio.sleep(0.01)
+        await sock.send_all(ipc.encode([submit]))
+        with trio.fail_after(10):
+            while await sock.receive_some(1 << 16):  # the core hangs up
+                pass
+        await wait_kv_free(engine)
+        ids, _, done = await read(client.submit(client.encode_prompt("still fine"), SamplingParams(max_tokens=3)))
+        assert done.finish_reason == "length"
