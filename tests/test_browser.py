@@ -167,5 +167,6 @@ def test_dashboard_charts_update(page, browser, url):
     assert "requests" in page.locator("#model").text_content()
     assert page.locator("#t-budget").text_content() == "512"  # the CPU's default budget, shown
     assert page.locator("#t-cap").text_content() == "none"
+    assert page.locator("#t-procs-label").text_content() == "process (one serves everything)"  # in-process server
     points = page.evaluate("document.body.dataset.updates")
     assert int(points) >= before + 2

@@ -112,6 +112,14 @@ function onSnapshot(snap) {
   document.getElementById("t-budget").textContent = b.max_batch_tokens;
   document.getElementById("t-budget-src").textContent = `step budget (${b.source})`;
   document.getElementById("t-cap").textContent = b.running_cap == null ? "none" : b.running_cap;
+  // The core and its front ends (absent when one process serves everything): the worst event
+  // loop's lag P99, the wait a busy process adds to each of its streams.
+  const p = snap.processes;
+  const lags = p ? [p.core.loop_lag_p99_ms, ...p.frontends.map((f) => f.loop_lag_p99_ms)] : [];
+  document.getElementById("t-procs").textContent = p ? 1 + p.frontends.length : 1;
+  document.getElementById("t-procs-label").textContent = p
+    ? `core + ${p.frontends.length} front ends; worst loop lag P99 ${fmt(Math.max(0, ...lags.filter((v) => v != null)), " ms")}`
+    : "process (one serves everything)";
   document.getElementById("model").textContent =
     `${snap.model} · ${snap.requests_finished} requests · up ${Math.round(snap.uptime_s)} s`;
   prev = snap;
