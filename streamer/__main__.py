@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         if args.role == "core":
-            # The front ends need cores of their own: torch's CPU threads, spinning on every core,
-            # took a 2-core machine's ITL P99 from 16 to 196 ms (tools/serve_bench.py, dev VM).
+            # The front ends need cores of their own: torch's CPU threads spinning on every core
+            # starve them (docs/BENCHMARKS.md, "Online against offline", the dev VM's table).
             import torch
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - frontends))

@@ -80,8 +80,8 @@ def swap_slots(config: EngineConfig, loaded: LoadedModel, device: torch.device, 
 
 def running_limit(config: EngineConfig, num_blocks: int) -> int:
     """--max-running, or as many requests as the arena holds at a 1k-token context, between 8 and
-    256 (more running than the arena holds only preempts; 256 is where decode steps of the
-    shared workload stop gaining tokens/s: docs/BENCHMARKS.md, "Online against offline")."""
+    256: more running than the arena holds only preempts, and 256 is the offline bench's batch
+    (docs/BENCHMARKS.md, "Online against offline", has the default against it)."""
     if config.max_running is not None:
         return config.max_running
     return max(8, min(256, num_blocks * config.block_size // 1024))

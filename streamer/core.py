@@ -202,9 +202,7 @@ class CoreServer:
 
     def _stats(self, query: ipc.StatsQuery) -> bytes:
         if query.metrics:
-            from prometheus_client import generate_latest
-
-            return generate_latest(self.engine.metrics.registry)
+            return self.engine.prometheus_text()
         snap = self.engine.snapshot(hdr=query.hdr)
         snap["processes"] = self.processes()
         return self._encoder.encode(snap)

@@ -255,6 +255,9 @@ class Engine:
         return self.snapshot(hdr=hdr)
 
     async def metrics_text(self) -> bytes:
+        return self.prometheus_text()
+
+    def prometheus_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
 
     async def health(self) -> dict:
