@@ -1,5 +1,11 @@
 """Numbers and pictures for tools/loadgen.py: client- and server-side percentiles (HDR histograms),
 goodput, the side-by-side table, and PNG plots of latency percentiles against offered load.
+
+Run as a script it plots a saved run, or a sweep: several configurations' P99s against output tok/s,
+one line each, from a summary JSON such as docs/figures/controller_sweep.json.
+
+    python tools/loadgen_report.py OUT/loadgen.json [OUT/loadgen.png]
+    python tools/loadgen_report.py docs/figures/controller_sweep.json docs/figures/controller_sweep.png
 """
 
 from __future__ import annotations
@@ -144,14 +150,55 @@ def plot(results: list[dict], path: str, x_label: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # plot a saved run: python tools/loadgen_report.py loadgen.json [out.png]
-    import json
-    import sys
+def plot_sweep(data: dict, path: str) -> None:
+    """A sweep summary: `configs` maps a configuration's name to rows of [offered req/s, output tok/s,
+    TTFT p99 client ms, TTFT p99 server ms, ITL p99 client ms, ...]; `objectives` lists the
+    (TTFT, ITL) ms pairs drawn as dotted lines."""
+    import matplotlib
 
-    data = json.loads(open(sys.argv[1]).read())
-    target = sys.argv[2] if len(sys.argv) > 2 else sys.argv[1].removesuffix(".json") + ".png"
-    x_label = "offered rate (req/s)" if data["results"][0]["mode"] == "open" else "clients"
-    plot(data["results"], target, x_label)
-    for r in data["results"]:
-        print(table(r))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
+    for name, rows in data["configs"].items():
+        tok = [r[1] for r in rows]
+        for ax, col in zip(axes, (2, 4), strict=True):
+            ax.plot(tok, [r[col] for r in rows], marker="o", label=name)
+            for r in rows:
+                ax.annotate(f"{r[0]:g}/s", (r[1], r[col]), fontsize=6, alpha=0.6)
+    titles = ("P99 time to first token (client)", "P99 inter-token latency (client)")
+    for i, (ax, title) in enumerate(zip(axes, titles, strict=True)):
+        ax.set_title(title)
+        ax.set_xlabel("output tok/s")
+        ax.set_ylabel("ms")
+        ax.set_yscale("log")
+        for pair in data.get("objectives", []):
+            ax.axhline(pair[i], color="grey", linestyle=":", linewidth=1)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="a run's loadgen.json, or a sweep summary (a JSON object with `configs`)")
+    ap.add_argument("dst", nargs="?", help="the PNG to write; default: SRC with .png for .json")
+    args = ap.parse_args()
+    data = json.loads(open(args.src).read())
+    target = args.dst or args.src.removesuffix(".json") + ".png"
+    if "configs" in data:
+        plot_sweep(data, target)
+    else:
+        x_label = "offered rate (req/s)" if data["results"][0]["mode"] == "open" else "clients"
+        plot(data["results"], target, x_label)
+        for r in data["results"]:
+            print(table(r))
     print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
