@@ -3,11 +3,15 @@
 1. A batch-256 decode step at ~800-token contexts: host packing, graph replay and sampling timed
    apart with CUDA events, and the eager forward under the torch profiler, its kernel time summed
    by category (GEMM, attention, norm, rope, elementwise, sampling ...).
-2. The engine on the shared workload (first --requests requests): wall time, the device's time
+2. The host's time to launch a mixed step (one prompt chunk plus decodes), as CUDA graph pieces
+   (gpu/piecewise.py) against eager, in one engine at the same shapes: median (min) of 15
+   `ModelRunner.launch` calls, each mode twice in turn, then a cProfile of the pieces path. Without
+   CUDA both modes are the eager path.
+3. The engine on the shared workload (first --requests requests): wall time, the device's time
    in its steps and idle between them (CUDA events), and a cProfile of the trio thread
    (scheduling, detokenizing, sending).
 
-    python3 tools/profile_step.py --model qwen2.5-0.5b
+    python3 tools/profile_step.py --model qwen2.5-0.5b [--parts decode,launch,engine]
 """
 
 from __future__ import annotations
@@ -137,13 +141,69 @@ def engine_profile(name: str, args) -> None:
     free_gpu()
 
 
+MIXED_SHAPES = ((200, 100), (1000, 200), (3000, 250))  # (prompt chunk tokens, decodes)
+
+
+def launch_profile(name: str, args) -> None:
+    from gpu.runner import SeqInput
+    from gpu.sampler import SampleSpec
+    from streamer.config import EngineConfig
+    from streamer.engine import build_engine
+
+    engine = build_engine(EngineConfig(model=f"random:{name}", kv_memory=min(args.kv_memory, 0.3), max_running=256))
+    runner, alloc = engine.runner, engine.allocator
+    pieces = runner.pieces
+    cuda = runner.device.type == "cuda"
+
+    def seqs(chunk: int, decodes: int) -> list[SeqInput]:
+        s = [SeqInput([1 + i % 250 for i in range(chunk)], 0, alloc.allocate(-(-chunk // 16)), SampleSpec())]
+        return s + [SeqInput([5], 300, alloc.allocate(19), SampleSpec()) for _ in range(decodes)]
+
+    def timed(ss: list[SeqInput]) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        launched = runner.launch(ss)  # the host's work before the device has the step
+        t1 = time.perf_counter()
+        runner.collect(launched)
+        for x in ss:
+            alloc.free(x.block_table)
+        return (t1 - t0) * 1e3
+
+    print(f"\n{name} mixed-step launch, host ms, median (min) of 15")
+    print("| step | pieces | eager | pieces | eager |\n|---|---:|---:|---:|---:|")
+    for chunk, dec in MIXED_SHAPES:
+        if chunk + 1 > engine.loaded.model.spec.max_position:
+            continue  # (small test models)
+        cells = []
+        for mode in ("pieces", "eager", "pieces", "eager"):
+            runner.pieces = pieces if mode == "pieces" else None
+            for _ in range(3):
+                timed(seqs(chunk, dec))
+            ts = [timed(seqs(chunk, dec)) for _ in range(15)]
+            cells.append(f"{statistics.median(ts):.2f} ({min(ts):.2f})")
+        print(f"| {chunk}-token chunk + {dec} decodes | " + " | ".join(cells) + " |")
+    runner.pieces = pieces
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        timed(seqs(*MIXED_SHAPES[0]))
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+    print("launching the pieces, by own time:\n" + "\n".join(s.getvalue().splitlines()[6:25]))
+    engine = runner = None  # noqa: F841 (frees the arena before the next part)
+    free_gpu()
+
+
+PARTS = {"decode": decode_profile, "launch": launch_profile, "engine": engine_profile}
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b", help="a random:NAME shape (default: %(default)s)")
     ap.add_argument("--kv-memory", type=float, default=0.85)
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--requests", type=int, default=256, help="workload requests the engine part runs")
+    ap.add_argument("--parts", default="decode,launch,engine", help="which parts, comma-separated (default: all)")
     args = ap.parse_args()
-    decode_profile(args.model, args)
-    if not args.skip_engine:
-        engine_profile(args.model, args)
+    for part in args.parts.split(","):
+        PARTS[part](args.model, args)
