@@ -1,83 +1,15 @@
-"""The latency controller: holds `--slo-ttft-ms` / `--slo-itl-ms` by setting the step token budget
-and a cap on running requests. Plain synchronous Python, owned and called only by the step loop;
-every observation carries its own time, so tests drive it with a fake clock.
+"""The latency controller: holds `--slo-ttft-ms` / `--slo-itl-ms` by turning two knobs of the
+scheduler between steps, the step token budget (`budget`, its `max_batch_tokens`) and a cap on
+running requests (`running_cap`, its `max_running`; None: `--max-running`), and, with a TTFT
+objective, by having requests that could no longer start in time refused (`shed_after_s`).
 
-What it sees: each inter-token gap (ITL), each time to first token (TTFT), each request it had
-refused (below), and after each step the step's tokens, the number of running and of waiting
-requests, and how long the oldest waiting one has waited for its first token. An ITL is the gap
-as the step loop queued the tokens; a client gets them later by however long the event loop takes
-to get the frame onto the socket (`itl_sent` in /stats). What it sets: `budget` (the scheduler's
-`max_batch_tokens`) and `running_cap` (the scheduler's `max_running`; None means the configured
-`--max-running`).
+Plain synchronous Python. The batcher (streamer/batcher.py) owns it, so only the step loop's task
+calls it: with every inter-token gap as the step loop queued it, every time to first token, every
+refusal, and after each step its tokens and the running and waiting counts. Once a period it takes
+their P99s and decides (`_decide`). Every observation carries its own time, so tests drive it with
+a fake clock (tests/test_controller.py).
 
-Two levers, because a step's time has two parts: the model's work, which grows with the step's
-tokens (the budget), and the host's per-token work for every running request (step bookkeeping,
-detokenizing, streaming), which grows with the number running. On an H100 serving a small model
-the second dominates: with 256 requests running a step took ~30 ms whatever the budget
-(docs/BENCHMARKS.md, "the latency controller"), so ITL is set by how many requests run, and the
-budget mostly sets how fast prompts are prefilled (TTFT, throughput). So the budget starts at its
-ceiling, the throughput-maximal budget, and gives throughput up only while a cut is shown to
-shorten the gaps; otherwise the running cap holds ITL.
-
-The rule. Once a period (`period_s`, and at least `MIN_STEPS` steps) has passed, it takes the P99
-(nearest rank) of the ITLs and of the TTFTs observed in that period, the TTFT raised to the oldest
-waiting request's age (a stalled queue counts before anyone gets a first token) and counting each
-request refused in the period as a first token that missed the objective, and the most
-requests running in a step of the period, and the P99 of the loop's cycles that ended a
-decode-only step (no prompt tokens). When ITL P99 is over its objective while those cycles are
-under `HEADROOM` x it, the period is *prefill-bound*: the long gaps are the steps that carry prompt
-chunks, whatever the number running (measured on an H100: with 15-60 running, 2 ms decode steps
-and a 3,200-token budget, ITL P99 stayed at 25-29 ms while a cap cut from 56 to 15 running took
-throughput from 18k to 5k tok/s). Then:
-
-1. A cut must work. After a budget cut, ITL P99 must fall below `EFFECTIVE` x the value that caused
-   it; else the budget goes back to where it was and ITL stops steering the budget for `COOLDOWN`
-   periods: the gaps are not set by the budget.
-2. ITL P99 over its objective:
-   - budget, when it is the lever (ITL steers it, it is above its `floor`, and the running cap is
-     not engaged, or already at its floor, or the period is prefill-bound):
-     `budget = max(floor, budget * DECREASE)`. A running
-     request waits one step between tokens, and a smaller budget shrinks the prefill chunks that
-     share a step with the decodes (decodes always go first).
-   - else, while TTFT P99 is within its objective and the period is not prefill-bound (fewer
-     running would not shorten the prompt steps), the running cap:
-     `cap = max(RUNNING_FLOOR, min(cap, RUNNING_DECREASE x running))`. The
-     scheduler then admits nobody until fewer than `cap` run; nothing running is preempted, so the
-     count falls only as requests finish, over about one request's lifetime. Cutting from the
-     count observed (not from the cap) paces the cuts to that fall: they stop once few enough
-     requests run for ITL to meet its objective. While the cap is engaged, the budget is not cut
-     for ITL: the falling count shortens the gaps whatever the budget does, so a budget cut would
-     look effective and ratchet throughput away.
-3. ITL P99 under `HEADROOM` x its objective (or no ITL objective), each knob up to its bound:
-   - budget, with backlog (requests waiting, steps that used their whole budget, or TTFT over its
-     objective): `budget += ceiling * INCREASE_FRACTION`. Also during a cool-down whatever the ITL:
-     the budget was just shown not to set it.
-   - running cap, with requests waiting: `cap += max_running * RUNNING_INCREASE_FRACTION`,
-     lifted to None at `max_running`. Also in a prefill-bound period: the cap is not the lever.
-   Between `HEADROOM` x and the ITL objective both hold; no backlog means more would buy nothing.
-4. TTFT P99 over its objective: the running cap relaxes as in 3, whatever the ITL, and is never
-   tightened. A capped batch sheds throughput, the queue grows, and TTFT runs away: measured on an
-   H100, capping for ITL while TTFT was over took TTFT P99 from ~0.1 s to 3.6 s at 32 req/s while
-   ITL P99 stayed over its objective anyway (docs/BENCHMARKS.md). With ITL headroom the budget
-   grows too (3), prefilling the waiting requests sooner.
-
-In overload (more arrives than the card serves within both objectives) only refusing work keeps
-TTFT under its objective, so with a TTFT objective the controller also sets the admission rate:
-a request still waiting for its first step `SHED_FRACTION` x the objective after it arrived is
-refused ("overloaded"; the step loop does it, see `shed_after_s`), because the rest of the
-objective is what its prefill and first token need. So the queue holds only what the card can
-start in time, its client hears within half the objective that it should retry elsewhere, and TTFT P99 of the
-requests served stays near the objective whatever the offered rate. A preempted request is never
-refused: its client already has tokens. At low load nothing waits that long and nothing is
-refused; refusals are counted in `stats()["shed"]`. Refusing keeps the served requests' TTFTs
-under the objective, so they alone would never show the queue's pressure: a period's refusals
-count in its TTFT P99 as misses (more than 1% refused is TTFT over), so rule 4 still holds. (Without
-that, the running cap went on tightening for ITL while the queue it starved was refused instead:
-on an H100 at 100 req/s with 200/25, caps of 137-175 running refused 29% of the requests, and
-ITL P99 stayed over its objective anyway; docs/BENCHMARKS.md, tenth session.) Without a TTFT
-objective the queue is bounded by `--max-waiting` alone, and TTFT wins over ITL as in 4.
-The budget halves in one period and climbs from floor to ceiling in 1 / INCREASE_FRACTION periods;
-the cap climbs from its floor to none in 1 / RUNNING_INCREASE_FRACTION periods.
+The rule, why each part is there, and what it has been measured to do: docs/CONTROLLER.md.
 """
 
 from __future__ import annotations
@@ -198,7 +130,7 @@ class Controller:
         if now - self._t_last >= self.period_s and self._steps >= MIN_STEPS:
             self._decide(now)
 
-    # --- the rule (see the module docstring) ------------------------------------------------------
+    # --- the rule (docs/CONTROLLER.md) --------------------------------------------------------------
     def _decide(self, now: float) -> None:
         itl = p99(self._itl)
         ttft = max(p99(self._ttft) or 0.0, self._oldest_wait) if (self._ttft or self._oldest_wait) else None
