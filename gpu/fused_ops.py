@@ -4,7 +4,7 @@ plus the projections whose output is a residual delta, and the greedy argmax ove
 Two implementations with one interface, chosen with the attention backend (gpu/runner.py):
 `TorchOps`, plain torch ops (the CPU path and the reference), and `CudaOps`, one CuPy kernel launch
 each from gpu/csrc/fused_ops.cu. Torch needs 6-10 launches and float32 temporaries for each of
-these; at decode batch sizes those launches cost more than the layer's GEMMs (docs/BENCHMARKS.md).
+these; at decode batch sizes those launches cost more than the layer's GEMMs.
 The kernels round to the storage dtype where the torch chain does, so the two agree to within
 float summation order (tests/test_fused_ops_gpu.py).
 
@@ -86,9 +86,8 @@ class TorchOps:
 _MODULES: dict[bool, object] = {}
 _NORM_VECS = 4  # 8-value vectors an add_rms_norm thread holds (NORM_VECS in the .cu)
 # Split-K for residual_linear where the output has at most this many elements and 64 or more rows:
-# measured on an H100 (docs/BENCHMARKS.md, seventh session), qwen2.5-0.5b's down projection plus
-# the add_rms_norm after it at 256 rows took 10.4 us split against 12.7 unsplit, and llama-3.2-1b's
-# at 256 rows (524k outputs) was faster unsplit.
+# on an H100, qwen2.5-0.5b's down projection plus the add_rms_norm after it at 256 rows took
+# 10.4 us split against 12.7 unsplit, and llama-3.2-1b's at 256 rows (524k outputs) was faster unsplit.
 _SPLIT_K_MAX_OUT = 1 << 18
 _SPLIT_K_MIN_ROWS = 64
 

@@ -126,8 +126,8 @@ class DecodeGraphs:
         self.dev32[:used32].copy_(host32[:used32], non_blocking=True)
         if k:
             self.fed.copy_(host64[3 * m :], non_blocking=True)
-            # (index_put_: a first probe saw index_copy_ hold the host; that probe was muddled by first-use
-            # module loading, and either may be fine in steady state)
+            # (index_put_ rather than index_copy_, which has been seen to hold the host here, at
+            # least at first use)
             self.dev64.index_put_((self.fed[:k],), last.index_select(0, self.fed[m : m + k]))
 
     def _host(self, b: int, positions: list[int], tables: list[list[int]]) -> tuple:

@@ -27,9 +27,8 @@ MAX_US = 3_600_000_000  # one hour in microseconds
 
 def _hdr() -> HdrHistogram:
     """Two significant digits: a percentile within 1% of the value it reports. /stats merges and
-    walks 12 of these on the event loop, every stream's next token waiting: with three digits
-    (23k buckets each) that took ~3 ms on the dev VM and up to 7-22 ms on GPU hosts, once a second
-    while anything polled it; with two (3.3k buckets), 0.45 ms on the dev VM."""
+    walks 12 of these on the event loop while every stream's next token waits; three digits would
+    make each ~23k buckets instead of ~3.3k, and the walk about seven times longer."""
     return HdrHistogram(1, MAX_US, 2)
 
 
@@ -76,9 +75,8 @@ class Window:
 
 def values_at_percentiles(h: HdrHistogram, pcts: tuple[float, ...]) -> list[int]:
     """`h.get_value_at_percentile(p)` for each p > 0 of `pcts`, from one cumulative sum of the
-    counts. The library walks its ~23k buckets in Python for every call (~1 ms each on the dev VM);
-    /stats asks for 30 percentiles, and a 20 ms /stats held up every stream's next token on the
-    event loop, once a second while anything polled it (docs/BENCHMARKS.md, seventh session)."""
+    counts: the library walks every bucket in Python for each call, and /stats asks for 30
+    percentiles on the event loop, where every stream's next token waits for it."""
     cum = np.cumsum(np.ctypeslib.as_array(h.counts)[:h.counts_len])
     targets = [h.get_target_count_at_percentile(p) for p in pcts]
     return [h.get_highest_equivalent_value(h.get_value_from_index(min(int(i), h.counts_len - 1)))
