@@ -90,7 +90,6 @@ async def http_get(url: str, path: str) -> tuple[int, dict[str, str], bytes]:
         head, _, body = raw.partition(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in header_lines)}
-        # Read by content-length: hypercorn leaves closing the connection to the client.
         while len(body) < int(headers["content-length"]):
             body += await stream.receive_some()
     return int(status_line.split()[1]), headers, body

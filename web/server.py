@@ -13,6 +13,7 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import TCPServer
 
 from streamer.handle import EngineHandle
 from web.app import create_app
@@ -40,6 +41,27 @@ def _guard_pings() -> None:
 
 
 _guard_pings()
+
+
+def _shield_close() -> None:
+    """hypercorn 0.18 on trio: after an answer with `Connection: close` (any HTTP/1.0 answer too)
+    the connection's close runs in quart-trio's request task, whose scope is cancelled by then, so
+    `send_eof` raises Cancelled and the socket stays open until the client hangs up (a descriptor
+    any client can pin). Shutting down and closing a plain socket never blocks, so the close runs
+    shielded."""
+    if getattr(TCPServer._close, "_shielded", False):
+        return
+    close = TCPServer._close
+
+    async def shielded(self) -> None:
+        with trio.CancelScope(shield=True):
+            await close(self)
+
+    shielded._shielded = True
+    TCPServer._close = shielded
+
+
+_shield_close()
 
 
 def hypercorn_config(host: str, port: int, web: WebConfig | None = None, fd: int | None = None) -> Config:
