@@ -8,6 +8,50 @@ from __future__ import annotations
 import json
 
 import trio
+from netutil import http, json_body
+
+TIMEOUT = 30
+
+
+async def post_json(url: str, path: str, body, headers: dict[str, str] | None = None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await http(url, "POST", path, raw, {"Content-Type": "application/json", **(headers or {})})
+
+
+# --- bodies --------------------------------------------------------------------------------------
+
+
+async def test_bodies_that_are_not_json_are_invalid_json(tiny_server):
+    engine, url = tiny_server
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with trio.fail_after(TIMEOUT):
+        for body in (deep, b"{nope", b"", b'{"model": "\xff"}'):
+            status, headers, reply = await post_json(url, "/v1/chat/completions", body)
+            assert status == 400 and headers["content-type"] == "application/json", (body[:20], reply)
+            error = json_body(reply)["error"]
+            assert error["code"] == "invalid_json" and error["type"] == "invalid_request_error", error
+            assert "Traceback" not in error["message"]
+        # JSON, but not an object: a different refusal
+        status, _, reply = await post_json(url, "/v1/completions", [1, 2])
+        assert status == 400 and json_body(reply)["error"]["code"] == "invalid_request"
+        # a deep value in a field: refused by the field's check, no 500
+        nested = json.loads(b"[" * 500 + b"]" * 500)
+        status, _, reply = await post_json(url, "/v1/completions", {"model": nested, "prompt": "x"})
+        assert status == 400 and json_body(reply)["error"]["param"] == "model"
+
+
+async def test_a_body_that_says_it_is_not_json_is_refused_with_415(tiny_server):
+    engine, url = tiny_server
+    body = json.dumps({"model": engine.model_name, "prompt": "a", "max_tokens": 1}).encode()
+    with trio.fail_after(TIMEOUT):
+        status, _, reply = await http(url, "POST", "/v1/completions", body, {"Content-Type": "text/plain"})
+        assert status == 415, reply
+        error = json_body(reply)["error"]
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+        for headers in ({}, {"Content-Type": "application/json; charset=utf-8"}):  # no type: taken as JSON
+            status, _, reply = await http(url, "POST", "/v1/completions", body, headers)
+            assert status == 200, (headers, reply)
+
 
 # --- the connection --------------------------------------------------------------------------------
 

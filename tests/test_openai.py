@@ -105,12 +105,13 @@ async def test_errors_have_openai_shape_and_status(tiny_server):
             bad_json = await http.post("/v1/completions", content=b"{nope")
             unknown = await http.post("/v1/completions", json={"model": model, "prompt": "x", "max_token": 3})
             no_model = await http.post("/v1/completions", json={"prompt": "x"})
-    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_request"
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
     assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
     assert no_model.json()["error"]["message"] == f"'model' is required; this server serves {model!r}"
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "max_token"
     text = (await trio.to_thread.run_sync(lambda: httpx.get(url + "/metrics"))).text
-    assert 'streamer_errors_total{code="invalid_request"} 6.0' in text
+    assert 'streamer_errors_total{code="invalid_request"} 5.0' in text
+    assert 'streamer_errors_total{code="invalid_json"} 1.0' in text
     assert 'streamer_errors_total{code="model_not_found"} 1.0' in text
 
 

@@ -27,6 +27,8 @@ NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": Fa
 # Our stable error codes (docs/PROTOCOL.md) -> HTTP status and OpenAI error type.
 STATUS = {
     "invalid_request": (400, "invalid_request_error"),
+    "invalid_json": (400, "invalid_request_error"),
+    "unsupported_media_type": (415, "invalid_request_error"),
     "prompt_too_long": (400, "invalid_request_error"),
     "model_not_found": (404, "invalid_request_error"),
     "overloaded": (429, "rate_limit_error"),
@@ -111,18 +113,30 @@ def _prompt_ids(engine: EngineHandle, prompt: Any) -> list[int]:
                    "(one prompt per request)", "prompt")
 
 
-async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams, int]:
+async def _body() -> dict:
+    """The request's JSON object. A body with no Content-Type is read as JSON (as vLLM does)."""
+    mimetype = request.mimetype
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError("unsupported_media_type", f"the body must be JSON (Content-Type: application/json), "
+                       f"not {mimetype}")
     try:
-        body = await request.get_json(force=True, silent=True)
-    except UnicodeDecodeError:  # silent=True covers bad JSON, not bytes that are not UTF-8 (fuzzing found it)
-        body = None
+        body = json.loads(await request.get_data())
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+        raise ApiError("invalid_json", f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "the body must be a JSON object")
+    return body
+
+
+async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams, int]:
+    body = await _body()
     unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
     if unknown:
         raise ApiError("invalid_request", f"unsupported field(s): {', '.join(unknown)}", unknown[0])
     if "model" not in body:
         raise ApiError("invalid_request", f"'model' is required; this server serves {engine.model_name!r}", "model")
+    if not isinstance(body["model"], str):
+        raise ApiError("invalid_request", "'model' must be a string", "model")
     if body["model"] != engine.model_name:
         raise ApiError("model_not_found", f"the model {body['model']!r} does not exist; this server "
                        f"serves {engine.model_name!r}", "model")
