@@ -6,16 +6,57 @@ shared by both doors, `Connection: close` honoured, the favicon, and the dashboa
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import trio
-from netutil import http, json_body
+from netutil import http, json_body, running_server
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from web.config import WebConfig
 
 TIMEOUT = 30
+KEY = "edge-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def error_counts(metrics: str) -> dict[str, float]:
+    return {code: float(n) for code, n in re.findall(r'^streamer_errors_total\{code="([^"]+)"\} (\S+)$', metrics, re.M)}
 
 
 async def post_json(url: str, path: str, body, headers: dict[str, str] | None = None):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return await http(url, "POST", path, raw, {"Content-Type": "application/json", **(headers or {})})
+
+
+# --- streamer_errors_total -------------------------------------------------------------------------
+
+
+async def test_every_refusal_at_the_http_edges_counts_once():
+    async with running_server(web=WebConfig(api_key=KEY, max_frame_bytes=2048)) as server:
+
+        async def health_fails():
+            raise RuntimeError("a bug")
+
+        with trio.fail_after(TIMEOUT):
+            assert (await http(server.http, "GET", "/healthz"))[0] == 401
+            with pytest.raises(ConnectionRejected) as refused:
+                async with open_websocket_url(server.ws, extra_headers=[
+                        (b"authorization", AUTH["Authorization"].encode()), (b"origin", b"https://evil.example")]):
+                    pass
+            assert refused.value.status_code == 403
+            assert (await http(server.http, "GET", "/no/such/page", headers=AUTH))[0] == 404
+            assert (await http(server.http, "DELETE", "/healthz", headers=AUTH))[0] == 405
+            assert (await post_json(server.http, "/v1/completions", b"{" + b" " * 4096 + b"}", AUTH))[0] == 413
+            assert (await post_json(server.http, "/v1/completions", b"{nope", AUTH))[0] == 400
+            assert (await post_json(server.http, "/v1/completions", {"model": "gpt-4", "prompt": "x"}, AUTH))[0] == 404
+            server.engine.health = health_fails
+            assert (await http(server.http, "GET", "/healthz", headers=AUTH))[0] == 500
+            status, _, body = await http(server.http, "GET", "/metrics", headers=AUTH)
+    assert status == 200
+    assert error_counts(body.decode()) == {
+        "unauthorized": 1, "forbidden": 1, "not_found": 1, "method_not_allowed": 1, "payload_too_large": 1,
+        "invalid_json": 1, "model_not_found": 1, "internal": 1}
 
 
 # --- bodies --------------------------------------------------------------------------------------

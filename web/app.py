@@ -2,7 +2,8 @@
 observability routes come from web/observe.py, the OpenAI-compatible ones from web/openai_api.py.
 
 `create_app(engine, config, lifecycle)` is called by web/server.py (and tests); routes hold no state
-of their own. web/security.py guards every route (API key, websocket Origin, error pages).
+of their own. web/security.py guards every route (API key, websocket Origin, error pages) and
+counts every error answer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def create_app(engine: EngineHandle, config: WebConfig | None = None, lifecycle:
     config = config or WebConfig()
     lifecycle = lifecycle or Lifecycle()
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
-    security.register(app, config)
+    security.register(app, config, engine)
     # Revalidate the page and its scripts on every load (cheap: ETag), so a browser never pairs
     # a stale app.js with a newer server; quart's default caches them for 12 hours.
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 0

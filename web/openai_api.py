@@ -51,12 +51,14 @@ def error_body(code: str, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(engine: EngineHandle, exc: ApiError, count: bool = True) -> Response:
-    if count:  # refusals here; a generation that failed inside was counted by the engine
-        engine.count_error(exc.code)
+def error_response(exc: ApiError, counted: bool = False) -> Response:
+    """`counted`: a generation that failed inside, which the engine counted; web/security.py
+    counts every other error answer."""
     status = STATUS.get(exc.code, (500,))[0]
-    return Response(json.dumps(error_body(exc.code, exc.message, exc.param)), status=status,
-                    content_type="application/json")
+    response = Response(json.dumps(error_body(exc.code, exc.message, exc.param)), status=status,
+                        content_type="application/json")
+    response.counted = counted
+    return response
 
 
 def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
@@ -185,9 +187,9 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
         gen = intake.submit(engine, config, ids, params, request_id=f"oai-{uuid.uuid4().hex[:12]}", priority=priority,
                             client=f"ip:{request.remote_addr}")
     except ApiError as exc:
-        return error_response(engine, exc)
+        return error_response(exc)
     except RequestError as exc:
-        return error_response(engine, ApiError(exc.code, exc.message))
+        return error_response(ApiError(exc.code, exc.message))
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": engine.model_name}
     if body.get("stream"):
@@ -202,11 +204,11 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
             if isinstance(ev, TokenEvent):
                 text.append(ev.text)
             elif ev.finish_reason == "error":
-                return error_response(engine, _finish_error(ev), count=False)
+                return error_response(_finish_error(ev), counted=True)
             else:
                 finish = ev
     if finish is None:
-        return error_response(engine, ApiError("internal", "the generation ended without finishing"))
+        return error_response(ApiError("internal", "the generation ended without finishing"))
     content = "".join(text)
     reason = "length" if finish.finish_reason == "length" else "stop"
     if chat:

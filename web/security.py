@@ -1,7 +1,8 @@
 """The edge's guards: the API key on HTTP routes and websocket upgrades, the websocket Origin check,
-and error handlers that answer JSON with a stable code and never a stack trace.
+error handlers that answer JSON with a stable code and never a stack trace, and the one place that
+counts every HTTP error answer in `streamer_errors_total`.
 
-`register(app, config)` is called once by web/app.py; nothing here keeps state.
+`register(app, config, engine)` is called once by web/app.py; nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import structlog
 from quart import Response, has_request_context, request, websocket
 from werkzeug.exceptions import HTTPException
 
+from streamer.handle import EngineHandle
 from web.config import WebConfig
 
 log = structlog.get_logger(__name__)
@@ -55,7 +57,21 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     return origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
 
 
-def register(app: Any, config: WebConfig) -> None:
+async def count_error(engine: EngineHandle, response: Response) -> None:
+    """Count an error answer once, under its JSON body's `code` (else its status's). An answer
+    marked `counted` carries an error the engine counted already (a generation that failed)."""
+    if response.status_code < 400 or getattr(response, "counted", False):
+        return
+    try:
+        code = json.loads(await response.get_data())["error"]["code"]
+    except (ValueError, TypeError, KeyError):
+        code = None
+    if not isinstance(code, str):
+        code = CODES.get(response.status_code, "internal" if response.status_code >= 500 else "invalid_request")
+    engine.count_error(code)
+
+
+def register(app: Any, config: WebConfig, engine: EngineHandle) -> None:
     # Larger bodies get 413 before any route reads them (the same bound as a websocket frame).
     app.config["MAX_CONTENT_LENGTH"] = config.max_frame_bytes
 
@@ -88,6 +104,17 @@ def register(app: Any, config: WebConfig) -> None:
         # Logged here with its traceback; the client gets a code and nothing of the exception.
         log.exception("http_internal_error", path=request.path if has_request_context() else None)
         return error_response(500, "internal", "internal error")
+
+    @app.after_request
+    async def count_http_error(response: Response) -> Response:
+        await count_error(engine, response)
+        return response
+
+    @app.after_websocket
+    async def count_refused_upgrade(response: Response | None) -> Response | None:
+        if response is not None:  # None: the socket was accepted
+            await count_error(engine, response)
+        return response
 
 
 def _public(path: str) -> bool:
