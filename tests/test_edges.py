@@ -94,6 +94,48 @@ async def test_a_body_that_says_it_is_not_json_is_refused_with_415(tiny_server):
             assert status == 200, (headers, reply)
 
 
+# --- fields, the same on both doors -----------------------------------------------------------------
+
+
+async def test_unknown_role_and_temperature_over_2_are_refused_on_both_doors(tiny_server):
+    engine, url = tiny_server
+    model = engine.model_name
+    wizard = [{"role": "wizard", "content": "hi"}]
+    user = [{"role": "user", "content": "hi"}]
+    with trio.fail_after(TIMEOUT):
+        status, _, reply = await post_json(url, "/v1/chat/completions", {"model": model, "messages": wizard})
+        error = json_body(reply)["error"]
+        assert status == 400 and error["param"] == "messages" and "messages[0].role" in error["message"], error
+        status, _, reply = await post_json(url, "/v1/chat/completions",
+                                           {"model": model, "messages": user, "temperature": 2.5})
+        error = json_body(reply)["error"]
+        assert status == 400 and error["param"] == "temperature" and "2" in error["message"], error
+        status, _, reply = await post_json(url, "/v1/chat/completions",
+                                           {"model": model, "messages": user, "temperature": 2, "max_tokens": 1})
+        assert status == 200, reply
+        async with open_websocket_url(url.replace("http://", "ws://") + "/v1/stream") as ws:
+            for i, frame in enumerate(({"messages": wizard}, {"prompt": "hi", "temperature": 2.5})):
+                await ws.send_message(json.dumps({"type": "generate", "id": f"r{i}", **frame}))
+                reply = json.loads(await ws.get_message())
+                assert reply["type"] == "error" and reply["code"] == "invalid_request", reply
+            await ws.send_message(json.dumps({"type": "generate", "id": "ok", "prompt": "hi", "max_tokens": 1,
+                                              "temperature": 2}))
+            assert json.loads(await ws.get_message())["type"] in ("token", "done")
+
+
+async def test_value_errors_name_their_field(tiny_server):
+    engine, url = tiny_server
+    model = engine.model_name
+    cases = [({"top_p": 5}, "top_p"), ({"temperature": -1}, "temperature"), ({"seed": "x"}, "seed"),
+             ({"stop": [""]}, "stop"), ({"max_tokens": 0}, "max_tokens"), ({"ignore_eos": "yes"}, "ignore_eos"),
+             ({"prompt": "hello " * (engine.max_context + 10)}, "prompt"), ({"priority": 99}, "priority")]
+    with trio.fail_after(TIMEOUT):
+        for fields, param in cases:
+            status, _, reply = await post_json(url, "/v1/completions", {"model": model, "prompt": "a", **fields})
+            error = json_body(reply)["error"]
+            assert status == 400 and error["param"] == param, (fields, error)
+
+
 # --- the connection --------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """Where a request enters, for every door (web/ws.py, web/openai_api.py): the server's own limits
-on `max_tokens` and on prompt length, the prompt's token ids, and the submit to the engine. Each
-door parses its own wire format; what a request may be is decided here, once."""
+on `max_tokens` and on prompt length, the sampling parameters, the chat roles, the prompt's token
+ids, and the submit to the engine. Each door parses its own wire format; what a request may be is
+decided here, once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from streamer.handle import EngineHandle
 from streamer.request import Generation
 from streamer.types import RequestError, SamplingParams
 from web.config import WebConfig
+
+MAX_TEMPERATURE = 2.0  # OpenAI's bound: past it, sampling is noise
+ROLES = ("system", "user", "assistant")  # what every chat template we serve renders
+
+
+class FieldError(RequestError):
+    """A request field whose value is refused; `param` names the field (OpenAI's error `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__("invalid_request", message)
+        self.param = param
 
 
 def max_tokens(asked: int | None, default: int, cap: int | None) -> int:
@@ -20,9 +32,28 @@ def max_tokens(asked: int | None, default: int, cap: int | None) -> int:
     return min(default, cap) if asked is None else asked
 
 
+def sampling_params(**fields) -> SamplingParams:
+    """SamplingParams from the fields a request gave (FieldError naming the first one refused)."""
+    try:
+        params = SamplingParams(**fields)
+    except RequestError:
+        for name, value in fields.items():  # which field: each alone, only once something failed
+            try:
+                SamplingParams(**{name: value})
+            except RequestError as exc:
+                raise FieldError(name, exc.message) from None
+        raise
+    if params.temperature > MAX_TEMPERATURE:
+        raise FieldError("temperature", f"temperature must be at most {MAX_TEMPERATURE:g}")
+    return params
+
+
 def prompt_ids(engine: EngineHandle, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> list[int]:
     """Token ids of a text prompt, of token ids given as such, or of chat messages (the model's template)."""
     if messages is not None:
+        for i, m in enumerate(messages):
+            if m["role"] not in ROLES:
+                raise FieldError("messages", f"messages[{i}].role must be one of: {', '.join(ROLES)}")
         return engine.encode_chat(messages)
     if isinstance(prompt, str):
         # On the event loop: the tokenizer is fast native code and prompts are bounded by the

@@ -73,7 +73,7 @@ def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
     stop = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
     seed = body.get("seed")
     try:
-        return SamplingParams(
+        return intake.sampling_params(
             max_tokens=max_tokens,
             # OpenAI's defaults: temperature 1 and top_p 1; null means the default.
             temperature=1.0 if body.get("temperature") is None else body["temperature"],
@@ -82,8 +82,8 @@ def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
             stop=() if stop is None else stop,
             ignore_eos=body.get("ignore_eos", False),  # as vLLM takes it: for benchmarks
         )
-    except RequestError as exc:
-        raise ApiError(exc.code, exc.message) from None
+    except intake.FieldError as exc:
+        raise ApiError(exc.code, exc.message, exc.param) from None
 
 
 def _chat_messages(messages: Any) -> list[dict[str, str]]:
@@ -153,7 +153,7 @@ async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, l
         ids = intake.prompt_ids(engine, messages=_chat_messages(body.get("messages"))) if chat else \
             _prompt_ids(engine, body.get("prompt"))
     except RequestError as exc:
-        raise ApiError(exc.code, exc.message) from None
+        raise ApiError(exc.code, exc.message, "messages" if chat else "prompt") from None
     return body, ids, params, priority
 
 
@@ -188,8 +188,9 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
                             client=f"ip:{request.remote_addr}")
     except ApiError as exc:
         return error_response(exc)
-    except RequestError as exc:
-        return error_response(ApiError(exc.code, exc.message))
+    except RequestError as exc:  # the prompt's length, or the engine's refusal
+        param = ("messages" if chat else "prompt") if exc.code == "prompt_too_long" else None
+        return error_response(ApiError(exc.code, exc.message, param))
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": engine.model_name}
     if body.get("stream"):

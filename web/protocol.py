@@ -98,8 +98,8 @@ def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None
             if not isinstance(m["role"], str) or not isinstance(m["content"], str):
                 raise bad(f"messages[{i}].role and .content must be strings")
 
-    # Check JSON types here, before SamplingParams, so the message names the field and the
-    # type that was wrong; SamplingParams still checks ranges and raises invalid_request itself.
+    # Check JSON types here, so the message names the field and the type that was wrong; the
+    # ranges are intake's (shared with the OpenAI door).
     kwargs: dict[str, Any] = {}
     for name in ("max_tokens", "top_k"):
         if name in obj:
@@ -126,7 +126,7 @@ def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None
             raise bad("ignore_eos must be true or false")
         kwargs["ignore_eos"] = obj["ignore_eos"]
     try:
-        params = SamplingParams(**kwargs)
+        params = intake.sampling_params(**kwargs)
         priority = check_priority(obj.get("priority", 0))
     except RequestError as exc:
         raise ProtocolError(exc.code, exc.message, rid) from None
