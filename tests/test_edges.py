@@ -160,3 +160,14 @@ async def test_connection_close_answers_close_the_socket(tiny_server):
             head, _, body = raw.partition(b"\r\n\r\n")
             assert b"connection: close" in head.lower(), head
             assert json.loads(body), body
+
+
+# --- pages -----------------------------------------------------------------------------------------
+
+
+async def test_favicon_is_served_without_the_key():
+    async with running_server(web=WebConfig(api_key=KEY)) as server:
+        with trio.fail_after(TIMEOUT):
+            status, headers, body = await http(server.http, "GET", "/favicon.ico")
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml")
+    assert body.startswith(b"<svg") and len(body) < 2048
