@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import trio
@@ -18,6 +19,8 @@ from web.config import WebConfig
 TIMEOUT = 30
 KEY = "edge-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def error_counts(metrics: str) -> dict[str, float]:
@@ -171,3 +174,35 @@ async def test_favicon_is_served_without_the_key():
             status, headers, body = await http(server.http, "GET", "/favicon.ico")
     assert status == 200 and headers["content-type"].startswith("image/svg+xml")
     assert body.startswith(b"<svg") and len(body) < 2048
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_dashboard_before_any_data_shows_the_last_five_minutes():
+    """The page's files straight from web/static, and a /v1/stats websocket that never speaks."""
+    from playwright.sync_api import sync_playwright
+
+    files = {"/dashboard": STATIC / "dashboard.html"}
+
+    def serve_file(route):
+        path = route.request.url.split("//", 1)[1].partition("/")[2].partition("?")[0]
+        file = files.get("/" + path, STATIC / path.removeprefix("static/"))
+        kind = {"js": "text/javascript", "css": "text/css"}.get(file.suffix[1:], "text/html")
+        route.fulfill(status=200, body=file.read_bytes(), content_type=kind)
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            page = chromium.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.route("http://streamer.test/**", serve_file)
+            page.route_web_socket("**/v1/stats", lambda ws: None)  # open, silent
+            page.goto("http://streamer.test/dashboard")
+            page.wait_for_function("typeof charts !== 'undefined' && charts.length > 0")
+            now = page.evaluate("Date.now() / 1000")
+            ranges = page.evaluate("charts.map((c) => [c.plot.scales.x.min, c.plot.scales.x.max])")
+        finally:
+            chromium.close()
+    assert not errors, errors
+    for lo, hi in ranges:
+        assert lo is not None and hi is not None and abs(hi - now) < 60 and abs(hi - lo - 300) < 1, ranges

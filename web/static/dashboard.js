@@ -70,7 +70,8 @@ function makeCharts() {
     const opts = {
       width: box.clientWidth - 12, height: 170,
       scales: {
-        x: { time: true, range: (u, lo, hi) => [hi - HISTORY, hi] },  // a window that scrolls
+        // A window that scrolls; before the first snapshot, the five minutes up to now.
+        x: { time: true, range: (u, lo, hi) => { const end = hi ?? Date.now() / 1000; return [end - HISTORY, end]; } },
         y: { range: (u, lo, hi) => [0, Math.max(spec.max || 1, (hi || 0) * 1.1)] },
       },
       axes: [{ ...axis }, { ...axis, size: 48 }],
