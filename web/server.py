@@ -47,8 +47,8 @@ def _shield_close() -> None:
     """hypercorn 0.18 on trio: after an answer with `Connection: close` (any HTTP/1.0 answer too)
     the connection's close runs in quart-trio's request task, whose scope is cancelled by then, so
     `send_eof` raises Cancelled and the socket stays open until the client hangs up (a descriptor
-    any client can pin). Shutting down and closing a plain socket never blocks, so the close runs
-    shielded."""
+    any client can pin); a server cancelled on shutdown leaves its connections so too (hypercorn
+    issue 106). Shutting down and closing a plain socket never blocks, so the close runs shielded."""
     if getattr(TCPServer._close, "_shielded", False):
         return
     close = TCPServer._close
