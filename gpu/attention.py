@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpu.arena import KVArena, dequantize_int8, quantize_int8
+from gpu.arena import KVArena
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ class AttentionBackend(Protocol):
 
 
 def write_kv(arena: KVArena, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter the step's new K/V (T, Hkv, D) into the arena slots of `layer` (int8 arenas:
-    quantized per token and head, codes and scales at the same slot)."""
+    """Scatter the step's new K/V (T, Hkv, D) into the arena slots of `layer` (quantized arenas:
+    each (token, head) row quantized by the arena's format, codes and scales at the same slot)."""
     k_cache, v_cache = arena.layer(layer)
     bs = arena.block_size
     blk = torch.div(slot_mapping, bs, rounding_mode="floor")
@@ -118,22 +118,22 @@ def write_kv(arena: KVArena, layer: int, k: torch.Tensor, v: torch.Tensor, slot_
         v_cache[blk, :, off] = v.to(v_cache.dtype)
         return
     for x, cache, scales in zip((k, v), (k_cache, v_cache), arena.layer_scales(layer), strict=True):
-        codes, scale = quantize_int8(x)  # (T, Hkv, D), (T, Hkv)
+        codes, scale = arena.quant.quantize(x)  # (T, Hkv, code bytes), (T, Hkv, *scale_shape)
         cache[blk, :, off] = codes
         scales[blk, :, off] = scale
 
 
 def gather_history(arena: KVArena, layer: int, table, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense (Hkv, seq_len, D) K and V of one request, read through its block table, in the
-    arena's model dtype (int8 arenas: dequantized)."""
+    arena's model dtype (quantized arenas: dequantized)."""
     k_cache, v_cache = arena.layer(layer)
     idx = torch.as_tensor(table, dtype=torch.long, device=k_cache.device)
-    hkv, bs, d = k_cache.shape[1:]
+    hkv, d = arena.shape.num_kv_heads, arena.shape.head_dim
     k, v = k_cache[idx], v_cache[idx]  # (n, Hkv, bs, D)
     if arena.quantized:
         k_scales, v_scales = arena.layer_scales(layer)
-        k = dequantize_int8(k, k_scales[idx], arena.dtype)
-        v = dequantize_int8(v, v_scales[idx], arena.dtype)
+        k = arena.quant.dequantize(k, k_scales[idx], arena.dtype)
+        v = arena.quant.dequantize(v, v_scales[idx], arena.dtype)
     k = k.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :seq_len]
     v = v.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :seq_len]
     return k, v

@@ -66,7 +66,7 @@ class ModelRunner:
         """`num_blocks` usable KV blocks (ids 0..num_blocks-1); one more, the scratch block, takes
         the writes of padding rows. `graph_batch` > 0: decode steps of up to that many requests
         run from static buffers, replayed as CUDA graphs when `capture`. `kv_dtype`: how the arena
-        stores K/V, the model's dtype (None) or torch.int8. `swap_slots` > 0: a host pool of that
+        stores K/V, the model's dtype (None), torch.int8 or torch.int4. `swap_slots` > 0: a host pool of that
         many blocks for preempted requests' KV. `graph_tokens` > 0: other steps of up to that many
         tokens run as pieces between attention launches (gpu/piecewise.py), replayed as CUDA graphs
         when `capture`."""

@@ -5,10 +5,10 @@ device's current stream: copies are ordered with the steps' kernels by the strea
 never touches the pool's memory, so no extra sync is needed. Which slots are free is plain Python
 in streamer/allocator.py (`HostSlots`); this object only sees int slot and block ids.
 
-Layout: slot-major, ``(slots, num_layers, 2, num_kv_heads, block_size, head_dim)`` (and for int8
-arenas the scales without head_dim), so one slot is one contiguous run of bytes and a run of
-consecutive slots is one copy. A swap is one gather (or scatter) kernel over the arena's block
-axis plus one copy per run of consecutive slots, usually one per request.
+Layout: slot-major, ``(slots, num_layers, 2, num_kv_heads, block_size, head_dim)`` (quantized
+arenas: their code bytes for head_dim, and the scales likewise), so one slot is one contiguous run
+of bytes and a run of consecutive slots is one copy. A swap is one gather (or scatter) kernel over
+the arena's block axis plus one copy per run of consecutive slots, usually one per request.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class SwapPool:
         return sum(host.numel() * host.element_size() for _, host in self._pairs())
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(arena tensor viewed block-major, pool tensor) for K/V and, int8, the scales."""
+        """(arena tensor viewed block-major, pool tensor) for K/V and, quantized, the scales."""
         pairs = [(self.arena.kv.movedim(2, 0), self.kv)]
         if self.scales is not None:
             pairs.append((self.arena.scales.movedim(2, 0), self.scales))

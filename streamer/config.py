@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from streamer.policy import Policy
 
 DEFAULT_BATCH_TOKENS = 512  # the step budget when neither --max-batch-tokens nor auto-tuning sets one
-KV_DTYPES = ("auto", "int8")
+KV_DTYPES = ("auto", "int8", "int4")
 PREEMPTIONS = (None, "swap", "recompute")
 LAUNCHES = (None, "inline", "thread")
 
@@ -39,7 +39,7 @@ class EngineConfig:
     attention: str | None = None  # None: "cuda" kernel on CUDA, "torch" reference on CPU
     kv_memory: float = 0.5  # GiB if > 1, else the fraction of free device memory (CPU: of 4 GiB)
     kv_blocks: int | None = None  # exact number of KV blocks; overrides kv_memory when set
-    kv_dtype: str = "auto"  # KV storage: "auto" (the model's dtype) or "int8" (per-token, per-head scales)
+    kv_dtype: str = "auto"  # KV storage: "auto" (the model's dtype), "int8" or "int4" (gpu/arena.py, KVQuant)
     block_size: int = 16
     max_batch_tokens: int | None = None  # token budget of one step; None: auto-tuned, else DEFAULT_BATCH_TOKENS
     max_running: int | None = None  # cap on sequences in one step; None: from the KV arena (streamer/build.py)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import trio
 
-from gpu.arena import ArenaShape, KVArena, blocks_that_fit, dequantize_int8, kv_bytes_per_token, quantize_int8
+from gpu.arena import INT8, ArenaShape, KVArena, blocks_that_fit, kv_bytes_per_token
 from gpu.attention import TorchAttention, build_metadata, gather_history, write_kv
 from streamer.config import EngineConfig
 from streamer.engine import open_engine
@@ -26,13 +26,13 @@ def _seed() -> int:
 def test_round_trip_error_is_at_most_half_a_step(dtype):
     seed = _seed()
     x = (torch.randn(64, 3, 128) * torch.rand(64, 3, 1) * 20).to(dtype)  # rows of very different ranges
-    codes, scale = quantize_int8(x)
+    codes, scale = INT8.quantize(x)
     assert codes.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
     xf = x.float()
     # scale = absmax / 127; the largest element of every row lands on +-127 exactly
     torch.testing.assert_close(scale, xf.abs().amax(-1) / 127, rtol=2e-7, atol=0)
     assert (codes.abs().amax(-1) == 127).all() and codes.min() >= -127, f"seed={seed}"
-    err = (dequantize_int8(codes, scale, torch.float32) - xf).abs()
+    err = (INT8.dequantize(codes, scale, torch.float32) - xf).abs()
     assert (err <= scale.unsqueeze(-1) * 0.5 * (1 + 1e-5)).all(), f"seed={seed}"  # round to nearest
     assert (err > scale.unsqueeze(-1) * 0.4).any(), f"seed={seed}"  # the bound is tight: not truncation
 
@@ -42,13 +42,13 @@ def test_round_trip_is_exact_on_the_grid_and_zero_rows_stay_zero():
     scale = torch.rand(10, 1) + 0.5
     grid = torch.randint(-127, 128, (10, 64)).float()
     grid[:, 0] = 127  # pin each row's absmax
-    codes, s = quantize_int8(grid * scale)
+    codes, s = INT8.quantize(grid * scale)
     assert torch.equal(codes.float(), grid)
-    codes, s = quantize_int8(torch.zeros(3, 64))
+    codes, s = INT8.quantize(torch.zeros(3, 64))
     assert not codes.any() and not s.any()
-    assert not dequantize_int8(codes, s, torch.float32).isnan().any()
+    assert not INT8.dequantize(codes, s, torch.float32).isnan().any()
     half = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5]])  # ties round to even, like CUDA's rintf
-    assert quantize_int8(half)[0].tolist() == [[127, 0, 2, 2, 0, -2]]
+    assert INT8.quantize(half)[0].tolist() == [[127, 0, 2, 2, 0, -2]]
 
 
 def test_int8_arena_layout_scales_and_sizing():
@@ -68,7 +68,7 @@ def test_int8_arena_layout_scales_and_sizing():
     k = torch.randn(2, 2, 64)
     write_kv(arena, 1, k, -k, torch.tensor([0, 37]))  # block 0 slot 0, block 2 slot 5
     k_scales, v_scales = arena.layer_scales(1)
-    codes, scale = quantize_int8(k)
+    codes, scale = INT8.quantize(k)
     assert torch.equal(arena.layer(1)[0][2, :, 5], codes[1]) and torch.equal(k_scales[2, :, 5], scale[1])
     assert torch.equal(arena.layer(1)[1][0, :, 0], -codes[0]) and torch.equal(v_scales[0, :, 0], scale[0])
     assert (arena.scales != 0).sum() == 2 * 2 * 2 and not arena.scales[0].any()
@@ -144,7 +144,8 @@ async def _greedy(config: EngineConfig, prompts: list[list[int]]) -> tuple[list[
 
     with trio.fail_after(120):
         async with open_engine(config) as engine:
-            assert engine.runner.arena.kv.dtype == (torch.int8 if config.kv_dtype == "int8" else torch.float32)
+            storage = {"int8": torch.int8, "int4": torch.uint8}.get(config.kv_dtype, torch.float32)
+            assert engine.runner.arena.kv.dtype == storage
             gens = [engine.submit(p, SamplingParams(max_tokens=24)) for p in prompts]
             async with trio.open_nursery() as nursery:
                 for i, gen in enumerate(gens):
@@ -152,7 +153,7 @@ async def _greedy(config: EngineConfig, prompts: list[list[int]]) -> tuple[list[
             stats = engine.statistics()
             assert stats.kv.free_blocks == stats.kv.total_blocks
             if engine.runner.arena.quantized:
-                assert engine.runner.arena.scales.any()  # it ran through the int8 write
+                assert engine.runner.arena.scales.any()  # it ran through the quantized write
     assert all(len(r) == 24 for r in results)
     return results, stats
 
