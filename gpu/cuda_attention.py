@@ -1,8 +1,8 @@
 """CUDA attention backend: one CuPy RawKernel launch per layer per step over the KV arena.
 
-Owns the loader of gpu/csrc/paged_attention.cu (compiled per dtype, KV storage (16-bit or int8),
-head_dim and block size, cached, compiled in `warmup()`) and the launch wrapper. CuPy is imported
-lazily so CPU-only CI can import this.
+Owns the loader of gpu/csrc/paged_attention.cu (compiled per dtype, KV storage (16-bit, int8 or
+int4), head_dim and block size, cached, compiled in `warmup()`) and the launch wrapper. CuPy is
+imported lazily so CPU-only CI can import this.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gpu import cupy_launch
-from gpu.arena import KVArena
+from gpu.arena import INT4, KVArena
 from gpu.attention import AttnMetadata
 
 _SRC = Path(__file__).parent / "csrc" / "paged_attention.cu"
@@ -24,24 +24,25 @@ _WS_ROWS = 1 << 16  # partial-output rows of the flash-decoding workspace (32 Mi
 _MAX_COUNTERS = 1 << 13  # (q tile, kv head) pairs that may split in one launch
 _M64_MIN_BLOCKS = 3  # resident m64 blocks per SM the compiler must allow (tuning knob, see bench)
 _M16_STAGES = {64: 2, 128: 3}  # cp.async stages of the decode kernel per head_dim (tuning knob)
-# (cc, bf16, int8 kv, head_dim, block_size, m64 min blocks, m16 stages) -> {variant: (RawKernel, blocks/SM)}
+# (cc, bf16, kv bits, head_dim, block_size, m64 min blocks, m16 stages) -> {variant: (RawKernel, blocks/SM)}
 _MODULES: dict[tuple, dict[str, tuple[object, int]]] = {}
 
 
 _BN = 64  # key positions per tile (BN in the .cu)
 
 
-def _smem_bytes(variant: str, head_dim: int, kv8: bool = False) -> int:
-    """Dynamic shared memory: STAGES x (K and V 16-bit tiles); Q lives in registers. int8 KV: STAGES x
-    (K and V int8 tiles) plus one dequantized 16-bit K and V tile. Mirrors SMEM in the .cu."""
+def _smem_bytes(variant: str, head_dim: int, kv_bits: int = 16) -> int:
+    """Dynamic shared memory: STAGES x (K and V 16-bit tiles); Q lives in registers. Quantized KV
+    (8 or 4 bits): STAGES x (K and V tiles of codes) plus one dequantized 16-bit K and V tile.
+    Mirrors SMEM in the .cu."""
     stages = 2 if variant == "m64" else _M16_STAGES[head_dim]
-    if kv8:
-        return 2 * _BN * head_dim * 2 + stages * 2 * _BN * head_dim
+    if kv_bits != 16:
+        return 2 * _BN * head_dim * 2 + stages * 2 * _BN * head_dim * kv_bits // 8
     return stages * 2 * _BN * head_dim * 2
 
 
 def _kernels(
-    dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device, kv8: bool = False
+    dtype: torch.dtype, head_dim: int, block_size: int, device: torch.device, kv_bits: int = 16
 ) -> dict[str, tuple]:
     """Compile once per process and specialisation; {"m64"|"m16": (kernel, resident blocks per SM)}."""
     import cupy
@@ -50,7 +51,7 @@ def _kernels(
     key = (
         major * 10 + minor,
         dtype == torch.bfloat16,
-        kv8,
+        kv_bits,
         head_dim,
         block_size,
         _M64_MIN_BLOCKS,
@@ -62,7 +63,8 @@ def _kernels(
         "-std=c++17",
         f"--gpu-architecture=sm_{key[0]}",
         f"-DATTN_BF16={int(key[1])}",
-        f"-DKV_INT8={int(kv8)}",
+        f"-DKV_BITS={kv_bits}",
+        f"-DKV4_GROUP={INT4.group}",
         f"-DHEAD_DIM={head_dim}",
         f"-DBLOCK_SIZE={block_size}",
         f"-DM64_MIN_BLOCKS={_M64_MIN_BLOCKS}",
@@ -70,21 +72,21 @@ def _kernels(
     )
     code = _SRC.read_text()
     try:
-        kernels = _load(cupy.RawModule(code=code, options=options), head_dim, kv8)
+        kernels = _load(cupy.RawModule(code=code, options=options), head_dim, kv_bits)
     except cupy.cuda.compiler.CompileException as exc:  # NVRTC without some builtin: try nvcc
         warnings.warn(f"NVRTC failed on paged_attention.cu, retrying with nvcc: {exc}", stacklevel=2)
-        kernels = _load(cupy.RawModule(code=code, options=options, backend="nvcc"), head_dim, kv8)
+        kernels = _load(cupy.RawModule(code=code, options=options, backend="nvcc"), head_dim, kv_bits)
     _MODULES[key] = kernels
     return kernels
 
 
-def _load(module, head_dim: int, kv8: bool) -> dict[str, tuple]:
+def _load(module, head_dim: int, kv_bits: int) -> dict[str, tuple]:
     import cupy
 
     kernels = {}
     for variant in ("m64", "m16"):
         kern = module.get_function(f"paged_attention_{variant}")
-        smem = _smem_bytes(variant, head_dim, kv8)
+        smem = _smem_bytes(variant, head_dim, kv_bits)
         kern.max_dynamic_shared_size_bytes = smem  # loads the module: compiles now
         try:
             resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
@@ -119,7 +121,7 @@ class CudaAttention:
     def __init__(self, arena: KVArena, scale: float) -> None:
         assert arena.kv.is_cuda, "CudaAttention needs the arena on a CUDA device"
         assert arena.dtype in (torch.float16, torch.bfloat16), arena.dtype
-        assert arena.kv_dtype in (arena.dtype, torch.int8), arena.kv_dtype
+        assert arena.kv_dtype == arena.dtype or arena.quant is not None, arena.kv_dtype
         assert arena.shape.head_dim in (64, 128), arena.shape.head_dim
         self.arena = arena
         self.scale = scale
@@ -134,7 +136,7 @@ class CudaAttention:
         self._ws_ml = torch.empty(_WS_ROWS * 2, dtype=torch.float32, device=dev)
         self._counters = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=dev)
         self._plan_meta: tuple | None = None  # (meta, num_q_heads, plan) of the last step
-        # Each layer's arena pointers (k, v, and int8 scales or null), and the launch of the last
+        # Each layer's arena pointers (k, v, and the scales or null), and the launch of the last
         # step's layers, which differ only in those: (meta, key, kernel, grid, smem, args before,
         # args after). A step's launches then build no arguments but the layer's.
         quant = arena.quantized
@@ -148,7 +150,11 @@ class CudaAttention:
 
     def _kernels(self) -> dict[str, tuple]:
         s = self.arena.shape
-        return _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device, self.arena.quantized)
+        return _kernels(self.arena.dtype, s.head_dim, s.block_size, self._device, self._kv_bits)
+
+    @property
+    def _kv_bits(self) -> int:
+        return self.arena.quant.bits if self.arena.quant else 16
 
     def launch_plan(self, meta: AttnMetadata, num_q_heads: int) -> tuple[str, int, int, int, bool]:
         """(variant, tokens per q tile, grid x, kv splits, one q tile per request) for this step;
@@ -275,6 +281,6 @@ class CudaAttention:
             np.float32(self.scale * math.log2(math.e)),
             np.int32(one_tile),
         )
-        smem = _smem_bytes(variant, s.head_dim, self.arena.quantized)
+        smem = _smem_bytes(variant, s.head_dim, self._kv_bits)
         return self._kernels()[variant][0], (grid_x, s.num_kv_heads, splits), smem, before, after
 

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gpu.cuda_attention
-from gpu.arena import ArenaShape, KVArena
+from gpu.arena import ArenaShape, KVArena, kv_bytes_per_token
 from gpu.attention import build_metadata
 from gpu.cuda_attention import CudaAttention
 
 MODELS = {"qwen2.5-0.5b": (14, 2, 64), "llama-3-8b": (32, 8, 128)}  # (Hq, Hkv, D)
 DTYPE = torch.bfloat16
 BLOCK = 16
-KV_DTYPE = None  # None: the arena stores DTYPE; torch.int8: --kv-dtype int8
+KV_DTYPE = None  # None: the arena stores DTYPE; torch.int8 / torch.int4: --kv-dtype int8 / int4
 MIN_WORKING_SET = 256 << 20  # replicate inputs below this so replays stream from HBM, not L2
 MAX_KV_BYTES = 20e9  # arena + dense peer copy must fit with room to spare on an 80 GB card
 
@@ -79,6 +79,9 @@ def paged_calls(hq, hkv, d, q_lens, seq_lens, copies):
     if KV_DTYPE == torch.int8:  # codes and per-token scales, never zeros
         arena.kv.random_(-127, 128)
         arena.scales.uniform_(0.005, 0.02)
+    elif KV_DTYPE == torch.int4:  # bytes of two codes, group scales
+        arena.kv.random_(0, 256)
+        arena.scales.uniform_(0.1, 0.4)
     else:
         arena.kv.normal_()
     perm = torch.randperm(per * copies).tolist()  # scattered blocks, as after a long run
@@ -130,16 +133,18 @@ def decode_rows(copy_gbs, batches, contexts):
     for model, (hq, hkv, d) in MODELS.items():
         for b in batches:
             for ctx in contexts:
-                kv_bytes = b * ctx * hkv * d * 2 * 2
+                kv_bytes = b * ctx * hkv * d * 2 * 2  # bf16, the peer's
                 if kv_bytes > MAX_KV_BYTES:
                     rows.append((model, b, ctx, None, None, None, None, None))
                     continue
-                moved = kv_bytes + 2 * b * hq * d * 2  # KV read + q read + o written
-                copies = min(256, max(1, math.ceil(MIN_WORKING_SET / kv_bytes)))
+                arena_bytes = b * ctx * kv_bytes_per_token(1, hkv, d, KV_DTYPE or DTYPE)  # scales included
+                moved = arena_bytes + 2 * b * hq * d * 2  # KV read + q read + o written
+                copies = min(256, max(1, math.ceil(MIN_WORKING_SET / arena_bytes)))
                 calls, splits = paged_calls(hq, hkv, d, [1] * b, [ctx] * b, copies)
                 ours = bench_ms(calls)
                 del calls
                 # peer: the G q heads of a kv head as G queries over dense (B, Hkv, ctx, D), no mask
+                copies = min(256, max(1, math.ceil(MIN_WORKING_SET / kv_bytes)))
                 peer = bench_ms(sdpa_calls((b, hkv, hq // hkv, d), (b, hkv, ctx, d), False, copies))
                 torch.cuda.empty_cache()
                 rows.append((model, b, ctx, ours, moved / ours / 1e6, copy_gbs, peer, splits))
@@ -210,11 +215,12 @@ def main() -> None:
     ap.add_argument("--batches", help="decode batch sizes, comma-separated (default 1,16,64,256)")
     ap.add_argument("--contexts", help="decode contexts, comma-separated (default 512,2048,8192,32768)")
     ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
-    ap.add_argument("--kv-dtype", choices=["auto", "int8"], default="auto",
-                    help="our arena's storage: the compute dtype, or int8 codes with per-token scales")
+    ap.add_argument("--kv-dtype", choices=["auto", "int8", "int4"], default="auto",
+                    help="our arena's storage: the compute dtype, int8 codes with per-token scales, or int4 "
+                         "codes with a scale per 32 values")
     args = ap.parse_args()
     globals()["BLOCK"] = args.block_size
-    globals()["KV_DTYPE"] = torch.int8 if args.kv_dtype == "int8" else None
+    globals()["KV_DTYPE"] = {"int8": torch.int8, "int4": torch.int4}.get(args.kv_dtype)
     if args.m64_min_blocks:
         gpu.cuda_attention._M64_MIN_BLOCKS = args.m64_min_blocks
     if args.m16_stages:

@@ -3,14 +3,15 @@
 // accumulation) and the in-kernel flash-decoding combine. Loaded by gpu/cuda_attention.py.
 //
 // Compiled by NVRTC (or nvcc) per specialisation with -DATTN_BF16=0|1 -DHEAD_DIM=64|128
-// -DBLOCK_SIZE=n -DKV_INT8=0|1. Header-free on purpose: f16/bf16 are raw 16-bit words, converted
-// with PTX.
+// -DBLOCK_SIZE=n -DKV_BITS=16|8|4 (-DKV4_GROUP=n). Header-free on purpose: f16/bf16 are raw 16-bit
+// words, converted with PTX.
 //
-// KV_INT8=1: the arena holds int8 codes plus one float32 scale per (token, kv head) row (see
-// gpu/arena.py). The fused write quantizes (absmax / 127, round half to even); each K/V tile is
-// streamed as int8 + scales into shared memory, then dequantized into one 16-bit tile that the
-// unchanged mma loop reads. The step's own tokens, read from k_new/v_new, are quantized on the fly
-// by the same code as the write, so attention always sees exactly the stored codes.
+// KV_BITS=8|4: the arena holds codes plus scales (gpu/arena.py, KVQuant; `kvq` below): int8, one
+// float32 scale a (token, kv head) row; int4, two codes a byte and one float16 scale a group of
+// KV4_GROUP values of the row. The fused write quantizes (absmax / qmax, round half to even); each
+// K/V tile is streamed as codes + scales into shared memory, then dequantized into one 16-bit tile
+// that the unchanged mma loop reads. The step's own tokens, read from k_new/v_new, are quantized on
+// the fly by the same code as the write, so attention always sees exactly the stored codes.
 //
 // Grid: (x = q tile, y = kv head, z = KV split). A q tile is up to TQ = BM / G new tokens of one
 // request times the G q heads that share kv head y, so one K/V tile read from the arena serves
@@ -49,9 +50,10 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
-// 4-byte async copy (an int8 row's scale); src_bytes = 0 zero-fills.
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+// N-byte async copy (a quantized row's scales: 4 or 8 bytes); src_bytes = 0 zero-fills.
+template <int N>
+__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(N), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
@@ -96,10 +98,6 @@ __device__ __forceinline__ float to_f32(u32 h) {  // the 16-bit value in the low
   return f;
 }
 
-// ---- int8 KV (KV_INT8=1) ----------------------------------------------------------------------
-template <bool KV8> struct kv_elem { typedef u16 type; };
-template <> struct kv_elem<true> { typedef signed char type; };
-
 // 8 consecutive 16-bit values as floats; zeros when p is null.
 template <bool BF16>
 __device__ __forceinline__ void load8(const u16* p, float (&x)[8]) {
@@ -111,37 +109,88 @@ __device__ __forceinline__ void load8(const u16* p, float (&x)[8]) {
     x[2 * i + 1] = to_f32<BF16>(ws[i] >> 16);
   }
 }
-// Symmetric int8 quantization of one D-wide row held by DC = D/8 consecutive lanes, 8 values each.
-// The same float ops as quantize_int8 in gpu/arena.py (scale = absmax * (1/127), x * (1/scale)
-// with IEEE rounding, round half to even), so codes and scales match torch bit for bit. Every lane
-// of the warp must call it: the row's absmax is a butterfly over its lanes. Returns the scale.
-template <int DC>
-__device__ __forceinline__ float quantize_row(const float (&x)[8], int (&c)[8]) {
+
+// ---- quantized KV (KV_BITS=8|4) ---------------------------------------------------------------
+// kvq<BITS, D>: how the arena stores a row of D values. BITS=16: the model's 16-bit dtype. Else
+// KVQuant in gpu/arena.py: signed codes in [-QMAX, QMAX], one scale per GROUP values, 8 codes of
+// one lane in a `word_t` (pack/unpack), codes decoded to floats exactly (the bits of 2^23 + u,
+// minus 2^23 + bias: no int-to-float conversion).
+template <int BITS, int D> struct kvq {
+  typedef u16 code_t;
+  typedef float scale_t;
+  static constexpr int QMAX = 0, GROUP = D;
+};
+template <int D> struct kvq<8, D> {
+  typedef signed char code_t;
+  typedef float scale_t;  // one a row
+  typedef uint2 word_t;
+  static constexpr int QMAX = 127, GROUP = D;
+  __device__ static __forceinline__ scale_t store_scale(float s) { return s; }
+  __device__ static __forceinline__ float load_scale(scale_t s) { return s; }
+  __device__ static __forceinline__ word_t pack(const int (&c)[8]) {
+    u32 w[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      w[h] = (u32)(c[4 * h] & 255) | (u32)(c[4 * h + 1] & 255) << 8 | (u32)(c[4 * h + 2] & 255) << 16 |
+             (u32)(c[4 * h + 3] & 255) << 24;
+    return uint2{w[0], w[1]};
+  }
+  __device__ static __forceinline__ void unpack(word_t w, float (&f)[8]) {
+    const u32 x = w.x ^ 0x80808080u, y = w.y ^ 0x80808080u;  // offset binary: code + 128 per byte
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      f[e] = __int_as_float(0x4b000000 | ((x >> 8 * e) & 255)) - 8388736.f;
+      f[4 + e] = __int_as_float(0x4b000000 | ((y >> 8 * e) & 255)) - 8388736.f;
+    }
+  }
+};
+#ifndef KV4_GROUP
+#define KV4_GROUP 32
+#endif
+template <int D> struct kvq<4, D> {
+  typedef unsigned char code_t;
+  typedef u16 scale_t;  // float16, one a group; saturates at 65504 as KVQuant.quantize clamps
+  typedef u32 word_t;   // value e in bits 4e..4e+3: two a byte, the even one low
+  static constexpr int QMAX = 7, GROUP = KV4_GROUP;
+  __device__ static __forceinline__ scale_t store_scale(float s) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(fminf(s, 65504.f)));
+    return h;
+  }
+  __device__ static __forceinline__ float load_scale(scale_t s) { return to_f32<false>(s); }
+  __device__ static __forceinline__ word_t pack(const int (&c)[8]) {
+    u32 w = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w |= (u32)(c[e] & 15) << 4 * e;
+    return w;
+  }
+  __device__ static __forceinline__ void unpack(word_t w, float (&f)[8]) {
+    const u32 x = w ^ 0x88888888u;  // offset binary: code + 8 per nibble
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = __int_as_float(0x4b000000 | ((x >> 4 * e) & 15)) - 8388616.f;
+  }
+};
+
+// Symmetric quantization of one lane's 8 values of a row; the GROUP / 8 consecutive lanes of a group
+// share its absmax (a butterfly: every lane of the warp must call it). The same float ops as
+// KVQuant.quantize in gpu/arena.py (scale = absmax * (1/QMAX) rounded to its storage dtype, x times
+// the reciprocal of that with IEEE rounding, round half to even), so codes and scales match torch
+// bit for bit. Returns the stored scale.
+template <int BITS, int D>
+__device__ __forceinline__ typename kvq<BITS, D>::scale_t quantize_chunk(const float (&x)[8], int (&c)[8]) {
+  typedef kvq<BITS, D> Q;
   float amax = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
 #pragma unroll
-  for (int o = 1; o < DC; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float scale = __fmul_rn(amax, 1.0f / 127.0f);
-  const float inv = scale > 0.f ? __frcp_rn(scale) : 0.f;  // all-zero row: codes 0
+  for (int o = 1; o < Q::GROUP / 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const typename Q::scale_t stored = Q::store_scale(__fmul_rn(amax, 1.0f / Q::QMAX));
+  const float scale = Q::load_scale(stored);
+  const float inv = scale > 0.f ? __frcp_rn(scale) : 0.f;  // all-zero group: codes 0
+  constexpr float QM = Q::QMAX;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) c[e] = (int)fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -127.f), 127.f);
-  return scale;
-}
-__device__ __forceinline__ uint2 pack_i8x8(const int (&c)[8]) {
-  u32 w[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-    w[h] = (u32)(c[4 * h] & 255) | (u32)(c[4 * h + 1] & 255) << 8 | (u32)(c[4 * h + 2] & 255) << 16 |
-           (u32)(c[4 * h + 3] & 255) << 24;
-  return uint2{w[0], w[1]};
-}
-__device__ __forceinline__ void unpack_i8x8(uint2 w, int (&c)[8]) {
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    c[e] = (int)(w.x << (24 - 8 * e)) >> 24;  // sign-extend byte e
-    c[4 + e] = (int)(w.y << (24 - 8 * e)) >> 24;
-  }
+  for (int e = 0; e < 8; ++e) c[e] = (int)fminf(fmaxf(rintf(__fmul_rn(x[e], inv)), -QM), QM);
+  return stored;
 }
 // ---- fused RoPE ---------------------------------------------------------------------------------
 template <bool BF16>
@@ -175,20 +224,26 @@ __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
 // One lane's 8 values of a key/value row, dequantized (codes * scale in fp32) to 16-bit words for
 // the mma. History rows decode their codes; a fresh row (this step's token, `fresh_row` in
 // k_new/v_new, rotated when cs is given) is quantized first, exactly as the fused write stores it.
-// Warp-uniform entry.
-template <bool BF16, int D>
+// `codes`: the lane's code word in shared memory, `scale`: its group's. Warp-uniform entry.
+template <bool BF16, int BITS, int D>
 __device__ __forceinline__ uint4 dequant_chunk(const u16* fresh_row, int ch, const float* cs, const float* sn,
-                                               const signed char* codes, float scale) {
-  int c[8];
-  if (__any_sync(0xffffffffu, fresh_row != nullptr)) {  // uniform branch: quantize_row shuffles
+                                               const unsigned char* codes, float scale) {
+  typedef kvq<BITS, D> Q;
+  float f[8];
+  if (__any_sync(0xffffffffu, fresh_row != nullptr)) {  // uniform branch: quantize_chunk shuffles
     float x[8];
+    int c[8];
     load8_k<BF16, D>(fresh_row, ch, cs, sn, x);
-    const float s = quantize_row<D / 8>(x, c);
-    if (fresh_row) scale = s;
+    const float s = Q::load_scale(quantize_chunk<BITS, D>(x, c));
+    if (fresh_row) {
+      scale = s;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = (float)c[e];
+    }
   }
-  if (!fresh_row) unpack_i8x8(*reinterpret_cast<const uint2*>(codes), c);
-  return uint4{pack2<BF16>(c[0] * scale, c[1] * scale), pack2<BF16>(c[2] * scale, c[3] * scale),
-               pack2<BF16>(c[4] * scale, c[5] * scale), pack2<BF16>(c[6] * scale, c[7] * scale)};
+  if (!fresh_row) Q::unpack(*reinterpret_cast<const typename Q::word_t*>(codes), f);
+  return uint4{pack2<BF16>(f[0] * scale, f[1] * scale), pack2<BF16>(f[2] * scale, f[3] * scale),
+               pack2<BF16>(f[4] * scale, f[5] * scale), pack2<BF16>(f[6] * scale, f[7] * scale)};
 }
 
 __device__ __forceinline__ float ex2(float x) {
@@ -252,13 +307,15 @@ __device__ __forceinline__ void rotate_new_keys(u16* tile, int p0, int ctx_start
   }
 }
 
-// STAGES: K/V tiles in flight in shared memory. KV8: the arena holds int8 codes + float32 scales.
-// ROPE: the variant can apply RoPE (when rope_cos is given); without it the code is compiled out.
-template <bool BF16, bool KV8, bool ROPE, int D, int BS, int WARPS_N, int STAGES>
+// STAGES: K/V tiles in flight in shared memory. KVB: bits a stored K/V value, 16 (the model's
+// dtype) or 8 / 4 (codes + scales, kvq). ROPE: the variant can apply RoPE (when rope_cos is given);
+// without it the code is compiled out.
+template <bool BF16, int KVB, bool ROPE, int D, int BS, int WARPS_N, int STAGES>
 __device__ __forceinline__ void attention_tile(
     u16* __restrict__ out, const u16* __restrict__ q, const u16* __restrict__ k_new,
-    const u16* __restrict__ v_new, typename kv_elem<KV8>::type* __restrict__ k_cache,
-    typename kv_elem<KV8>::type* __restrict__ v_cache, float* __restrict__ k_scales, float* __restrict__ v_scales,
+    const u16* __restrict__ v_new, typename kvq<KVB, D>::code_t* __restrict__ k_cache,
+    typename kvq<KVB, D>::code_t* __restrict__ v_cache, typename kvq<KVB, D>::scale_t* __restrict__ k_scales,
+    typename kvq<KVB, D>::scale_t* __restrict__ v_scales,
     const int* __restrict__ cu_seqlens_q, const int* __restrict__ seq_lens, const int* __restrict__ cu_blocks,
     const int* __restrict__ block_tables, const long long* __restrict__ slot_mapping, float* __restrict__ ws_o,
     float* __restrict__ ws_ml, int* __restrict__ counters, const float* __restrict__ rope_cos_arg,
@@ -270,22 +327,29 @@ __device__ __forceinline__ void attention_tile(
   constexpr int NT = NW / 8;        // n8 score tiles per warp
   constexpr int DC = D / 8;         // 16-byte chunks per row
   constexpr int OS = D + 4;         // fp32 row stride of the epilogue buffer (padding vs bank conflicts)
-  // 16-bit tiles the mma loop reads: every stage (16-bit arena), or one dequantized tile (int8).
-  constexpr int TILES16 = KV8 ? 1 : STAGES;
-  constexpr int SMEM = TILES16 * 2 * BN * D * 2 + (KV8 ? STAGES * 2 * BN * D : 0);  // gpu/cuda_attention.py
+  // Quantized arenas (QUANT): a row is RB bytes of codes and NSC scales (SB bytes); LANES lanes of
+  // 8 values share a scale.
+  typedef kvq<KVB, D> Q;
+  typedef typename Q::scale_t scale_t;
+  constexpr bool QUANT = KVB != 16;
+  constexpr int RB = D * KVB / 8, LANES = Q::GROUP / 8, NSC = D / Q::GROUP, SB = NSC * (int)sizeof(scale_t);
+  // 16-bit tiles the mma loop reads: every stage (16-bit arena), or one dequantized tile (quantized).
+  constexpr int TILES16 = QUANT ? 1 : STAGES;
+  constexpr int SMEM = TILES16 * 2 * BN * D * 2 + (QUANT ? STAGES * 2 * BN * RB : 0);  // gpu/cuda_attention.py
   static_assert(WARPS_N * BM * OS * 4 <= SMEM, "epilogue buffer must fit in the stages");
   static_assert(STAGES >= 2 && BN <= NTHREADS && (BN * DC) % NTHREADS == 0, "tile shape");
-  static_assert(!KV8 || ((BN * D / 16) % NTHREADS == 0 && 32 % DC == 0), "int8 tile shape");
+  static_assert(!QUANT || ((BN * RB / 16) % NTHREADS == 0 && 32 % DC == 0 && D % Q::GROUP == 0 &&
+                           Q::GROUP % 8 == 0 && (SB == 4 || SB == 8 || SB == 16)), "quantized tile shape");
 
   const float* __restrict__ rope_cos = ROPE ? rope_cos_arg : nullptr;  // null: inputs already rotated
   extern __shared__ __align__(16) unsigned char smem[];
   u16* sK = reinterpret_cast<u16*>(smem);    // TILES16 x (BN, D)
   u16* sV = sK + TILES16 * BN * D;           // TILES16 x (BN, D)
-  signed char* s8K = reinterpret_cast<signed char*>(sV + TILES16 * BN * D);  // int8: STAGES x (BN, D)
-  signed char* s8V = s8K + STAGES * BN * D;                                   // int8: STAGES x (BN, D)
+  unsigned char* sCK = reinterpret_cast<unsigned char*>(sV + TILES16 * BN * D);  // codes: STAGES x (BN, RB)
+  unsigned char* sCV = sCK + STAGES * BN * RB;                                    // codes: STAGES x (BN, RB)
   float* sO = reinterpret_cast<float*>(sK);  // epilogue: (WARPS_N*BM, OS), reuses the stages
   __shared__ long long s_off[STAGES][BN];    // per stage: element offset of each key row's source
-  __shared__ __align__(16) float s_scale[2][KV8 ? STAGES : 1][BN];  // int8: K and V row scales per stage
+  __shared__ __align__(16) unsigned char s_scale[2][QUANT ? STAGES : 1][BN * SB];  // K and V rows' scales per stage
   __shared__ float red_m[WARPS_N][BM], red_l[WARPS_N][BM];
   __shared__ int s_last;
 
@@ -332,7 +396,7 @@ __device__ __forceinline__ void attention_tile(
 
   // Fused scatter of this tile's new K/V into the arena (split 0 only, so each token once).
   // Nothing in this launch reads these slots: new positions are read from k_new/v_new below.
-  if (split == 0 && !KV8) {
+  if (split == 0 && !QUANT) {
     for (int c = tid; c < nq * DC; c += NTHREADS) {
       const int tok = q_start + t0 + c / DC, ch = c % DC;
       const long long slot = slot_mapping[tok];
@@ -349,8 +413,10 @@ __device__ __forceinline__ void attention_tile(
       *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v_new + src + ch * 8);
     }
   }
-  if (split == 0 && KV8) {  // quantize: each row's DC lanes share its absmax, so every lane takes
-    for (int c0 = 0; c0 < nq * DC; c0 += NTHREADS) {  // the same trip count (spare rows hold zeros)
+  // Quantized, split 0 only: a group's LANES lanes share its absmax, so every lane takes the same
+  // trip count (spare rows hold zeros).
+  if constexpr (QUANT) {
+    for (int c0 = 0; split == 0 && c0 < nq * DC; c0 += NTHREADS) {
       const int c = c0 + tid, ch = c % DC, tok = q_start + t0 + c / DC;
       const bool ok = c < nq * DC;
       const long long src = (long long)tok * kv_stride + kvh * D, pos = ctx_start + t0 + c / DC;
@@ -359,15 +425,15 @@ __device__ __forceinline__ void attention_tile(
                        rope_sin + pos * D, xk);
       load8<BF16>(ok ? v_new + src + ch * 8 : nullptr, xv);
       int ck[8], cv[8];
-      const float sk = quantize_row<DC>(xk, ck), sv = quantize_row<DC>(xv, cv);
+      const scale_t sk = quantize_chunk<KVB, D>(xk, ck), sv = quantize_chunk<KVB, D>(xv, cv);
       if (ok) {
         const long long slot = slot_mapping[tok];
-        const long long row = (slot / BS) * num_kv_heads * BS + (long long)kvh * BS + slot % BS;  // scale index
-        *reinterpret_cast<uint2*>(k_cache + row * D + ch * 8) = pack_i8x8(ck);
-        *reinterpret_cast<uint2*>(v_cache + row * D + ch * 8) = pack_i8x8(cv);
-        if (ch == 0) {
-          k_scales[row] = sk;
-          v_scales[row] = sv;
+        const long long row = (slot / BS) * num_kv_heads * BS + (long long)kvh * BS + slot % BS;  // row index
+        *reinterpret_cast<typename Q::word_t*>(k_cache + row * RB + ch * KVB) = Q::pack(ck);  // KVB bytes: 8 codes
+        *reinterpret_cast<typename Q::word_t*>(v_cache + row * RB + ch * KVB) = Q::pack(cv);
+        if (ch % LANES == 0) {
+          k_scales[row * NSC + ch / LANES] = sk;
+          v_scales[row * NSC + ch / LANES] = sv;
         }
       }
     }
@@ -383,23 +449,23 @@ __device__ __forceinline__ void attention_tile(
     return (long long)bt[p / BS] * blk_stride + head_off + (long long)(p % BS) * D;
   };
   auto load_kv = [&](int tile, int stage) {
-    if constexpr (KV8) {  // history rows' codes (D bytes) and scales; fresh rows are read later
-      constexpr int RC = D / 16;  // 16-byte chunks per int8 row
-      const u32 dk = smem_addr(s8K + stage * BN * D), dv = smem_addr(s8V + stage * BN * D);
+    if constexpr (QUANT) {  // history rows' codes (RB bytes) and scales; fresh rows are read later
+      constexpr int RC = RB / 16;  // 16-byte chunks per row of codes
+      const u32 dk = smem_addr(sCK + stage * BN * RB), dv = smem_addr(sCV + stage * BN * RB);
 #pragma unroll
       for (int i = 0; i < BN * RC / NTHREADS; ++i) {
         const int c = tid + i * NTHREADS, row = c / RC, ch = c % RC, p = tile * BN + row;
         const bool hist = p < ctx_start && p < kv_end;
-        const long long o = hist ? s_off[stage][row] + ch * 16 : 0;
-        cp_async16(dk + row * D + ch * 16, k_cache + o, hist ? 16 : 0);
-        cp_async16(dv + row * D + ch * 16, v_cache + o, hist ? 16 : 0);
+        const long long o = hist ? s_off[stage][row] / D * RB + ch * 16 : 0;  // s_off counts D values a row
+        cp_async16(dk + row * RB + ch * 16, k_cache + o, hist ? 16 : 0);
+        cp_async16(dv + row * RB + ch * 16, v_cache + o, hist ? 16 : 0);
       }
       if (tid < BN) {
         const int p = tile * BN + tid;
         const bool hist = p < ctx_start && p < kv_end;
         const long long r = hist ? s_off[stage][tid] / D : 0;  // scales share the codes' row index
-        cp_async4(smem_addr(&s_scale[0][stage][tid]), k_scales + r, hist ? 4 : 0);
-        cp_async4(smem_addr(&s_scale[1][stage][tid]), v_scales + r, hist ? 4 : 0);
+        cp_async_ca<SB>(smem_addr(&s_scale[0][stage][tid * SB]), k_scales + r * NSC, hist ? SB : 0);
+        cp_async_ca<SB>(smem_addr(&s_scale[1][stage][tid * SB]), v_scales + r * NSC, hist ? SB : 0);
       }
     } else {
       const u32 dk = smem_addr(sK + stage * BN * D), dv = smem_addr(sV + stage * BN * D);
@@ -484,18 +550,20 @@ __device__ __forceinline__ void attention_tile(
     const long long off_next = next_off ? row_off(tile + STAGES, tid) : 0;
     cp_async_wait<STAGES - 1>();  // group `it` (this tile) has landed, for this thread
     __syncthreads();  // sync point: this stage's tile visible to all warps
-    if constexpr (KV8) {  // int8 stage -> the 16-bit tile (same swizzle), rows of D/8 lanes
+    if constexpr (QUANT) {  // codes stage -> the 16-bit tile (same swizzle), rows of D/8 lanes
 #pragma unroll 2
       for (int i = 0; i < BN * DC / NTHREADS; ++i) {
         const int c = tid + i * NTHREADS, row = c / DC, ch = c % DC, p = tile * BN + row;
         const bool fresh = p >= ctx_start && p < kv_end;  // this step's token: from k_new/v_new
         const long long o = s_off[stage][row];  // a fresh row's start in k_new/v_new
-        const int at = (stage * BN + row) * D + ch * 8;
+        const int at = (stage * BN + row) * RB + ch * KVB;  // this lane's code word
+        const int sc = row * SB + ch / LANES * (int)sizeof(scale_t);  // its group's scale
         const float* cs = rope_cos ? rope_cos + (long long)p * D : nullptr;
-        const uint4 kx = dequant_chunk<BF16, D>(fresh ? k_new + o : nullptr, ch, cs, rope_sin + (long long)p * D,
-                                                s8K + at, s_scale[0][stage][row]);
-        const uint4 vx = dequant_chunk<BF16, D>(fresh ? v_new + o : nullptr, ch, nullptr, nullptr, s8V + at,
-                                                s_scale[1][stage][row]);
+        const float sk = Q::load_scale(*reinterpret_cast<const scale_t*>(&s_scale[0][stage][sc]));
+        const float sv = Q::load_scale(*reinterpret_cast<const scale_t*>(&s_scale[1][stage][sc]));
+        const uint4 kx = dequant_chunk<BF16, KVB, D>(fresh ? k_new + o : nullptr, ch, cs,
+                                                     rope_sin + (long long)p * D, sCK + at, sk);
+        const uint4 vx = dequant_chunk<BF16, KVB, D>(fresh ? v_new + o : nullptr, ch, nullptr, nullptr, sCV + at, sv);
         *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sK) + swz<D>(row, ch)) = kx;
         *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sV) + swz<D>(row, ch)) = vx;
       }
@@ -504,7 +572,7 @@ __device__ __forceinline__ void attention_tile(
       rotate_new_keys<BF16, D>(sK + stage * BN * D, tile * BN, ctx_start, kv_end, rope_cos, rope_sin);
       __syncthreads();  // sync point: the rotated keys visible to all warps
     }
-    const int t16 = KV8 ? 0 : stage;
+    const int t16 = QUANT ? 0 : stage;
     const u32 kb = smem_addr(sK + t16 * BN * D), vb = smem_addr(sV + t16 * BN * D);
 
     // S = Q K^T for this warp's 16 rows x NW keys.
@@ -670,19 +738,21 @@ __device__ __forceinline__ void attention_tile(
 }
 
 #if defined(HEAD_DIM) && defined(BLOCK_SIZE) && defined(ATTN_BF16)
-#ifndef KV_INT8
-#define KV_INT8 0
+#ifndef KV_BITS
+#define KV_BITS 16
 #endif
-// k_cache/v_cache: 16-bit words, or int8 codes with k_scales/v_scales (null for a 16-bit arena).
+// k_cache/v_cache: 16-bit words, or codes with k_scales/v_scales (null for a 16-bit arena).
 #define ATTN_PARAMS                                                                                          \
-  u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, void *k_cache, void *v_cache, float *k_scales, \
-      float *v_scales, const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks,                    \
+  u16 *out, const u16 *q, const u16 *k_new, const u16 *v_new, void *k_cache, void *v_cache, void *k_scales,  \
+      void *v_scales, const int *cu_seqlens_q, const int *seq_lens, const int *cu_blocks,                    \
       const int *block_tables, const long long *slot_mapping, float *ws_o, float *ws_ml, int *counters,       \
       const float *rope_cos, const float *rope_sin, int q_stride, int kv_stride, int num_seqs, int num_q_heads, \
       int num_kv_heads, float scale_log2, int one_tile
-#define KV_T kv_elem<KV_INT8 != 0>::type
+#define KV_T kvq<KV_BITS, HEAD_DIM>::code_t
+#define SC_T kvq<KV_BITS, HEAD_DIM>::scale_t
 #define ATTN_ARGS                                                                                          \
-  out, q, k_new, v_new, static_cast<KV_T*>(k_cache), static_cast<KV_T*>(v_cache), k_scales, v_scales,      \
+  out, q, k_new, v_new, static_cast<KV_T*>(k_cache), static_cast<KV_T*>(v_cache), static_cast<SC_T*>(k_scales), \
+      static_cast<SC_T*>(v_scales),                                                                         \
       cu_seqlens_q, seq_lens, cu_blocks, block_tables, slot_mapping, ws_o, ws_ml, counters, rope_cos,       \
       rope_sin, q_stride, kv_stride, num_seqs, num_q_heads, num_kv_heads, scale_log2, one_tile
 
@@ -694,7 +764,7 @@ __device__ __forceinline__ void attention_tile(
 #define M64_BOUNDS __launch_bounds__(NTHREADS)
 #endif
 extern "C" __global__ void M64_BOUNDS paged_attention_m64(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, false, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
+  attention_tile<ATTN_BF16 != 0, KV_BITS, false, HEAD_DIM, BLOCK_SIZE, 1, 2>(ATTN_ARGS);
 }
 // Decode is memory-bound: 3 stages (96 KB, 2 blocks/SM) measured best at D=128, 2 stages (32 KB,
 // 4+ blocks/SM) at D=64. The loader passes -DM16_STAGES (the bench can vary it).
@@ -704,6 +774,6 @@ extern "C" __global__ void M64_BOUNDS paged_attention_m64(ATTN_PARAMS) {
 // At D=64 the bound holds the decode kernel to 128 registers, so 4 blocks share an SM (the fused
 // RoPE code would otherwise take it to ~138 and 3 blocks).
 extern "C" __global__ void __launch_bounds__(NTHREADS, HEAD_DIM == 64 ? 4 : 1) paged_attention_m16(ATTN_PARAMS) {
-  attention_tile<ATTN_BF16 != 0, KV_INT8 != 0, true, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
+  attention_tile<ATTN_BF16 != 0, KV_BITS, true, HEAD_DIM, BLOCK_SIZE, 4, M16_STAGES>(ATTN_ARGS);
 }
 #endif
