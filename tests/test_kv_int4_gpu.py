@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu.arena import ArenaShape, KVArena
+from gpu.arena import KVArena
 from tests import test_attention_gpu as kernel
 from tests.test_kv_int8_gpu import compare_logprobs, serve_against_auto
 
@@ -21,19 +21,15 @@ _plain_arena = kernel._arena
 
 
 def _arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers=1, spare=0, kv="auto"):
-    """test_attention_gpu's arena, int4 when asked: random bytes of codes, group scales for |x| <= 3."""
+    """test_attention_gpu's arena, int4 when asked (its shape and block tables, in place of its
+    16-bit contents): random bytes of codes, group scales for |x| <= 3."""
+    plain, tables = _plain_arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers, spare,
+                                 "auto" if kv == "int4" else kv)
     if kv != "int4":
-        return _plain_arena(dtype, head_dim, block_size, hkv, seq_lens, num_layers, spare, kv)
-    nb = sum(-(-s // block_size) + spare for s in seq_lens) + 3
-    arena = KVArena(ArenaShape(num_layers, nb, hkv, block_size, head_dim), dtype, "cuda", torch.int4)
+        return plain, tables
+    arena = KVArena(plain.shape, dtype, "cuda", torch.int4)
     arena.kv.random_(0, 256)  # zeros would hide wrong indexing
     arena.scales.uniform_(0.2 / 7, 3 / 7)
-    perm = torch.randperm(nb).tolist()
-    tables, at = [], 0
-    for s in seq_lens:
-        n = -(-s // block_size) + spare
-        tables.append(perm[at : at + n])
-        at += n
     return arena, tables
 
 
