@@ -1,11 +1,12 @@
 """The scheduler: which tokens of which requests run in the next step. Plain synchronous Python.
 
-Owns the request table (waiting and running queues) and the block allocator; only the step-loop
-task calls it. There are no prefill and decode phases: each step, every scheduled request's
-computed tokens catch up towards its known tokens (prompt + generated) under one token budget.
-Decodes of running requests go first (least recently scheduled first), then chunks of running
-prefills, then new requests in the order of the policy (streamer/policy.py; arrival order by
-default). `schedule() -> StepPlan`, then `update(plan, sampled) -> [TokenOutput]`.
+Owns the waiting and running queues and the block allocator; the batcher (streamer/batcher.py),
+which holds the table of requests by id, is its only caller. There are no prefill and decode
+phases: each step, every scheduled request's computed tokens catch up towards its known tokens
+(prompt + generated) under one token budget. Decodes of running requests go first (least
+recently scheduled first), then chunks of running prefills, then new requests in the order of
+the policy (streamer/policy.py; arrival order by default). `schedule() -> StepPlan`, then
+`update(plan, sampled) -> [TokenOutput]`.
 
 A plan counts as computed once it is scheduled: `num_computed` moves at schedule(), and a chunk
 that samples leaves its request one `pending` token whose id only update() learns. So the next
@@ -145,7 +146,6 @@ class Scheduler:
         # Arrival order, except that preempted requests wait at the front, oldest first.
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
-        self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self.recomputed_tokens = 0  # tokens computed again after their KV was freed by a preemption
         self.num_swaps_out = self.num_swaps_in = 0  # preemptions that swapped; their resumptions
@@ -155,19 +155,17 @@ class Scheduler:
         self.num_steps = 0
         self._arrivals = itertools.count()
 
-    # --- request table -------------------------------------------------------------------------
+    # --- the queues --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        assert seq.request_id not in self.requests, seq.request_id
+        assert seq.status is Status.WAITING and not seq.output_ids, seq.request_id
         assert seq.prompt_ids and seq.max_tokens >= 1
         seq.arrival, seq.t_arrival = next(self._arrivals), self.clock()
-        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def finish(self, request_id: str, reason: str) -> Sequence | None:
+    def finish(self, seq: Sequence, reason: str) -> None:
         """End a request now (stop string, cancel, error) and free its blocks. Idempotent."""
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return None
+        if seq.status is Status.FINISHED:
+            return
         if seq.status is Status.RUNNING:
             self._stop_running(seq)
         elif seq.status is Status.WAITING:
@@ -176,7 +174,6 @@ class Scheduler:
         self.host_slots.free(seq.swap_slots)  # a swapped-out request cancelled while it waits
         seq.swap_slots = []
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        return seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -327,7 +324,7 @@ class Scheduler:
             elif len(seq.output_ids) >= seq.max_tokens:
                 reason = "length"
             if reason:
-                self.finish(seq.request_id, reason)
+                self.finish(seq, reason)
             outputs.append(TokenOutput(seq, token, reason))
         return outputs
 

@@ -20,7 +20,7 @@ from streamer.scheduler import Chunk, Scheduler, Sequence, Status, StepPlan, Tok
 
 
 class PaddingRow(Sequence):
-    """A row of a padded static batch with no request behind it (never in the request table)."""
+    """A row of a padded static batch with no request behind it (the batcher never sees its id)."""
 
     ghost = True
 

@@ -121,8 +121,10 @@ async def test_inline_launch_polls_the_device_and_lets_other_tasks_run():
         assert engine.launch_inline
         runner = engine.runner
         looks: dict[int, int] = {}
+        handles = []  # kept alive, so that no two steps' handles share an id()
 
         def ready(handle):  # each step is "on the device" for its first two looks
+            handles.append(handle)
             looks[id(handle)] = looks.get(id(handle), 0) + 1
             return looks[id(handle)] > 2
 

@@ -119,10 +119,10 @@ def test_length_grouping_prefers_the_running_batch_bucket_until_aging():
     s.add(seq("long", max_tokens=100))  # remaining 100: bucket 7 (64..127)
     step(s)
     s.add(seq("short", max_tokens=3))
-    s.add(seq("similar", max_tokens=90))
+    s.add(similar := seq("similar", max_tokens=90))
     s.add(seq("tiny", max_tokens=2))
     assert admitted(step(s)) == ["similar"]  # the one slot goes to the running batch's bucket
-    s.finish("similar", "cancelled")
+    s.finish(similar, "cancelled")
     clock.now = 5.0  # "short" and "tiny" have waited aging_s: back to arrival order
     assert admitted(step(s)) == ["short"]
 
@@ -270,7 +270,7 @@ def test_a_preempted_request_waits_ahead_of_new_arrivals_of_any_class():
     assert b.status is Status.WAITING and b.num_preemptions == 1
     s.add(seq("vip", prompt_len=1, max_tokens=1, priority=10))
     assert [q.request_id for q in s.waiting] == ["b", "vip"]
-    s.finish("a", "cancelled")
+    s.finish(a, "cancelled")
     assert admitted(step(s)) == ["b", "vip"]
 
 
@@ -283,7 +283,7 @@ def test_recomputed_tokens_count_the_kv_computed_again():
     step(s)
     assert b.num_preemptions == 1 and s.recomputed_tokens == 0
     lost = b.computed_high  # its 4 prompt tokens had K/V in the arena
-    s.finish("a", "cancelled")
+    s.finish(a, "cancelled")
     plan = step(s)
     assert [(c.start, c.length) for c in plan.chunks] == [(0, 5)]  # prompt + its one generated token
     assert s.recomputed_tokens == lost == 4

@@ -35,6 +35,11 @@ def seq(rid, prompt_len, max_tokens=4, eos=frozenset()):
     return Sequence(rid, list(range(1, prompt_len + 1)), max_tokens, eos)
 
 
+def live(sched):
+    """The scheduler's unfinished sequences by request id (the batcher keeps this table in the engine)."""
+    return {q.request_id: q for q in [*sched.running, *sched.waiting]}
+
+
 def run_step(sched, token=7):
     """Schedule, check the plan's invariants, feed fake tokens; return the plan."""
     plan = sched.schedule()
@@ -52,14 +57,14 @@ def test_budget_chunks_long_prompt_and_decodes_go_first():
     s.add(seq("a", 3))
     plan = run_step(s)
     assert [(c.seq.request_id, c.length, c.sample) for c in plan.chunks] == [("a", 3, True)]
-    s.add(seq("b", 20))
+    s.add(b := seq("b", 20))
     plan = run_step(s)  # a decodes first (1 token), b gets the other 7 as a prefill chunk
     assert [(c.seq.request_id, c.start, c.length, c.sample) for c in plan.chunks] == [("a", 3, 1, True), ("b", 0, 7, False)]
     plan = run_step(s)
     assert [(c.seq.request_id, c.start, c.length) for c in plan.chunks] == [("a", 4, 1), ("b", 7, 7)]
     plan = run_step(s)
     assert [(c.seq.request_id, c.start, c.length, c.sample) for c in plan.chunks] == [("a", 5, 1, True), ("b", 14, 6, True)]
-    assert s.requests["b"].output_ids == [7]
+    assert b.output_ids == [7]
 
 
 def test_fifo_admission_stops_at_first_request_that_does_not_fit():
@@ -132,8 +137,8 @@ def test_preempts_the_younger_and_resumes_from_prompt_plus_output():
     assert new.status is Status.WAITING and len(new.block_table) == 0 and new.num_computed == 0
     generated = list(new.output_ids)
     assert len(generated) == 5
-    s.add(seq("later", 2))
-    assert list(s.waiting)[:2] == [new, s.requests["later"]]  # the preempted one keeps its place
+    s.add(later := seq("later", 2))
+    assert list(s.waiting)[:2] == [new, later]  # the preempted one keeps its place
     while old.status is not Status.FINISHED:
         run_step(s, token=12)
     # "new" resumes: one chunk recomputes prompt + generated tokens, then samples the next one
@@ -145,24 +150,25 @@ def test_preempts_the_younger_and_resumes_from_prompt_plus_output():
 
 def test_finish_and_abort_are_idempotent_and_return_every_block():
     alloc, s = make(num_blocks=16)
-    for r in "abcd":
-        s.add(seq(r, 5))
+    seqs = {r: seq(r, 5) for r in "abcd"}
+    for q in seqs.values():
+        s.add(q)
     run_step(s)
-    s.finish("a", "cancelled")  # running
-    s.finish("a", "cancelled")  # again: no-op
-    s.add(seq("e", 3))
-    s.finish("e", "cancelled")  # still waiting
+    s.finish(seqs["a"], "cancelled")  # running
+    s.finish(seqs["a"], "cancelled")  # again: no-op
+    s.add(e := seq("e", 3))
+    s.finish(e, "cancelled")  # still waiting
     for r in "bcd":
-        s.finish(r, "cancelled")
+        s.finish(seqs[r], "cancelled")
     assert alloc.statistics().free_blocks == alloc.statistics().total_blocks == 16
     assert not s.has_work()
 
 
 def test_update_drops_results_of_requests_finished_during_the_step():
     alloc, s = make()
-    s.add(seq("a", 3))
+    s.add(a := seq("a", 3))
     plan = s.schedule()
-    s.finish("a", "cancelled")  # e.g. the client left while the step ran
+    s.finish(a, "cancelled")  # e.g. the client left while the step ran
     assert s.update(plan, [5]) == []
     assert alloc.num_free == alloc.num_blocks
 

@@ -117,7 +117,7 @@ def test_a_victim_is_swapped_out_and_resumes_where_it_stopped():
     assert plan.preempted == (b,) and b.status is Status.WAITING
     assert plan.swap_out == ((b_block, 0),) and b.swap_slots == [0] and b.num_computed == 4
     assert s.host_slots.num_free == 7 and s.allocator.num_free == 1  # b's device block is free
-    s.finish("a", "cancelled")
+    s.finish(a, "cancelled")
     plan = step(s)
     # b comes back into a fresh block and computes only its generated token: nothing recomputed
     assert [(c.seq.request_id, c.start, c.length) for c in plan.chunks] == [("b", 4, 1)]
@@ -131,7 +131,7 @@ def test_a_full_pool_falls_back_to_recompute():
     step(s)
     plan = step(s)
     assert plan.preempted == (b,) and plan.swap_out == () and b.num_computed == 0
-    s.finish("a", "cancelled")
+    s.finish(a, "cancelled")
     plan = step(s)
     assert [(c.start, c.length) for c in plan.chunks] == [(0, 5)] and s.recomputed_tokens == 4
 
@@ -141,9 +141,9 @@ def test_cancelling_a_swapped_out_request_frees_its_host_slots():
     step(s)
     step(s)
     assert b.swap_slots and s.host_slots.num_free == 7
-    s.finish("b", "cancelled")
+    s.finish(b, "cancelled")
     assert s.host_slots.num_free == 8 and not s.waiting
-    s.finish("a", "cancelled")
+    s.finish(a, "cancelled")
     assert s.allocator.num_free == 3
 
 
@@ -151,8 +151,7 @@ def test_a_swapped_request_that_does_not_fit_yet_keeps_its_swap():
     s, a, b = make()
     step(s)
     step(s)  # b swapped out; a holds 2 blocks, 1 free
-    s.add(Sequence("c", [9] * 4, 4))
-    c = s.requests["c"]
+    s.add(c := Sequence("c", [9] * 4, 4))
     plan = step(s)  # b needs 2 blocks (4 computed + its token), 1 is free
     assert b.status is Status.WAITING and b.swap_slots == [0] and b.num_computed == 4
     assert all(ch.seq is not b for ch in plan.chunks) and c.status is Status.WAITING  # nobody overtakes b

@@ -1,17 +1,19 @@
 """The step loop's own cost: the engine with a runner that computes nothing.
 
-Every request decodes at once (batch = --requests), the fake runner returns a token for each
+Every request decodes at once (batch = --requests), the null runner returns a token for each
 sampling sequence immediately, so what is left per step is the host's work: scheduling, building
-the step's inputs, `scheduler.update`, detokenizing, sending each token and the metrics. On a GPU
-with overlapped steps (CUDA's default) that work runs while the device computes the next step, so
-it sets the step rate whenever it takes longer than a device step. It prints wall time and the process's CPU time (both threads)
-a token; on a busy machine the CPU figure is the steadier. `--profile` adds a cProfile table.
+the step's inputs, `scheduler.update`, sending each token and the metrics, plus detokenizing
+unless `--core` (requests as the engine core process holds them: ids out, text made in the front
+ends). On a GPU with overlapped steps (CUDA's default) that work runs while the device computes
+the next step, so it sets the step rate whenever it takes longer than a device step. It prints
+wall time and the process's CPU time (both threads) a token; on a busy machine the CPU figure is
+the steadier. `--profile` adds a cProfile table.
 
 Like `streamer serve`, it freezes the start-up heap out of the cyclic collector before the run
 (`--no-freeze`: not; each full collection then walks the ~370k objects of torch, transformers and
 the model, about 0.2 s on the 2-core dev VM, once or twice a run).
 
-`--ids` picks the tokens the fake runner returns (the model's tokenizer is the random models'
+`--ids` picks the tokens the null runner returns (the model's tokenizer is the random models'
 byte tokenizer): `A` (id 65, "A", every time), `text` (each request streams the UTF-8 bytes of a
 multilingual text, so many tokens end mid-character) or `vocab` (ids drawn uniformly from
 qwen2.5's 151,936, as a random-weights model emits them; nearly all decode to nothing).
@@ -19,7 +21,7 @@ qwen2.5's 151,936, as a random-weights model emits them; nearly all decode to no
 `--overlap --inline` is the loop shape CUDA runs (steps overlapped, launched on the loop's own
 thread); `--overlap` alone launches and waits in a worker thread; neither: serial steps, the CPU's.
 
-    python tools/step_loop_bench.py --requests 256 --tokens 200 [--ids A|text|vocab] [--overlap [--inline]]
+    python tools/step_loop_bench.py --requests 256 --tokens 200 [--ids A|text|vocab] [--overlap [--inline]] [--core]
 """
 
 from __future__ import annotations
@@ -38,32 +40,46 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from gpu.runner import Launched  # noqa: E402
+import uuid  # noqa: E402
+
+from gpu.runner import Launched, ModelRunner  # noqa: E402
+from streamer.build import load_runner  # noqa: E402
 from streamer.config import EngineConfig  # noqa: E402
-from streamer.engine import open_engine  # noqa: E402
-from streamer.types import SamplingParams  # noqa: E402
+from streamer.engine import Engine, run_engine  # noqa: E402
+from streamer.request import EventQueue  # noqa: E402
+from streamer.types import FinishEvent, SamplingParams  # noqa: E402
 
 TEXT = "Crème brûlée, 今日は良い天気ですね。 Emoji: 😀👍🏽 and ✨. The quick brown fox jumps over the lazy dog. "
 
 
-def fake_launcher(ids: str):
-    """A runner's launch() that computes nothing: the step's sampled ids at once."""
-    text = list(TEXT.encode())
-    gen = torch.Generator().manual_seed(0)
+class NullRunner:
+    """A model runner that computes nothing: a step's sampled ids are there at its launch. Decode
+    steps count as graph replays, as on CUDA (the loop does not yield before them)."""
 
-    def launch(seqs, swap_out=(), swap_in=()):
+    ready = staticmethod(ModelRunner.ready)
+    collect = staticmethod(ModelRunner.collect)
+    timing = staticmethod(ModelRunner.timing)
+
+    def __init__(self, runner: ModelRunner, ids: str) -> None:
+        self.device, self.backend, self.swap = runner.device, runner.backend, None
+        self.ids = ids
+        self.text = list(TEXT.encode())
+        self.gen = torch.Generator().manual_seed(0)
+
+    def replays(self, num_seqs: int) -> bool:
+        return 0 < num_seqs <= 512
+
+    def launch(self, seqs, swap_out=(), swap_in=()) -> Launched:
         mask = [s.sample is not None for s in seqs]
-        if ids == "A":
+        if self.ids == "A":
             out = torch.full((sum(mask),), 65, dtype=torch.long)
-        elif ids == "vocab":
-            out = torch.randint(151936, (sum(mask),), generator=gen)
+        elif self.ids == "vocab":
+            out = torch.randint(151936, (sum(mask),), generator=self.gen)
         else:  # a request's first block tells it apart: each streams the text from its own offset
-            n = len(text)
-            out = torch.tensor([text[(s.block_table[0] * 13 + s.start_pos) % n] for s in seqs if s.sample])
+            n = len(self.text)
+            out = torch.tensor([self.text[(s.block_table[0] * 13 + s.start_pos) % n] for s in seqs if s.sample])
         now = time.perf_counter()
         return Launched(out, None, mask, now, now)
-
-    return launch
 
 
 async def main(args) -> None:
@@ -71,17 +87,23 @@ async def main(args) -> None:
                           max_running=args.requests, max_batch_tokens=max(8192, args.requests * 8),
                           max_waiting=args.requests + 1, overlap=args.overlap,
                           launch="inline" if args.inline else "thread")
-    async with open_engine(config) as engine:
-        engine.runner.launch = fake_launcher(args.ids)
-        # As on CUDA, decode steps count as graph replays (the loop does not yield before them).
-        engine.runner.replays = lambda n: 0 < n <= 512
+    loaded, runner, num_blocks, max_running = await trio.to_thread.run_sync(load_runner, config)
+    engine = Engine(config, loaded, NullRunner(runner, args.ids), num_blocks, max_running=max_running)
+    async with run_engine(engine):
         if not args.no_freeze:
             gc.collect()
             gc.freeze()
         steps0 = engine.statistics().steps
 
         async def one(i: int) -> None:
-            async with engine.submit([100 + i % 50] * 8, SamplingParams(max_tokens=args.tokens, ignore_eos=True)) as gen:
+            prompt, params = [100 + i % 50] * 8, SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+            if args.core:  # as the core process submits: no detokenizer, the events carry ids
+                events = EventQueue(args.tokens + 1)
+                engine.accept(uuid.uuid4().hex, prompt, params, events, None, str(i))
+                while not isinstance(await events.get(), FinishEvent):
+                    pass
+                return
+            async with engine.submit(prompt, params) as gen:
                 async for _ in gen:
                     pass
 
@@ -116,5 +138,6 @@ if __name__ == "__main__":
     ap.add_argument("--no-freeze", action="store_true", help="leave the start-up heap to the cyclic collector")
     ap.add_argument("--overlap", action="store_true", help="overlapped steps, as on CUDA (the fake step is done at launch)")
     ap.add_argument("--inline", action="store_true", help="launch on the loop's thread, as on CUDA (else a worker thread)")
+    ap.add_argument("--core", action="store_true", help="requests as the core process holds them (no detokenizing)")
     ap.add_argument("--profile", action="store_true")
     trio.run(main, ap.parse_args())
