@@ -19,7 +19,14 @@ import trio
 
 from streamer.config import KV_DTYPES, EngineConfig
 from streamer.logging import LEVELS, configure_logging
-from streamer.supervisor import Supervisor, child_argv, default_frontends, raise_fd_limit, watch_parent
+from streamer.supervisor import (
+    Supervisor,
+    bind_listener,
+    child_argv,
+    default_frontends,
+    raise_fd_limit,
+    watch_parent,
+)
 from streamer.types import RequestError
 from web.config import WebConfig
 
@@ -52,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-blocks", type=int, default=None,
                        help="exact number of KV blocks; overrides --kv-memory")
     serve.add_argument("--kv-dtype", choices=KV_DTYPES, default=defaults["kv_dtype"],
-                       help="KV cache storage: 'auto' (the model's dtype) or 'int8' (per-token, per-head "
-                            "scales; about twice the tokens per GiB)")
+                       help="KV cache storage: auto (the model's dtype), int8 or int4 (lossy, opt-in: see "
+                            "docs/BENCHMARKS.md)")
     serve.add_argument("--block-size", type=int, default=defaults["block_size"], help="tokens per KV block")
     serve.add_argument("--max-batch-tokens", type=int, default=None,
                        help="token budget of one step (always wins over auto-tuning; with objectives, the "
@@ -183,9 +190,12 @@ async def run_server(config: EngineConfig, host: str, port: int, web: WebConfig 
         async with trio.open_nursery() as root:
             # Watch signals from the start, so Ctrl-C while the model loads also shuts down cleanly.
             await root.start(_watch_signals, shutdown, root.cancel_scope, log)
+            # Bound before the model loads, so a busy port fails at once; hypercorn owns the socket.
+            fd = bind_listener(host, port).detach()
             async with open_engine(config) as engine, trio.open_nursery() as nursery:
                 lifecycle = Lifecycle()
-                binds = await nursery.start(partial(serve, engine, host, port, config=web, lifecycle=lifecycle))
+                binds = await nursery.start(partial(serve, engine, host, port, config=web, lifecycle=lifecycle,
+                                                    fd=fd))
                 # The model, tokenizer and web app are loaded for good: move them out of the cyclic
                 # collector's reach, so its full collections (pauses every request's next token
                 # waits out) scan only what serving allocates.
@@ -357,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.role == "core":
             # The front ends need cores of their own: torch's CPU threads spinning on every core
-            # starve them (docs/BENCHMARKS.md, "Online against offline", the dev VM's table).
+            # starve them (docs/BENCHMARKS.md, "Online against offline").
             import torch
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - frontends))

@@ -21,10 +21,9 @@ class EngineConfig:
 
     - `"swap"`: its computed KV blocks are copied to a host pool of `swap_space` GiB (pinned on
       CUDA), its device blocks freed, and when it is admitted again the blocks come back into
-      fresh device blocks and it continues where it stopped, nothing recomputed. Measured on an
-      H100, one gather + one pinned-memory copy of a request's blocks costs 1-10% of recomputing
-      them with a prefill step (docs/BENCHMARKS.md, "Preemption: swap or recompute"), so it is
-      the default on CUDA (tests/test_swap_gpu.py; on the CPU its outputs equal recompute's
+      fresh device blocks and it continues where it stopped, nothing recomputed. Swapping costs
+      1-10% of recomputing on an H100 (docs/BENCHMARKS.md, "Preemption: swap or recompute"), so
+      it is the default on CUDA (tests/test_swap_gpu.py; on the CPU its outputs equal recompute's
       token for token). A victim whose blocks do not fit the pool's free slots is recomputed.
       The pool holds at most as many blocks as the arena (streamer/build.py, `swap_slots`).
     - `"recompute"`: its blocks are freed and computed again from prompt + generated tokens when

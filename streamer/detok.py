@@ -94,14 +94,13 @@ class Detokenizer:
         return delta
 
 
-def add_batch(pairs: list[tuple[Detokenizer, int]], one_call: bool = False) -> list[str]:
+def add_batch(pairs: list[tuple[Detokenizer, int]]) -> list[str]:
     """Feed one token to each detokenizer (none twice); their deltas, exactly as `add` would
     give them, with the step's decode windows gathered first and decoded in one pass.
 
-    Each window costs the Rust decode about the same, one call each or all in one
-    `decode_batch` (`one_call`): that spreads them over the tokenizers' thread pool (and releases
-    the GIL), which on the 2-core dev VM costs ~18 us a call and gains nothing at any batch size
-    (tools/detok_bench.py). Detokenizers without the first one's Rust backend decode one by one."""
+    Each window is one Rust `decode` call (one `decode_batch` for all of them, through the
+    tokenizers' thread pool, gained nothing). Detokenizers without the first one's Rust backend
+    decode one by one."""
     backend = pairs[0][0]._backend if pairs else None
     if backend is None:
         return [d.add(t) for d, t in pairs]
@@ -117,11 +116,8 @@ def add_batch(pairs: list[tuple[Detokenizer, int]], one_call: bool = False) -> l
             windows.append(ids[d.prefix_offset : d.read_offset])
         windows.append(ids[d.prefix_offset :])
         decoded.append(True)
-    if one_call and windows:
-        texts = iter(backend.decode_batch(windows, True))
-    else:
-        decode = backend.decode
-        texts = iter([decode(w, True) for w in windows])
+    decode = backend.decode
+    texts = iter([decode(w, True) for w in windows])
     deltas = []
     for (d, t), done in zip(pairs, decoded, strict=True):
         if not done:

@@ -37,9 +37,8 @@ class EventQueue:
     parked on it, if any.
 
     It does what a trio memory channel of one sender and one receiver does here, for less: the
-    step loop sends one event a running request a step, its most frequent operation, and this
-    took the loop's host cost from 0.87-0.95 to 0.76-0.79 ms a step at 138 requests
-    (tools/step_loop_bench.py --overlap --inline, dev VM).
+    step loop sends one event a running request a step, its most frequent operation
+    (tools/step_loop_bench.py measures it).
     `put` never blocks; `get` is a full checkpoint only when it has to wait: with events queued
     it returns at once (after checkpoint_if_cancelled), so a reader that fell behind catches up
     in one turn. The reader leaving (`leave`) is what the step loop looks at to abort a request

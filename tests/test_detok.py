@@ -103,13 +103,13 @@ def random_stream(tokenizer, rng: random.Random) -> list[int]:
     return [rng.randrange(len(tokenizer) + 10) for _ in range(rng.randrange(1, 40))]
 
 
-def batched(tokenizer, streams, prompt, stop, one_call) -> list[list[str]]:
+def batched(tokenizer, streams, prompt, stop) -> list[list[str]]:
     """Each stream as one request; every step, one add_batch for the requests still going."""
     dets = [Detokenizer(tokenizer, prompt, stop) for _ in streams]
     out: list[list[str]] = [[] for _ in streams]
     for step in range(max(map(len, streams))):
         live = [i for i, s in enumerate(streams) if step < len(s)]
-        deltas = add_batch([(dets[i], streams[i][step]) for i in live], one_call)
+        deltas = add_batch([(dets[i], streams[i][step]) for i in live])
         for i, delta in zip(live, deltas, strict=True):
             out[i].append(delta)
     for o, d in zip(out, dets, strict=True):
@@ -130,9 +130,8 @@ def test_batched_deltas_equal_one_add_at_a_time(name, stop, smollm2_dir):
         # The byte-fallback decoder turns a whole run of byte tokens into U+FFFDs once one is
         # invalid, so no incremental decode can match it on random ids: they check add_batch only.
         streams = valid + [random_stream(tokenizer, rng) for _ in range(12)]
-        got = batched(tokenizer, streams, prompt, stop, one_call=False)
+        got = batched(tokenizer, streams, prompt, stop)
         assert got == [stream(tokenizer, s, prompt, stop) for s in streams]
-        assert batched(tokenizer, streams, prompt, stop, one_call=True) == got  # decode_batch: the same
         for ids, deltas in zip(streams if name != "byte-fallback" else valid, got, strict=False):
             full = tokenizer.decode(ids, skip_special_tokens=True)
             cut = min([i for i in (full.find(s) for s in stop) if i >= 0], default=len(full))
@@ -151,4 +150,4 @@ def test_ids_that_decode_to_nothing_are_left_out_of_the_windows_without_changing
 
 
 def test_add_batch_of_nothing():
-    assert add_batch([]) == [] and add_batch([], one_call=True) == []
+    assert add_batch([]) == []

@@ -17,7 +17,6 @@ from streamer.allocator import BlockAllocator
 from streamer.config import EngineConfig
 from streamer.policy import Policy
 from streamer.scheduler import Scheduler, Sequence, Status
-from tests.test_scheduler import AdmissionCapped
 
 BS = 4
 
@@ -32,9 +31,9 @@ class Clock:
         return self.now
 
 
-def make(policy="fcfs", num_blocks=64, budget=64, max_running=8, cls=Scheduler, **knobs):
+def make(policy="fcfs", num_blocks=64, budget=64, max_running=8, **knobs):
     clock = Clock()
-    s = cls(BlockAllocator(num_blocks), BS, budget, max_running, policy=Policy.parse(policy, **knobs), clock=clock)
+    s = Scheduler(BlockAllocator(num_blocks), BS, budget, max_running, policy=Policy.parse(policy, **knobs), clock=clock)
     return s, clock
 
 
@@ -209,14 +208,15 @@ def test_first_token_gives_unused_share_back_to_decodes():
     assert "new" not in ids(plan) and len(plan.chunks) == 14  # the reserve went back to decodes
 
 
-def test_max_admit_per_step_caps_admissions_and_can_change_between_steps():
-    s, _ = make("fcfs", max_running=8, cls=AdmissionCapped)
-    s.max_admit_per_step = 2
+def test_max_running_can_change_between_steps():
+    """As the controller sets it (streamer/batcher.py): raising the cap admits more, in order."""
+    s, _ = make("fcfs", max_running=2)
     for r in "abcde":
-        s.add(seq(r))
+        s.add(seq(r, max_tokens=8))
     assert admitted(step(s)) == ["a", "b"]
+    s.max_running = 4
     assert admitted(step(s)) == ["c", "d"]
-    s.max_admit_per_step = None
+    s.max_running = 8
     assert admitted(step(s)) == ["e"]
 
 

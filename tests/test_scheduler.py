@@ -9,26 +9,9 @@ from streamer.scheduler import Scheduler, Sequence, Status
 BS = 4
 
 
-class AdmissionCapped(Scheduler):
-    """At most `max_admit_per_step` requests admitted a step, resumed ones included (None: no cap),
-    for tests of admission changing between steps: the cap lowers the running cap while it admits."""
-
-    max_admit_per_step: int | None = None
-
-    def _admit(self, budget, chunks, scheduled):
-        if self.max_admit_per_step is None:
-            return super()._admit(budget, chunks, scheduled)
-        max_running = self.max_running
-        self.max_running = min(max_running, len(self.running) + self.max_admit_per_step)
-        try:
-            return super()._admit(budget, chunks, scheduled)
-        finally:
-            self.max_running = max_running
-
-
-def make(num_blocks=64, budget=16, max_running=8, cls=Scheduler):
+def make(num_blocks=64, budget=16, max_running=8):
     alloc = BlockAllocator(num_blocks)
-    return alloc, cls(alloc, BS, budget, max_running)
+    return alloc, Scheduler(alloc, BS, budget, max_running)
 
 
 def seq(rid, prompt_len, max_tokens=4, eos=frozenset()):
@@ -173,15 +156,3 @@ def test_update_drops_results_of_requests_finished_during_the_step():
     assert alloc.num_free == alloc.num_blocks
 
 
-def test_admission_cap_limits_new_requests_per_step():
-    alloc, s = make(budget=64, cls=AdmissionCapped)
-    s.max_admit_per_step = 2
-    for i in range(5):
-        s.add(seq(f"r{i}", 3, max_tokens=8))
-    plan = run_step(s)
-    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1"]
-    plan = run_step(s)  # running requests decode as usual; two more are admitted, in order
-    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1", "r2", "r3"]
-    s.max_admit_per_step = None
-    plan = run_step(s)
-    assert [c.seq.request_id for c in plan.chunks] == ["r0", "r1", "r2", "r3", "r4"]

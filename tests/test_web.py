@@ -432,7 +432,6 @@ def test_cli_refuses_bad_configuration_in_one_line(args):
     assert "error:" in result.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="streamer/__main__.py's run_server binds the port after loading the model")
 def test_cli_refuses_a_busy_port_before_loading_the_model():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

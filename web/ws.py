@@ -27,9 +27,8 @@ log = structlog.get_logger(__name__)
 
 # Frames queued for the writer, per live generation the socket may hold: one step's frames for
 # all of them fit (a token each, or an error and a done frame), so a step's tokens go out in one
-# message. Bounded still: a slow client blocks its own generation tasks (and only them) instead of
-# growing the server's memory. (At 32 frames, 128 streams on a socket took 15-17 us of server CPU
-# a token and a client ITL p99 of 112 ms; sized so, 8-12 us and 5-9 ms: tools/ws_path_bench.py.)
+# message. Bounded still: a slow client blocks only its own generation tasks instead of growing
+# the server's memory.
 FRAMES_PER_LIVE_GENERATION = 2
 # Live generations one socket may hold by default (--max-live-per-connection); more is answered
 # "overloaded" before reaching the engine.
