@@ -19,7 +19,7 @@ import torch
 from gpu.arena import ArenaShape, KVArena
 from gpu.attention import TorchAttention, build_metadata
 from gpu.model import Transformer
-from gpu.sampler import SampleSpec, sample
+from gpu.sampler import SampleSpec, sample, token_logprobs
 from gpu.swap import SwapPool
 
 
@@ -45,6 +45,8 @@ class Launched:
     mask: list[bool]  # per seq of the step: whether it sampled
     begin: torch.cuda.Event | float  # when the device started it: a timing event, or (CPU) the clock
     end: float = 0.0  # CPU: when the computation ended
+    logprobs: torch.Tensor | None = None  # gpu/sampler.token_logprobs' rows, for the sampling seqs `lp_rows`
+    lp_rows: list[tuple[int, int]] | None = None  # (position among the step's sampling seqs, its k)
 
 
 def make_backend(name: str, arena: KVArena, scale: float):
@@ -124,9 +126,10 @@ class ModelRunner:
             step = g.pack([s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs], feed)
             begin = self._begin(swap_out, swap_in)
             logits = g.logits(step, self._last_ids)
-            return self._sampled(sample(logits, [s.sample for s in seqs], self.ops.argmax), [True] * len(seqs), begin)
+            specs = [s.sample for s in seqs]
+            return self._sampled(logits, specs, [True] * len(seqs), begin)
         if not seqs:  # only swaps this step
-            return self._sampled(torch.empty(0, dtype=torch.long, device=self.device), [], self._begin(swap_out, swap_in))
+            return self._sampled(None, [], [], self._begin(swap_out, swap_in))
         ids: list[int] = []
         positions: list[int] = []
         q_lens, seq_lens, rows, specs = [], [], [], []
@@ -157,8 +160,7 @@ class ModelRunner:
             logits = self.pieces.logits(input_ids, pos, meta, row_idx)  # writes the KV
         else:
             logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)
-        ids = sample(logits, specs, self.ops.argmax) if specs else torch.empty(0, dtype=torch.long, device=dev)
-        return self._sampled(ids, [s.sample is not None for s in seqs], begin)
+        return self._sampled(logits if specs else None, specs, [s.sample is not None for s in seqs], begin)
 
     def _begin(self, swap_out: tuple[tuple[int, int], ...], swap_in: tuple[tuple[int, int], ...]):
         """Mark the start of the step's device work (a timing event; the CPU: the clock), then
@@ -174,15 +176,26 @@ class ModelRunner:
             self.swap.swap_out([block for block, _ in swap_out], [slot for _, slot in swap_out])
         return begin
 
-    def _sampled(self, ids: torch.Tensor, mask: list[bool], begin) -> Launched:
+    def _sampled(self, logits: torch.Tensor | None, specs: list[SampleSpec], mask: list[bool], begin) -> Launched:
+        """Sample the step's logits rows (None: it samples nothing) and queue the copy back."""
+        if logits is None:
+            ids = torch.empty(0, dtype=torch.long, device=self.device)
+        else:
+            ids = sample(logits, specs, self.ops.argmax)
+        lp, lp_rows = None, None
+        if any(s.logprobs >= 0 for s in specs):
+            lp, rows = token_logprobs(logits, ids, specs)
+            lp_rows = [(r, specs[r].logprobs) for r in rows]
         self._last_ids = ids  # the next step's decodes may take their ids from it (SeqInput.feed)
         if ids.device.type != "cuda":
-            return Launched(ids, None, mask, begin, time.perf_counter())
+            return Launched(ids, None, mask, begin, time.perf_counter(), lp, lp_rows)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-        host.copy_(ids, non_blocking=True)  # the step's one device-to-host copy
+        host.copy_(ids, non_blocking=True)  # the step's one device-to-host copy (two with logprobs)
+        if lp is not None:
+            lp = torch.empty(lp.shape, dtype=lp.dtype, pin_memory=True).copy_(lp, non_blocking=True)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return Launched(host, done, mask, begin)
+        return Launched(host, done, mask, begin, logprobs=lp, lp_rows=lp_rows)
 
     @staticmethod
     def ready(launched: Launched) -> bool:
@@ -197,6 +210,19 @@ class ModelRunner:
             launched.done.synchronize()
         it = iter(launched.ids.tolist())
         return [next(it) if m else None for m in launched.mask]
+
+    @staticmethod
+    def logprobs(launched: Launched) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]] | None:
+        """After `collect`: the step's logprobs by seq position, (sampled id's log-probability,
+        ((id, log-probability) of the top k, most likely first)); None if no seq asked."""
+        if launched.logprobs is None:
+            return None
+        seq_of = [i for i, m in enumerate(launched.mask) if m]  # sampling row -> seq position
+        out = {}
+        for (r, k), row in zip(launched.lp_rows, launched.logprobs.tolist(), strict=True):
+            width = (len(row) - 1) // 2  # the step's largest k
+            out[seq_of[r]] = (row[0], tuple(zip(map(int, row[1 + width:1 + width + k]), row[1:1 + k], strict=True)))
+        return out
 
     @staticmethod
     def timing(launched: Launched, previous: Launched | None) -> tuple[float, float]:

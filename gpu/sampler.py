@@ -23,6 +23,7 @@ class SampleSpec:
     top_p: float = 1.0
     seed: int | None = None
     index: int = 0  # which completion token this draw is (for seeded draws)
+    logprobs: int = -1  # -1: none; k >= 0: the drawn token's log-probability and the top k (`token_logprobs`)
 
     @property
     def greedy(self) -> bool:
@@ -99,6 +100,26 @@ def _draw(logits: torch.Tensor, drawn: list[SampleSpec], p: _Params) -> torch.Te
             u[p.seeded] = seeded_uniform(p.seed[p.seeded], p.index[p.seeded], c)
     pick = x.sub_(u.log_().neg_().log_()).argmax(dim=-1)  # x - log(-log u); finite noise, x <= 0: no NaN
     return pick if cols is None else cols.gather(1, pick[:, None]).squeeze(1)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, specs: list[SampleSpec]) -> tuple[torch.Tensor, list[int]]:
+    """The log-probabilities the rows asking for them (`spec.logprobs` >= 0) report: logits (S, V)
+    and their sampled ids (S,) -> ((R, 1 + 2k) float32, the R rows), k the largest ask. A row
+    holds the sampled id's log-probability, then the top k log-probabilities (descending), then
+    their vocab ids as floats (exact below 2**24). Log-softmax of the raw logits: what the model
+    says, before temperature, top-k or top-p. One small tensor, so one small copy to the host."""
+    rows = [i for i, s in enumerate(specs) if s.logprobs >= 0]
+    k = min(max(specs[i].logprobs for i in rows), logits.shape[1])
+    if len(rows) < len(specs):
+        cuda = logits.device.type == "cuda"
+        pick = torch.tensor(rows, dtype=torch.int64, pin_memory=cuda).to(logits.device, non_blocking=cuda)
+        logits, ids = logits.index_select(0, pick), ids.index_select(0, pick)
+    x = logits.float().log_softmax(dim=-1)
+    parts = [x.gather(1, ids[:, None])]
+    if k:
+        top = x.topk(k, dim=-1)  # sorted, descending
+        parts += [top.values, top.indices.float()]
+    return torch.cat(parts, dim=1), rows
 
 
 def _mask_top_k(x: torch.Tensor, desc: torch.Tensor, top_k: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ from streamer.metrics import Metrics, StepRecord
 from streamer.request import Request
 from streamer.scheduler import Scheduler, StepPlan, TokenOutput
 from streamer.stepper import Collected
-from streamer.types import FinishEvent, RequestError, Timing, TokenEvent
+from streamer.types import FinishEvent, Logprobs, RequestError, Timing, TokenEvent
 
 log = structlog.get_logger("streamer")
 GREEDY = SampleSpec()
@@ -120,7 +120,8 @@ class Batcher:
                 spec = req.spec if req is not None else GREEDY
                 if spec.seed is not None:  # a seeded draw depends on which completion token it is:
                     p = req.params        # those known, then those still in flight
-                    spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(seq.output_ids) + seq.pending - 1)
+                    spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(seq.output_ids) + seq.pending - 1,
+                                      spec.logprobs)
                 rows[id(seq)] = len(rows)
             end = c.start + c.length
             # block_table is not copied: nothing changes it before the launch has read it
@@ -144,7 +145,8 @@ class Batcher:
         plan = done.step.plan
         outputs = self.scheduler.update(plan, done.sampled)
         self._record_step(plan, done, len(outputs))
-        self._emit(outputs)
+        logprobs = done.logprobs and {id(plan.chunks[i].seq): Logprobs(*lp) for i, lp in done.logprobs.items()}
+        self._emit(outputs, logprobs)
 
     def fail(self, plan: StepPlan, exc: Exception) -> None:
         """A step that raised fails its own requests; the engine serves on."""
@@ -205,7 +207,7 @@ class Batcher:
                 "overloaded", "the server could not start this request within its first-token objective; try again later"))
         self.controller.observe_shed(len(late))
 
-    def _emit(self, outputs: list[TokenOutput]) -> None:
+    def _emit(self, outputs: list[TokenOutput], logprobs: dict[int, Logprobs] | None = None) -> None:
         """Send a collected step's tokens: detokenize, apply stop strings, stamp metrics."""
         if not outputs:
             return
@@ -237,7 +239,8 @@ class Batcher:
                     self.scheduler.finish(req.seq, reason)  # its token of the step in flight is dropped
                 if reason:
                     text += req.detok.finish()
-            self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text))
+            self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text,
+                                       logprobs.get(id(out.seq)) if logprobs else None))
             if reason:
                 self.end(req.seq.request_id, reason)  # a no-op if _send already ended it
         self.metrics.emitted(len(outputs), gaps, now)

@@ -25,7 +25,7 @@ from streamer import ipc
 from streamer.detok import Detokenizer, add_batch
 from streamer.prompt import check_prompt, encode_chat, encode_prompt
 from streamer.request import EventQueue, Generation
-from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent, check_priority
+from streamer.types import FinishEvent, Logprobs, RequestError, SamplingParams, Timing, TokenEvent, check_priority
 
 log = structlog.get_logger("streamer.client")
 REPORT_PERIOD_S = 0.25  # how often sent-frame gaps, edge errors and loop lag go to the core
@@ -105,7 +105,8 @@ class EngineClient:
         events = EventQueue(min(max_tokens + 1, self.max_buffered_events))
         self._live[rid] = Live(rid, events, Detokenizer(self.tokenizer, ids, params.stop), len(ids), time.monotonic())
         self._send(ipc.Submit(rid, ids, max_tokens, params.temperature, params.top_k, params.top_p, params.seed,
-                              params.ignore_eos, priority, client, request_id or f"fe{self.frontend}/{rid}"))
+                              params.ignore_eos, priority, client, request_id or f"fe{self.frontend}/{rid}",
+                              params.logprobs))
         return Generation(str(rid), len(ids), events, partial(self._cancel, rid))
 
     def delivered(self, gaps: list[float]) -> None:
@@ -240,14 +241,16 @@ class EngineClient:
     def _on_step(self, step: ipc.Step) -> None:
         ending = {f.rid for f in step.finished} if step.finished else ()
         live = self._live
+        lps = {lp.at: Logprobs(lp.logprob, tuple(zip(lp.top_ids, lp.top_logprobs, strict=True)))
+               for lp in step.logprobs} if step.logprobs else None
         batch = []
-        for rid, token in zip(step.rids, step.tokens, strict=True):
+        for at, (rid, token) in enumerate(zip(step.rids, step.tokens, strict=True)):
             req = live.get(rid)
             if req is not None and not req.stopping:
-                batch.append((req, token))
-        texts = add_batch([(req.detok, token) for req, token in batch])
+                batch.append((req, token, lps.get(at) if lps else None))
+        texts = add_batch([(req.detok, token) for req, token, _ in batch])
         now = time.monotonic()
-        for (req, token), text in zip(batch, texts, strict=True):
+        for (req, token, lp), text in zip(batch, texts, strict=True):
             if req.detok.stopped:
                 req.stopping = True
                 self._send(ipc.Cancel(req.rid))
@@ -259,7 +262,7 @@ class EngineClient:
             if len(events) >= events.capacity - 1:  # the client stopped reading: keep the last slot for the end
                 self._end_here(req.rid, RequestError("slow_consumer", "the client stopped reading its tokens"))
                 continue
-            if not events.put(TokenEvent(req.completion, token, text)):  # the reader left
+            if not events.put(TokenEvent(req.completion, token, text, lp)):  # the reader left
                 self._end_here(req.rid, None)
                 continue
             req.completion += 1

@@ -39,6 +39,7 @@ class Link:
         self.rids: list[int] = []  # this step's tokens, as parallel lists
         self.tokens: list[int] = []
         self.finished: list[ipc.Finished] = []
+        self.logprobs: list[ipc.TokenLogprobs] = []
         self.replies: list = []
         self.report: dict = {}  # the front end's last Report, for /stats
         self._ready = trio.Event()
@@ -52,8 +53,8 @@ class Link:
         self._ready = trio.Event()
         out, self.replies = self.replies, []
         if self.rids or self.finished:
-            out.append(ipc.Step(self.rids, self.tokens, self.finished))
-            self.rids, self.tokens, self.finished = [], [], []
+            out.append(ipc.Step(self.rids, self.tokens, self.finished, self.logprobs))
+            self.rids, self.tokens, self.finished, self.logprobs = [], [], [], []
         return out
 
     async def wait(self) -> None:
@@ -83,6 +84,10 @@ class RemoteOutbox:
         if link.gone:
             return False
         if isinstance(event, TokenEvent):
+            if event.logprobs is not None:
+                lp = event.logprobs
+                link.logprobs.append(ipc.TokenLogprobs(len(link.rids), lp.logprob, [i for i, _ in lp.top],
+                                                       [v for _, v in lp.top]))
             link.rids.append(self.rid)
             link.tokens.append(event.token_id)
         else:
@@ -190,7 +195,7 @@ class CoreServer:
             raise ValueError(f"request {m.rid} is live already")
         key = f"f{link.number}/{m.rid}"  # unique for the core's life: link numbers never repeat
         try:
-            params = SamplingParams(m.max_tokens, m.temperature, m.top_k, m.top_p, m.seed, (), m.ignore_eos)
+            params = SamplingParams(m.max_tokens, m.temperature, m.top_k, m.top_p, m.seed, (), m.ignore_eos, m.logprobs)
             self.engine.accept(key, m.prompt, params, RemoteOutbox(link, m.rid), None, m.label, m.priority, m.client)
         except RequestError as exc:
             link.finished.append(ipc.Finished(m.rid, "error", len(m.prompt), 0, None, None, 0.0, None,

@@ -148,7 +148,8 @@ class Engine:
         seq = Sequence(key, ids, max_tokens, frozenset() if params.ignore_eos else self.loaded.eos_token_ids,
                        priority=priority, client=client)
         request = Request(seq, params, outbox, detok, time.monotonic(), label,
-                          SampleSpec(params.temperature, params.top_k, params.top_p, params.seed))
+                          SampleSpec(params.temperature, params.top_k, params.top_p, params.seed,
+                                     logprobs=-1 if params.logprobs is None else params.logprobs))
         try:
             self._inbox_send.send_nowait(Submit(request))
         except trio.WouldBlock:

@@ -35,6 +35,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     priority: int
     client: str  # the fair policy's client key
     label: str  # the request's name in the core's logs
+    logprobs: int | None = None  # as SamplingParams.logprobs
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -82,13 +83,24 @@ class Finished(msgspec.Struct, array_like=True):
     error_message: str | None = None
 
 
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Token `tokens[at]` of its Step: its log-probability, and the top alternatives'."""
+
+    at: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 class Step(msgspec.Struct, tag="step", array_like=True):
     """Core -> front end, once per step with anything for it: token `tokens[i]` for request
-    `rids[i]`, then the requests that finished (a finished request's last token comes first)."""
+    `rids[i]`, then the requests that finished (a finished request's last token comes first),
+    then the log-probabilities of the tokens whose requests asked for them."""
 
     rids: list[int]
     tokens: list[int]
     finished: list[Finished]
+    logprobs: list[TokenLogprobs] = []
 
 
 class StatsReply(msgspec.Struct, tag="stats", array_like=True):

@@ -41,6 +41,7 @@ class Collected:
     error: Exception | None = None
     seconds: float = 0.0  # the device's time on the step
     idle_gap: float = 0.0  # how long the device sat idle before it (0 after an idle loop)
+    logprobs: dict | None = None  # seq position in the plan -> (log-probability, top pairs), where asked
 
 
 class Stepper:
@@ -133,7 +134,7 @@ class Stepper:
             return self._failed(step, exc)
         seconds, gap = self.runner.timing(step.launched, self._previous)
         self._previous = step.launched
-        return Collected(step, sampled, None, seconds, gap)
+        return Collected(step, sampled, None, seconds, gap, self.runner.logprobs(step.launched))
 
     def _failed(self, step: InFlight, exc: Exception) -> Collected:
         self._previous = None

@@ -20,7 +20,8 @@ class RequestError(Exception):
         self.message = message
 
 
-PRIORITY_MIN, PRIORITY_MAX = -10, 10  # request priority classes; higher runs first under --policy priority
+PRIORITY_MIN, PRIORITY_MAX = -10, 10
+MAX_LOGPROBS = 20  # top alternatives a token may carry (OpenAI's top_logprobs bound)  # request priority classes; higher runs first under --policy priority
 
 
 def check_priority(value: object) -> int:
@@ -39,6 +40,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and its top k alternatives
 
     def __post_init__(self) -> None:
         def bad(msg: str):
@@ -64,14 +66,26 @@ class SamplingParams:
             bad("at most 16 stop strings")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos must be a boolean")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+class Logprobs(NamedTuple):
+    """A sampled token's log-probability under the model (the log-softmax of its raw logits,
+    before temperature, top-k or top-p), and the `top` (id, log-probability) pairs, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 class TokenEvent(NamedTuple):
-    """One generated token; ``text`` is the new decoded text (may be "" mid-character).
+    """One generated token; ``text`` is the new decoded text (may be "" mid-character);
+    ``logprobs`` only where the request asked for them.
 
     Immutable like the other events, but a named tuple: one is made per token, and a frozen
     dataclass costs about 3x as much to build (~0.3 us a token)."""
@@ -79,6 +93,7 @@ class TokenEvent(NamedTuple):
     index: int
     token_id: int
     text: str
+    logprobs: Logprobs | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class NullRunner:
     ready = staticmethod(ModelRunner.ready)
     collect = staticmethod(ModelRunner.collect)
     timing = staticmethod(ModelRunner.timing)
+    logprobs = staticmethod(ModelRunner.logprobs)
 
     def __init__(self, runner: ModelRunner, ids: str) -> None:
         self.device, self.backend, self.swap = runner.device, runner.backend, None
