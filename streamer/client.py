@@ -25,7 +25,15 @@ from streamer import ipc
 from streamer.detok import Detokenizer, add_batch
 from streamer.prompt import check_prompt, encode_chat, encode_prompt
 from streamer.request import EventQueue, Generation
-from streamer.types import FinishEvent, Logprobs, RequestError, SamplingParams, Timing, TokenEvent, check_priority
+from streamer.types import (
+    FinishEvent,
+    Logprobs,
+    RequestError,
+    SamplingParams,
+    Timing,
+    TokenEvent,
+    check_priority,
+)
 
 log = structlog.get_logger("streamer.client")
 REPORT_PERIOD_S = 0.25  # how often sent-frame gaps, edge errors and loop lag go to the core

@@ -4,7 +4,7 @@ front end's `EngineClient` of a core in another process (streamer/client.py) bot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from streamer.request import Generation
 from streamer.types import RequestError, SamplingParams
@@ -13,6 +13,7 @@ from streamer.types import RequestError, SamplingParams
 class EngineHandle(Protocol):
     model_name: str
     max_context: int
+    tokenizer: Any  # the model's Hugging Face tokenizer (token texts, chat templates with tools)
 
     @property
     def live_requests(self) -> int: ...

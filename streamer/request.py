@@ -44,7 +44,7 @@ class EventQueue:
     in one turn. The reader leaving (`leave`) is what the step loop looks at to abort a request
     whose client has gone."""
 
-    __slots__ = ("capacity", "_events", "_reader", "closed", "reader_gone")
+    __slots__ = ("capacity", "_events", "_reader", "closed", "reader_gone", "watcher")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity  # events the reader may fall behind by (the engine enforces it)
@@ -52,6 +52,7 @@ class EventQueue:
         self._reader: trio.lowlevel.Task | None = None
         self.closed = False  # the step loop sent its last event
         self.reader_gone = False  # the request's task left: later events are dropped
+        self.watcher: Callable[[], None] | None = None  # called at each put and at close (`merge`)
 
     def __len__(self) -> int:
         return len(self._events)
@@ -65,6 +66,8 @@ class EventQueue:
         if self._reader is not None:
             task, self._reader = self._reader, None
             trio.lowlevel.reschedule(task)
+        elif self.watcher is not None:
+            self.watcher()
         return True
 
     def close(self) -> None:
@@ -73,6 +76,8 @@ class EventQueue:
         if self._reader is not None:
             task, self._reader = self._reader, None
             trio.lowlevel.reschedule(task)
+        elif self.watcher is not None:
+            self.watcher()
 
     # --- the request's side ---
     async def get(self):
@@ -92,6 +97,14 @@ class EventQueue:
             if not self._events:  # woken by close()
                 raise trio.EndOfChannel
         return self._events.popleft()
+
+    def get_nowait(self):
+        """The next queued event, None if there is none yet; trio.EndOfChannel once closed and empty."""
+        if self._events:
+            return self._events.popleft()
+        if self.closed or self.reader_gone:
+            raise trio.EndOfChannel
+        return None
 
     def leave(self) -> None:
         """The reader is done (maybe early): queued and later events are dropped."""
@@ -128,7 +141,10 @@ class Generation:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        # The engine notices the reader has left and aborts the request, freeing its blocks.
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading: the engine notices the reader has left and aborts the request, freeing its blocks."""
         self._events.leave()
 
     def __aiter__(self) -> Generation:
@@ -148,3 +164,37 @@ class Generation:
     async def cancel(self) -> None:
         """Ask the step loop to end this request; the stream then ends with 'cancelled'."""
         self._cancel()
+
+
+async def merge(gens: list[Generation | None], more: Callable[[], None] | None = None):
+    """Read several generations in one task: yields (i, event) as events arrive, until every
+    `gens[i]` has finished. `more`, if given, is called once, after the first event: it may fill
+    in the None entries of `gens` (a caller submits its later samples then). The caller holds
+    each generation's `async with`."""
+    wake = trio.Event()
+
+    def poke() -> None:
+        wake.set()  # the current `wake`: the loop below replaces it after each wait
+
+    done: set[int] = set()
+    while True:
+        for i, g in enumerate(gens):
+            if g is None or i in done:
+                continue
+            events = g._events
+            if events.watcher is None:
+                events.watcher = poke
+            try:
+                while (ev := events.get_nowait()) is not None:
+                    if isinstance(ev, FinishEvent):
+                        done.add(i)
+                    yield i, ev
+                    if more is not None:
+                        more, call = None, more
+                        call()
+            except trio.EndOfChannel:
+                done.add(i)
+        if len(done) == sum(g is not None for g in gens):
+            return
+        await wake.wait()
+        wake = trio.Event()

@@ -89,7 +89,7 @@ async def test_errors_have_openai_shape_and_status(tiny_server):
     cases = [
         (dict(model="gpt-4"), openai.NotFoundError, "model_not_found"),
         (dict(model=model, temperature=-1), openai.BadRequestError, "invalid_request"),
-        (dict(model=model, n=2), openai.BadRequestError, "invalid_request"),
+        (dict(model=model, n=17), openai.BadRequestError, "invalid_request"),
         (dict(model=model, max_tokens=0), openai.BadRequestError, "invalid_request"),
     ]
     with trio.fail_after(TIMEOUT):
@@ -147,3 +147,63 @@ async def test_ignore_eos_runs_to_max_tokens(tiny_server):
                                                            "ignore_eos": "yes"})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+
+
+async def test_logprobs_on_both_shapes_are_the_engines(tiny_server):
+    engine, url = tiny_server
+    oai, model = client(url), engine.model_name
+    messages = [{"role": "user", "content": "Tell me about the sea and the sky."}]
+    with trio.fail_after(TIMEOUT):
+        whole = await in_thread(lambda: oai.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3))
+        chunks = await in_thread(lambda: list(oai.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=True)))
+        legacy = await in_thread(lambda: oai.completions.create(model=model, prompt="Once upon", max_tokens=6,
+                                                               temperature=0, logprobs=2))
+        plain = await in_thread(lambda: oai.chat.completions.create(model=model, messages=messages, max_tokens=4))
+        expected = []
+        async with engine.submit(engine.encode_chat(messages), SamplingParams(max_tokens=8, logprobs=3)) as gen:
+            async for ev in gen:
+                if isinstance(ev, TokenEvent):
+                    expected.append(ev)
+    text = engine.tokenizer.decode
+    content = whole.choices[0].logprobs.content
+    assert [c.token for c in content] == [text([ev.token_id]) for ev in expected]
+    assert [c.logprob for c in content] == pytest.approx([ev.logprobs.logprob for ev in expected], abs=1e-6)
+    assert [[t.token for t in c.top_logprobs] for c in content] == [
+        [text([i]) for i, _ in ev.logprobs.top] for ev in expected]
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == legacy.usage.completion_tokens
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert plain.choices[0].logprobs is None
+
+
+async def test_n_samples_share_the_prompt_and_draw_their_own_streams(tiny_server):
+    engine, url = tiny_server
+    oai, model = client(url), engine.model_name
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3  # several full KV blocks
+    kwargs = dict(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    with trio.fail_after(TIMEOUT):
+        hits = engine.statistics().prefix_hit_tokens
+        three = await in_thread(lambda: oai.completions.create(n=3, **kwargs))
+        shared = engine.statistics().prefix_hit_tokens - hits
+        one = await in_thread(lambda: oai.completions.create(**kwargs))
+        chunks = await in_thread(lambda: list(oai.completions.create(n=3, stream=True, **kwargs)))
+        assert engine.statistics().kv.used_blocks == 0
+    texts = [c.text for c in sorted(three.choices, key=lambda c: c.index)]
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert texts[0] == one.choices[0].text  # sample 0 draws with the request's seed
+    assert len(set(texts)) == 3
+    assert three.usage.completion_tokens == 3 * 8
+    cached = (len(engine.encode_prompt(prompt)) - 1) // engine.block_size * engine.block_size
+    assert cached >= 2 * engine.block_size
+    assert shared == 2 * cached  # samples 1 and 2 found the prompt sample 0 computed
+    streamed = ["", "", ""]
+    for ch in chunks:
+        for c in ch.choices:
+            streamed[c.index] += c.text
+    assert streamed == texts

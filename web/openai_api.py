@@ -6,24 +6,28 @@ Registered by web/app.py. Input is validated here; errors use OpenAI's JSON shap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from quart import Response, request
 
 from streamer.handle import EngineHandle
-from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
+from streamer.request import merge
+from streamer.types import MAX_LOGPROBS, FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
 from web import intake
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
           "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "priority", "ignore_eos"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 # Fields clients often send with their neutral value; anything else is refused, not ignored.
-NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "echo": False}
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "echo": False}
+MAX_N = 16  # samples one request may ask for
 # Our stable error codes (docs/PROTOCOL.md) -> HTTP status and OpenAI error type.
 STATUS = {
     "invalid_request": (400, "invalid_request_error"),
@@ -61,7 +65,28 @@ def error_response(exc: ApiError, counted: bool = False) -> Response:
     return response
 
 
-def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
+def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise ApiError("invalid_request", f"'{name}' must be an integer in [{low}, {high}]", name)
+    return value
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each token reports (None: no logprobs). Chat asks with `logprobs`
+    true and `top_logprobs`; completions with `logprobs` the number."""
+    if not chat:
+        return _int_field(body, "logprobs", 0, MAX_LOGPROBS)
+    asked = body.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise ApiError("invalid_request", "'logprobs' must be a boolean", "logprobs")
+    top = _int_field(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not asked:
+        raise ApiError("invalid_request", "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if asked else None
+
+
+def _params(body: dict, default_max: int, cap: int | None, chat: bool) -> SamplingParams:
     for name, neutral in NEUTRAL.items():
         if name in body and body[name] != neutral and body[name] is not None:
             raise ApiError("invalid_request", f"'{name}' is only supported as {json.dumps(neutral)}", name)
@@ -72,6 +97,7 @@ def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
     stop = body.get("stop")
     stop = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
     seed = body.get("seed")
+    logprobs = _logprobs(body, chat)
     try:
         return intake.sampling_params(
             max_tokens=max_tokens,
@@ -81,6 +107,7 @@ def _params(body: dict, default_max: int, cap: int | None) -> SamplingParams:
             seed=seed % 2**63 if isinstance(seed, int) and not isinstance(seed, bool) else seed,
             stop=() if stop is None else stop,
             ignore_eos=body.get("ignore_eos", False),  # as vLLM takes it: for benchmarks
+            logprobs=logprobs,
         )
     except intake.FieldError as exc:
         raise ApiError(exc.code, exc.message, exc.param) from None
@@ -144,7 +171,8 @@ async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, l
                        f"serves {engine.model_name!r}", "model")
     if not isinstance(body.get("stream", False), bool):
         raise ApiError("invalid_request", "'stream' must be a boolean", "stream")
-    params = _params(body, CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS, getattr(config, "max_tokens", None))
+    params = _params(body, CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS, getattr(config, "max_tokens", None),
+                     chat)
     try:
         priority = check_priority(0 if body.get("priority") is None else body["priority"])
     except RequestError as exc:
@@ -157,20 +185,67 @@ async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, l
     return body, ids, params, priority
 
 
-def _choice(chat: bool, text: str | None, finish: str | None, first: bool = False) -> dict:
-    if not chat:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-    delta: dict = {}
-    if first:
-        delta["role"] = "assistant"
-    if text is not None:
-        delta["content"] = text
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+SEED_STRIDE = 0x9E3779B97F4A7C15  # sample i of a seeded request draws with seed + i * this (mod 2**63)
 
 
-def _usage(ev: FinishEvent) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+def _samples(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Each sample's parameters: its own seed stream (sample 0 keeps the request's seed, so n=1
+    answers as before); unseeded samples draw independently anyway."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=(params.seed + i * SEED_STRIDE) % 2**63) for i in range(n)]
+
+
+class TokenTexts:
+    """Each token id's own text, as logprobs entries name it (cached: the same ids recur)."""
+
+    def __init__(self, engine: EngineHandle) -> None:
+        self.engine = engine
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            if len(self._cache) >= 1 << 16:
+                self._cache.clear()
+            text = self._cache[token_id] = self.engine.tokenizer.decode([token_id])
+        return text
+
+
+@dataclass
+class Answer:
+    """One sample's answer as it arrives."""
+
+    index: int
+    text: list[str] = dataclasses.field(default_factory=list)
+    tokens: list[TokenEvent] = dataclasses.field(default_factory=list)  # those that carry logprobs
+    finish: FinishEvent | None = None
+
+
+def _chat_logprobs(events: list[TokenEvent], text_of: Callable[[int], str]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = text_of(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(ev.token_id, ev.logprobs.logprob),
+                         "top_logprobs": [entry(i, v) for i, v in ev.logprobs.top]} for ev in events]}
+
+
+def _completion_logprobs(events: list[TokenEvent], text_of: Callable[[int], str], offset: int) -> dict:
+    """`offset`: how much text the answer had before the first of `events`."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ev in events:
+        out["tokens"].append(text_of(ev.token_id))
+        out["token_logprobs"].append(ev.logprobs.logprob)
+        out["top_logprobs"].append({text_of(i): v for i, v in ev.logprobs.top})
+        out["text_offset"].append(offset)
+        offset += len(ev.text)
+    return out
+
+
+def _usage(finishes: list[FinishEvent]) -> dict:
+    prompt, completion = finishes[0].prompt_tokens, sum(f.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _finish_error(ev: FinishEvent) -> ApiError:
@@ -180,12 +255,50 @@ def _finish_error(ev: FinishEvent) -> ApiError:
     return ApiError("internal", "internal error")
 
 
-async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
+def _reason(ev: FinishEvent) -> str:
+    return "length" if ev.finish_reason == "length" else "stop"
+
+
+class Samples:
+    """A request's n samples: the first is submitted at once, the others after its first event,
+    so they find the prompt's KV in the prefix cache instead of computing it again."""
+
+    def __init__(self, engine: EngineHandle, config: Any, ids: list[int], params: SamplingParams, n: int,
+                 priority: int, client: str) -> None:
+        self.engine, self.config, self.ids, self.priority, self.client = engine, config, ids, priority, client
+        self.params = _samples(params, n)
+        self.rid = f"oai-{uuid.uuid4().hex[:12]}"
+        self.gens: list = [self._submit(0)] + [None] * (n - 1)
+        self.error: RequestError | None = None  # a later sample the engine refused
+
+    def _submit(self, i: int):
+        return intake.submit(self.engine, self.config, self.ids, self.params[i], request_id=f"{self.rid}/{i}",
+                             priority=self.priority, client=self.client)
+
+    def _rest(self) -> None:
+        try:
+            for i in range(1, len(self.gens)):
+                self.gens[i] = self._submit(i)
+        except RequestError as exc:
+            self.error = exc
+
+    def events(self):
+        """(sample, event) until all samples finished; see streamer/request.merge."""
+        return merge(self.gens, self._rest if len(self.gens) > 1 else None)
+
+    def close(self) -> None:
+        """Leave every sample (those still running are aborted, their KV freed)."""
+        for g in self.gens:
+            if g is not None:
+                g.close()
+
+
+async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: TokenTexts) -> Response:
     try:
         body, ids, params, priority = await _parse(engine, config, chat)
+        n = _int_field(body, "n", 1, MAX_N) or 1
         # Under --policy fair, each remote address is one client (the API key is one for all).
-        gen = intake.submit(engine, config, ids, params, request_id=f"oai-{uuid.uuid4().hex[:12]}", priority=priority,
-                            client=f"ip:{request.remote_addr}")
+        samples = Samples(engine, config, ids, params, n, priority, f"ip:{request.remote_addr}")
     except ApiError as exc:
         return error_response(exc)
     except RequestError as exc:  # the prompt's length, or the engine's refusal
@@ -193,73 +306,115 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool) -> Response:
         return error_response(ApiError(exc.code, exc.message, param))
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": engine.model_name}
+    logprobs = params.logprobs is not None
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        response = Response(_sse(gen, chat, head, include_usage), content_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache"})
+        response = Response(_sse(samples, chat, head, include_usage, text_of if logprobs else None),
+                            content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         response.timeout = None  # a long answer may stream for minutes
         return response
-    text, finish = [], None
-    async with gen:  # leaving it (even by cancellation: the client left) aborts the request
-        async for ev in gen:
+    answers = [Answer(i) for i in range(n)]
+    try:  # leaving (even by cancellation: the client left) aborts every sample
+        async for i, ev in samples.events():
+            if samples.error is not None:
+                return error_response(ApiError(samples.error.code, samples.error.message))
+            a = answers[i]
             if isinstance(ev, TokenEvent):
-                text.append(ev.text)
+                a.text.append(ev.text)
+                if ev.logprobs is not None:
+                    a.tokens.append(ev)
             elif ev.finish_reason == "error":
                 return error_response(_finish_error(ev), counted=True)
             else:
-                finish = ev
-    if finish is None:
+                a.finish = ev
+    finally:
+        samples.close()
+    if any(a.finish is None for a in answers):
         return error_response(ApiError("internal", "the generation ended without finishing"))
-    content = "".join(text)
-    reason = "length" if finish.finish_reason == "length" else "stop"
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                  "finish_reason": reason}
-    else:
-        choice = _choice(False, content, reason)
+    choices = []
+    for a in answers:
+        content = "".join(a.text)
+        lp = None
+        if logprobs:
+            lp = _chat_logprobs(a.tokens, text_of) if chat else _completion_logprobs(a.tokens, text_of, 0)
+        if chat:
+            choices.append({"index": a.index, "message": {"role": "assistant", "content": content}, "logprobs": lp,
+                            "finish_reason": _reason(a.finish)})
+        else:
+            choices.append({"index": a.index, "text": content, "logprobs": lp, "finish_reason": _reason(a.finish)})
     obj = "chat.completion" if chat else "text_completion"
-    return {**head, "object": obj, "choices": [choice], "usage": _usage(finish)}
+    return {**head, "object": obj, "choices": choices, "usage": _usage([a.finish for a in answers])}
 
 
-async def _sse(gen: Any, chat: bool, head: dict, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(samples: Samples, chat: bool, head: dict, include_usage: bool,
+               text_of: TokenTexts | None) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per token with text, each naming its sample's index. Tokens
+    with no text of their own (part of a character) ride with the next chunk's logprobs."""
     obj = "chat.completion.chunk" if chat else "text_completion"
+    n = len(samples.gens)
+    answers = [Answer(i) for i in range(n)]
+    offsets = [0] * n
 
     def event(payload: dict) -> bytes:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
-    def chunk(choices: list, **extra) -> bytes:
-        return event({**head, "object": obj, "choices": choices, **extra})
-
-    async with gen:
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> bytes:
+        lp = None
+        pending = answers[i].tokens
+        if text_of is not None and (pending or finish) and not first:
+            lp = _chat_logprobs(pending, text_of) if chat else _completion_logprobs(pending, text_of, offsets[i])
+            answers[i].tokens = []
         if chat:
-            yield chunk([_choice(True, "", None, first=True)])
-        async for ev in gen:
+            delta: dict = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+        return event({**head, "object": obj, "choices": [choice]})
+
+    try:
+        if chat:
+            for i in range(n):
+                yield chunk(i, "", None, first=True)
+        async for i, ev in samples.events():
+            if samples.error is not None:
+                yield event(error_body(samples.error.code, samples.error.message))
+                return
+            a = answers[i]
             if isinstance(ev, TokenEvent):
+                if ev.logprobs is not None:
+                    a.tokens.append(ev)
                 if ev.text:
-                    yield chunk([_choice(chat, ev.text, None)])
+                    yield chunk(i, ev.text, None)
+                    offsets[i] += len(ev.text)
             elif ev.finish_reason == "error":
                 # Mid-stream the status line is long gone: the error travels as an event.
                 exc = _finish_error(ev)
                 yield event(error_body(exc.code, exc.message))
                 return
             else:
-                reason = "length" if ev.finish_reason == "length" else "stop"
-                yield chunk([_choice(chat, None, reason)] if chat else [_choice(False, "", reason)])
-                if include_usage:
-                    yield chunk([], usage=_usage(ev))
+                a.finish = ev
+                yield chunk(i, None if chat else "", _reason(ev))
+        if include_usage:
+            yield event({**head, "object": obj, "choices": [], "usage": _usage([a.finish for a in answers])})
+    finally:
+        samples.close()
     yield b"data: [DONE]\n\n"
 
 
 def register(app: Any, engine: EngineHandle, config: Any = None) -> None:
     """`config` is web/config.py's WebConfig: its max_tokens and max_prompt_tokens apply here too."""
 
+    text_of = TokenTexts(engine)
+
     @app.post("/v1/chat/completions")
     async def chat_completions():
-        return await _complete(engine, config, chat=True)
+        return await _complete(engine, config, True, text_of)
 
     @app.post("/v1/completions")
     async def completions():
-        return await _complete(engine, config, chat=False)
+        return await _complete(engine, config, False, text_of)
 
     @app.get("/v1/models")
     async def models():
