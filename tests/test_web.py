@@ -116,6 +116,25 @@ async def test_stream_tokens_then_done(server):
     assert server.kv_all_free()
 
 
+async def test_token_frames_carry_logprobs_when_asked(server):
+    with trio.fail_after(TIMEOUT):
+        async with open_websocket_url(server.ws) as ws:
+            await send(ws, type="generate", id="a", prompt="Hello there", max_tokens=6, ignore_eos=True, logprobs=2)
+            tokens, _ = await read_until_done(ws, "a")
+            await send(ws, type="generate", id="b", prompt="Hello there", max_tokens=2, ignore_eos=True)
+            plain, _ = await read_until_done(ws, "b")
+            await send(ws, type="generate", id="c", prompt="Hello there", max_tokens=2, logprobs=21)
+            refused = await recv(ws)
+    tokenizer = server.engine.tokenizer
+    for t in tokens:
+        top = t["top_logprobs"]
+        assert len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"] and t["logprob"] <= top[0]["logprob"] + 1e-6
+        assert top[0]["token_id"] == t["token_id"]  # greedy: the most likely token
+        assert all(e["text"] == tokenizer.decode([e["token_id"]]) for e in top)
+    assert all("logprob" not in t for t in plain)
+    assert refused["type"] == "error" and refused["code"] == "invalid_request" and "logprobs" in refused["message"]
+
+
 async def test_two_generations_multiplexed(server):
     """A chat (messages) and a plain prompt share one socket; each id's frames arrive in order."""
     with trio.fail_after(TIMEOUT):

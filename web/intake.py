@@ -5,6 +5,8 @@ decided here, once."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from streamer.handle import EngineHandle
 from streamer.request import Generation
 from streamer.types import RequestError, SamplingParams
@@ -60,6 +62,12 @@ def prompt_ids(engine: EngineHandle, prompt: str | list[int] | None = None, mess
         # message size, so a worker thread would cost more than it saves.
         return engine.encode_prompt(prompt)
     return list(prompt or ())
+
+
+@lru_cache(maxsize=1 << 16)
+def token_text(tokenizer, token_id: int) -> str:
+    """A token id's own text, as logprobs entries name it (cached: the same ids recur)."""
+    return tokenizer.decode([token_id])
 
 
 def submit(engine: EngineHandle, config: WebConfig | None, ids: list[int], params: SamplingParams, *,

@@ -196,22 +196,6 @@ def _samples(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=(params.seed + i * SEED_STRIDE) % 2**63) for i in range(n)]
 
 
-class TokenTexts:
-    """Each token id's own text, as logprobs entries name it (cached: the same ids recur)."""
-
-    def __init__(self, engine: EngineHandle) -> None:
-        self.engine = engine
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            if len(self._cache) >= 1 << 16:
-                self._cache.clear()
-            text = self._cache[token_id] = self.engine.tokenizer.decode([token_id])
-        return text
-
-
 @dataclass
 class Answer:
     """One sample's answer as it arrives."""
@@ -293,7 +277,7 @@ class Samples:
                 g.close()
 
 
-async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: TokenTexts) -> Response:
+async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: Callable[[int], str]) -> Response:
     try:
         body, ids, params, priority = await _parse(engine, config, chat)
         n = _int_field(body, "n", 1, MAX_N) or 1
@@ -347,7 +331,7 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: Toke
 
 
 async def _sse(samples: Samples, chat: bool, head: dict, include_usage: bool,
-               text_of: TokenTexts | None) -> AsyncIterator[bytes]:
+               text_of: Callable[[int], str] | None) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per token with text, each naming its sample's index. Tokens
     with no text of their own (part of a character) ride with the next chunk's logprobs."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -406,7 +390,8 @@ async def _sse(samples: Samples, chat: bool, head: dict, include_usage: bool,
 def register(app: Any, engine: EngineHandle, config: Any = None) -> None:
     """`config` is web/config.py's WebConfig: its max_tokens and max_prompt_tokens apply here too."""
 
-    text_of = TokenTexts(engine)
+    def text_of(token_id: int) -> str:
+        return intake.token_text(engine.tokenizer, token_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions():

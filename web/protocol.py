@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ MAX_ID_CHARS = 128
 MAX_MESSAGES = 512
 GENERATE_FIELDS = frozenset(
     {"type", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
-     "priority"}
+     "priority", "logprobs"}
 )
 CANCEL_FIELDS = frozenset({"type", "id"})
 
@@ -101,7 +102,7 @@ def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None
     # Check JSON types here, so the message names the field and the type that was wrong; the
     # ranges are intake's (shared with the OpenAI door).
     kwargs: dict[str, Any] = {}
-    for name in ("max_tokens", "top_k"):
+    for name in ("max_tokens", "top_k", "logprobs"):
         if name in obj:
             kwargs[name] = _int(obj[name], name, bad)
     for name in ("temperature", "top_p"):
@@ -157,8 +158,13 @@ def _int(value: Any, name: str, bad) -> int:
 # Server -> client frames. Timings are rounded to 0.01 ms: finer digits are noise on the wire.
 
 
-def token_frame(request_id: str, ev: TokenEvent) -> dict[str, Any]:
-    return {"type": "token", "id": request_id, "index": ev.index, "token_id": ev.token_id, "text": ev.text}
+def token_frame(request_id: str, ev: TokenEvent, text_of: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """`text_of`: each token id's own text, for the alternatives of a token with logprobs."""
+    frame = {"type": "token", "id": request_id, "index": ev.index, "token_id": ev.token_id, "text": ev.text}
+    if ev.logprobs is not None and text_of is not None:
+        frame["logprob"] = ev.logprobs.logprob
+        frame["top_logprobs"] = [{"token_id": i, "text": text_of(i), "logprob": v} for i, v in ev.logprobs.top]
+    return frame
 
 
 def done_frame(request_id: str, ev: FinishEvent) -> dict[str, Any]:

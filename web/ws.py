@@ -57,6 +57,7 @@ class Connection:
         buffer = FRAMES_PER_LIVE_GENERATION * self.config.max_live_per_connection
         self._frames, self._frames_out = trio.open_memory_channel[Frame](buffer)
         self._live: dict[str, Any] = {}  # client id -> Generation, until its done frame is queued
+        self._text_of = lambda token_id: intake.token_text(engine.tokenizer, token_id)
         self._sent_at: dict[str, float] = {}  # client id -> when its last token frame was sent (writer's)
         self._nursery: trio.Nursery | None = None
         self._streams = OpenCount()  # running _stream tasks
@@ -162,7 +163,7 @@ class Connection:
                 async for ev in gen:
                     if isinstance(ev, TokenEvent):
                         completion += 1
-                        frame = token_frame(cid, ev)
+                        frame = token_frame(cid, ev, self._text_of)
                         try:  # with room, no schedule point here: reading the next event is one
                             self._frames.send_nowait(frame)
                         except trio.WouldBlock:
