@@ -19,7 +19,7 @@ import torch
 from gpu.arena import ArenaShape, KVArena
 from gpu.attention import TorchAttention, build_metadata
 from gpu.model import Transformer
-from gpu.sampler import SampleSpec, sample, token_logprobs
+from gpu.sampler import SampleSpec, apply_bitmask, sample, token_logprobs
 from gpu.swap import SwapPool
 
 
@@ -40,13 +40,15 @@ class SeqInput:
 class Launched:
     """A step queued on the device: its sampled ids land in `ids` once `done` has fired."""
 
-    ids: torch.Tensor  # (S,) int64, pinned host memory on CUDA
+    ids: torch.Tensor | None  # (S,) int64, pinned host memory on CUDA; None while its sampling is deferred
     done: torch.cuda.Event | None  # None: already computed (CPU)
     mask: list[bool]  # per seq of the step: whether it sampled
     begin: torch.cuda.Event | float  # when the device started it: a timing event, or (CPU) the clock
     end: float = 0.0  # CPU: when the computation ended
     logprobs: torch.Tensor | None = None  # gpu/sampler.token_logprobs' rows, for the sampling seqs `lp_rows`
     lp_rows: list[tuple[int, int]] | None = None  # (position among the step's sampling seqs, its k)
+    # A step whose sampling waits for its grammar masks (`sample_deferred`): (logits, specs, masked rows)
+    deferred: tuple | None = None
 
 
 def make_backend(name: str, arena: KVArena, scale: float):
@@ -108,7 +110,8 @@ class ModelRunner:
         return self.graphs is not None and 0 < num_seqs <= self.graphs.bmax
 
     def launch(self, seqs: list[SeqInput], swap_out: tuple[tuple[int, int], ...] = (),
-               swap_in: tuple[tuple[int, int], ...] = ()) -> Launched:
+               swap_in: tuple[tuple[int, int], ...] = (), masks: tuple[list[int], torch.Tensor | None] | None = None,
+               ) -> Launched:
         """Queue the step's work on the device and return at once (on CUDA; the CPU computes here).
         `collect` waits for the sampled ids. At most two steps in flight, collected in launch
         order: launch N, launch N+1, collect N, launch N+2, collect N+1, ...
@@ -127,7 +130,7 @@ class ModelRunner:
             begin = self._begin(swap_out, swap_in)
             logits = g.logits(step, self._last_ids)
             specs = [s.sample for s in seqs]
-            return self._sampled(logits, specs, [True] * len(seqs), begin)
+            return self._sampled(logits, specs, [True] * len(seqs), begin, masks)
         if not seqs:  # only swaps this step
             return self._sampled(None, [], [], self._begin(swap_out, swap_in))
         ids: list[int] = []
@@ -160,7 +163,7 @@ class ModelRunner:
             logits = self.pieces.logits(input_ids, pos, meta, row_idx)  # writes the KV
         else:
             logits = self.model.forward(input_ids, pos, meta, self.backend, row_idx, self.ops)
-        return self._sampled(logits if specs else None, specs, [s.sample is not None for s in seqs], begin)
+        return self._sampled(logits if specs else None, specs, [s.sample is not None for s in seqs], begin, masks)
 
     def _begin(self, swap_out: tuple[tuple[int, int], ...], swap_in: tuple[tuple[int, int], ...]):
         """Mark the start of the step's device work (a timing event; the CPU: the clock), then
@@ -176,12 +179,23 @@ class ModelRunner:
             self.swap.swap_out([block for block, _ in swap_out], [slot for _, slot in swap_out])
         return begin
 
-    def _sampled(self, logits: torch.Tensor | None, specs: list[SampleSpec], mask: list[bool], begin) -> Launched:
+    def sample_deferred(self, launched: Launched, bitmask: torch.Tensor | None) -> None:
+        """Sample a step launched with deferred masks, now that they are known (None: unmasked)."""
+        logits, specs, rows = launched.deferred
+        done = self._sampled(logits, specs, launched.mask, launched.begin, (rows, bitmask) if bitmask is not None else None)
+        for name in ("ids", "done", "end", "logprobs", "lp_rows", "deferred"):
+            setattr(launched, name, getattr(done, name))
+
+    def _sampled(self, logits: torch.Tensor | None, specs: list[SampleSpec], mask: list[bool], begin,
+                 masks: tuple[list[int], torch.Tensor | None] | None = None) -> Launched:
         """Sample the step's logits rows (None: it samples nothing) and queue the copy back."""
+        if masks is not None and masks[1] is None:
+            return Launched(None, None, mask, begin, deferred=(logits, specs, masks[0]))
         if logits is None:
             ids = torch.empty(0, dtype=torch.long, device=self.device)
         else:
-            ids = sample(logits, specs, self.ops.argmax)
+            masked = apply_bitmask(logits, *masks) if masks is not None else logits
+            ids = sample(masked, specs, self.ops.argmax)
         lp, lp_rows = None, None
         if any(s.logprobs >= 0 for s in specs):
             lp, rows = token_logprobs(logits, ids, specs)

@@ -102,6 +102,19 @@ def _draw(logits: torch.Tensor, drawn: list[SampleSpec], p: _Params) -> torch.Te
     return pick if cols is None else cols.gather(1, pick[:, None]).squeeze(1)
 
 
+def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """A copy of logits (S, V) where row rows[i] keeps only the tokens bitmask[i] allows (bit j % 32
+    of int32 word j // 32 set: token j allowed) and the others are -inf. `bitmask` (R, >= V/32)
+    may be on the host (pinned: the copy does not wait). The logits themselves are left as they
+    are, for the logprobs, which report the model's distribution."""
+    dev, cuda = logits.device, logits.device.type == "cuda"
+    idx = torch.tensor(rows, dtype=torch.int64, pin_memory=cuda).to(dev, non_blocking=cuda)
+    words = bitmask.to(dev, non_blocking=cuda)
+    shifts = torch.arange(32, dtype=torch.int32, device=dev)
+    allowed = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :logits.shape[1]].bool()
+    return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, specs: list[SampleSpec]) -> tuple[torch.Tensor, list[int]]:
     """The log-probabilities the rows asking for them (`spec.logprobs` >= 0) report: logits (S, V)
     and their sampled ids (S,) -> ((R, 1 + 2k) float32, the R rows), k the largest ask. A row

@@ -58,14 +58,35 @@ class Batcher:
         self.controller = controller
         self.max_running = max_running  # the running cap when the controller sets none
         self.requests: dict[str, Request] = {}
+        self.compiling: set[str] = set()  # live requests whose grammar is not compiled yet (not scheduled)
+        self.new_bitmask = None  # (rows, width) -> int32 host array the matchers fill (set with the grammars)
         self.steps = 0
         self.delivered: list[float] = []  # sent-frame gaps the doors reported, recorded at the next step
         self._last_reap = 0.0
+        self._deferred: list[Request] | None = None  # the requests of the step in flight whose masks wait
 
     # --- what request tasks asked for --------------------------------------------------------
     def add(self, req: Request) -> None:
         assert req.seq.request_id not in self.requests, req.seq.request_id
         self.requests[req.seq.request_id] = req
+        self.scheduler.add(req.seq)
+
+    def add_compiling(self, req: Request) -> None:
+        """A request whose grammar compiles meanwhile: live (it may be cancelled), not scheduled yet."""
+        assert req.seq.request_id not in self.requests, req.seq.request_id
+        self.requests[req.seq.request_id] = req
+        self.compiling.add(req.seq.request_id)
+
+    def compiled(self, request_id: str, matcher, error: RequestError | None) -> None:
+        """Its grammar is ready: schedule it (or end it with the compiler's error)."""
+        if request_id not in self.compiling:
+            return  # ended while it compiled
+        if error is not None:
+            self.end(request_id, "error", error)
+            return
+        self.compiling.discard(request_id)
+        req = self.requests[request_id]
+        req.matcher = matcher
         self.scheduler.add(req.seq)
 
     def cancel(self, request_id: str) -> None:
@@ -103,12 +124,17 @@ class Batcher:
         plan = self.scheduler.schedule()
         return plan if plan.chunks or plan.swap_out else None
 
-    def inputs(self, plan: StepPlan, in_flight: dict[int, int] | None) -> tuple[list[SeqInput], dict[int, int]]:
-        """The runner's inputs for `plan`, and each sampling request's row in its sampled ids.
+    def inputs(self, plan: StepPlan, in_flight: dict[int, int] | None) -> tuple[list[SeqInput], dict[int, int], tuple | None]:
+        """The runner's inputs for `plan`, each sampling request's row in its sampled ids, and the
+        grammar masks (rows, bitmask) of its requests under a grammar, None if it has none. The
+        bitmask is None (deferred: `deferred_masks` fills it after the step in flight is
+        collected) where such a request's last token is still on the device.
         `in_flight`: the rows of the step still on the device, whose ids this one's decodes take."""
         now = time.monotonic()
         inputs = []
         rows: dict[int, int] = {}
+        grammar: list[tuple[int, Request]] = []
+        defer = False
         for c in plan.chunks:
             seq = c.seq
             req = self.requests.get(seq.request_id)  # None: a padding row (padded static batches)
@@ -116,20 +142,43 @@ class Batcher:
                 req.t_scheduled = now
                 self.metrics.observe("queue", now - req.t_arrival, now)
             spec = None
+            fed = c.start + c.length > len(seq.prompt_ids) + len(seq.output_ids)  # a decode of the token in flight
             if c.sample:
                 spec = req.spec if req is not None else GREEDY
                 if spec.seed is not None:  # a seeded draw depends on which completion token it is:
                     p = req.params        # those known, then those still in flight
                     spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(seq.output_ids) + seq.pending - 1,
                                       spec.logprobs)
+                if req is not None and req.matcher is not None:
+                    grammar.append((len(rows), req))
+                    defer = defer or fed
                 rows[id(seq)] = len(rows)
-            end = c.start + c.length
             # block_table is not copied: nothing changes it before the launch has read it
-            if end > len(seq.prompt_ids) + len(seq.output_ids):  # a decode of the token the step in flight samples
+            if fed:
                 inputs.append(SeqInput([0], c.start, seq.block_table, spec, in_flight[id(seq)]))
             else:
-                inputs.append(SeqInput(seq.token_ids(c.start, end), c.start, seq.block_table, spec))
-        return inputs, rows
+                inputs.append(SeqInput(seq.token_ids(c.start, c.start + c.length), c.start, seq.block_table, spec))
+        masks = None
+        if grammar:
+            reqs = [req for _, req in grammar]
+            masks = ([r for r, _ in grammar], None if defer else self._fill_masks(reqs))
+            self._deferred = reqs if defer else None
+        return inputs, rows, masks
+
+    def deferred_masks(self):
+        """The masks of the step in flight whose sampling waits for them: its requests' matchers
+        have taken the tokens of the step collected before it by now."""
+        reqs, self._deferred = self._deferred, None
+        return self._fill_masks(reqs)
+
+    def _fill_masks(self, reqs: list[Request]):
+        bitmask = self.new_bitmask(len(reqs))
+        for i, req in enumerate(reqs):
+            if req.seq.request_id in self.requests:
+                req.matcher.fill(bitmask[i])
+            else:  # ended since: its token is dropped anyway
+                bitmask[i] = -1
+        return bitmask
 
     # --- what the device computed ------------------------------------------------------------
     def collected(self, done: Collected) -> None:
@@ -163,7 +212,11 @@ class Batcher:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
-        self.scheduler.finish(req.seq, reason)
+        if request_id in self.compiling:
+            self.compiling.discard(request_id)
+            req.seq.finish_reason = reason
+        else:
+            self.scheduler.finish(req.seq, reason)
         now = time.monotonic()
         n = len(req.seq.output_ids)
         ms = lambda t: None if t is None else round((t - req.t_arrival) * 1000, 3)  # noqa: E731
@@ -231,6 +284,13 @@ class Batcher:
         texts = iter(add_batch([(req.detok, out.token_id) for req, out in live if req.detok is not None]))
         for req, out in live:
             reason = out.finish_reason
+            if req.matcher is not None and reason is None:
+                if not req.matcher.accept(out.token_id):
+                    self.end(req.seq.request_id, "error", RequestError("internal", "a token broke the request's grammar"))
+                    continue
+                if req.matcher.done:  # nothing may follow: the answer is complete
+                    reason = "stop"
+                    self.scheduler.finish(req.seq, reason)
             text = ""
             if req.detok is not None:
                 text = next(texts)

@@ -114,7 +114,7 @@ class EngineClient:
         self._live[rid] = Live(rid, events, Detokenizer(self.tokenizer, ids, params.stop), len(ids), time.monotonic())
         self._send(ipc.Submit(rid, ids, max_tokens, params.temperature, params.top_k, params.top_p, params.seed,
                               params.ignore_eos, priority, client, request_id or f"fe{self.frontend}/{rid}",
-                              params.logprobs))
+                              params.logprobs, params.grammar))
         return Generation(str(rid), len(ids), events, partial(self._cancel, rid))
 
     def delivered(self, gaps: list[float]) -> None:

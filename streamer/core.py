@@ -195,7 +195,8 @@ class CoreServer:
             raise ValueError(f"request {m.rid} is live already")
         key = f"f{link.number}/{m.rid}"  # unique for the core's life: link numbers never repeat
         try:
-            params = SamplingParams(m.max_tokens, m.temperature, m.top_k, m.top_p, m.seed, (), m.ignore_eos, m.logprobs)
+            params = SamplingParams(m.max_tokens, m.temperature, m.top_k, m.top_p, m.seed, (), m.ignore_eos, m.logprobs,
+                                    m.grammar)
             self.engine.accept(key, m.prompt, params, RemoteOutbox(link, m.rid), None, m.label, m.priority, m.client)
         except RequestError as exc:
             link.finished.append(ipc.Finished(m.rid, "error", len(m.prompt), 0, None, None, 0.0, None,

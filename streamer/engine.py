@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence as SeqType
@@ -37,7 +38,7 @@ from streamer.detok import Detokenizer
 from streamer.metrics import Metrics
 from streamer.policy import Policy
 from streamer.prompt import check_prompt, encode_chat, encode_prompt
-from streamer.request import AbortAll, Cancel, EventQueue, Generation, Request, Submit
+from streamer.request import AbortAll, Cancel, Compiled, EventQueue, Generation, Request, Submit
 from streamer.scheduler import Scheduler, Sequence
 from streamer.static import StaticScheduler
 from streamer.stepper import Stepper
@@ -92,6 +93,9 @@ class Engine:
         # Cancels never wait behind a full inbox. Unbounded in type only: each live request
         # cancels at most once, so it holds at most as many messages as there are requests.
         self._control_send, self._control = trio.open_memory_channel(math.inf)
+        self._grammar_lock = threading.Lock()
+        self._grammar_compiler = None  # streamer/grammar.Grammars, built at the first request with a grammar
+        self._tasks: trio.Nursery | None = None  # run_engine's nursery: grammar compiles run in it
         self._closing = False
         self._accepting = True  # False once stop_accepting() was called (drain)
         self._drained = trio.Event()  # set by the step loop once, after stop_accepting, nothing is live
@@ -334,10 +338,12 @@ class Engine:
                 # tokens go out while the step polls the device.)
                 for _ in range(SEND_BATCHES):
                     await trio.sleep(0)
-            inputs, rows = batcher.inputs(plan, stepper.in_flight_rows()) if plan is not None else (None, None)
-            done, launch_error = await stepper.step(plan, inputs, rows)
+            inputs, rows, masks = batcher.inputs(plan, stepper.in_flight_rows()) if plan is not None else (None,) * 3
+            done, launch_error = await stepper.step(plan, inputs, rows, masks)
             if done is not None:
                 batcher.collected(done)
+            if stepper.deferred() is not None:  # its grammar masks need the tokens just collected
+                stepper.sample_deferred(batcher.deferred_masks())
             if launch_error is not None:
                 batcher.fail(plan, launch_error)
             await trio.lowlevel.checkpoint_if_cancelled()  # a cancel the step held back lands here
@@ -352,12 +358,43 @@ class Engine:
 
     def _handle(self, msg) -> None:
         if isinstance(msg, Submit):
-            self.batcher.add(msg.request)
+            if msg.request.params.grammar is None:
+                self.batcher.add(msg.request)
+            else:
+                self.batcher.add_compiling(msg.request)
+                self._tasks.start_soon(self._compile, msg.request.seq.request_id, msg.request.params.grammar)
+        elif isinstance(msg, Compiled):
+            self.batcher.compiled(msg.request_id, msg.matcher, msg.error)
         elif isinstance(msg, Cancel):
             self.batcher.cancel(msg.request_id)
         elif isinstance(msg, AbortAll):
             self._drain(self._inbox, math.inf)  # accepted submits still in the inbox are live too
             self.batcher.abort_all(msg.error)
+
+    async def _compile(self, request_id: str, grammar: tuple[str, str]) -> None:
+        """Compile a request's grammar in a worker thread; the step loop then schedules it."""
+        try:
+            matcher = await trio.to_thread.run_sync(self._matcher, grammar)
+            msg = Compiled(request_id, matcher)
+        except RequestError as exc:
+            msg = Compiled(request_id, None, exc)
+        except Exception as exc:
+            log.error("grammar_failed", request_id=request_id, exc_info=exc)
+            msg = Compiled(request_id, None, RequestError("internal", f"grammar compile failed: {type(exc).__name__}"))
+        self._control_send.send_nowait(msg)
+        self._wake()
+
+    def _matcher(self, grammar: tuple[str, str]):
+        """A new matcher of `grammar` (blocking: a worker thread's). The model's grammar compiler
+        (streamer/grammar.py) is built at the first grammar."""
+        from streamer.grammar import Grammars, GrammarSpec, new_bitmask
+
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                vocab = self.loaded.model.spec.vocab_size
+                self._grammar_compiler = Grammars(self.tokenizer, vocab, self.loaded.eos_token_ids)
+                self.batcher.new_bitmask = partial(new_bitmask, vocab_size=vocab)
+        return self._grammar_compiler.compile(GrammarSpec(*grammar)).matcher()
 
     def _close_all(self, reason: str, error: RequestError) -> None:
         self._closing = True
@@ -399,6 +436,7 @@ async def run_engine(engine: Engine):
              max_running=engine.max_running)
     try:
         async with trio.open_nursery() as nursery:
+            engine._tasks = nursery
             nursery.start_soon(engine.run)
             nursery.start_soon(engine.watch_loop)
             try:

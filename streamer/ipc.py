@@ -36,6 +36,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     client: str  # the fair policy's client key
     label: str  # the request's name in the core's logs
     logprobs: int | None = None  # as SamplingParams.logprobs
+    grammar: tuple[str, str] | None = None  # as SamplingParams.grammar
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):

@@ -27,6 +27,7 @@ class Request:
     t_arrival: float
     label: str  # the client's id, for logs
     spec: SampleSpec  # how its tokens are drawn (unseeded: the same for every token)
+    matcher: object | None = None  # its grammar's state (streamer/grammar.py Matcher), once compiled
     t_scheduled: float | None = None
     t_first: float | None = None
     t_last: float | None = None  # last token sent
@@ -120,6 +121,15 @@ class Submit:
 @dataclass(frozen=True)
 class Cancel:
     request_id: str
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A request's grammar is ready (`matcher`), or could not be compiled (`error`)."""
+
+    request_id: str
+    matcher: object | None
+    error: RequestError | None = None
 
 
 @dataclass(frozen=True)

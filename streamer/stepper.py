@@ -69,14 +69,15 @@ class Stepper:
         """Whether launching `plan` holds the host for milliseconds (not one decode graph replay)."""
         return not (all(c.length == 1 and c.sample for c in plan.chunks) and self.runner.replays(len(plan.chunks)))
 
-    async def step(self, plan: StepPlan | None, inputs: list[SeqInput] | None,
-                   rows: dict[int, int] | None) -> tuple[Collected | None, Exception | None]:
+    async def step(self, plan: StepPlan | None, inputs: list[SeqInput] | None, rows: dict[int, int] | None,
+                   masks=None) -> tuple[Collected | None, Exception | None]:
         """Launch `plan` (None: nothing new), then collect the step launched before it (overlap)
         or `plan` itself. Returns what was collected, if anything, and the launch's error, if any.
 
         Shielded: a launched step is always collected (the arena is never left half-written,
         nothing computed is lost). A cancel that came meanwhile lands at the caller's next
-        checkpoint, after it has recorded what came back."""
+        checkpoint, after it has recorded what came back. `masks`: the grammar masks of the
+        step (gpu/runner.ModelRunner.launch); deferred ones come through `sample_deferred`."""
         prev, self.inflight = self.inflight, None
         runner = self.runner
         launched: Launched | None = None
@@ -88,7 +89,7 @@ class Stepper:
             nonlocal launched, launch_error, waiting
             if plan is not None:
                 try:
-                    launched = runner.launch(inputs, plan.swap_out, plan.swap_in)
+                    launched = runner.launch(inputs, plan.swap_out, plan.swap_in, masks)
                 except Exception as exc:
                     launch_error = exc
             mine = InFlight(plan, launched, rows) if launched is not None else None
@@ -122,6 +123,15 @@ class Stepper:
                 await trio.to_thread.run_sync(work, limiter=self._limiter)
         return collected, launch_error
 
+    def deferred(self) -> InFlight | None:
+        """The step in flight, if its sampling waits for grammar masks."""
+        step = self.inflight
+        return step if step is not None and step.launched.deferred is not None else None
+
+    def sample_deferred(self, bitmask) -> None:
+        """Queue the deferred sampling of the step in flight with its grammar masks."""
+        self.runner.sample_deferred(self.inflight.launched, bitmask)
+
     def flush(self) -> Collected | None:
         """At shutdown: wait for the step in flight, if any (blocks up to one step's time)."""
         step, self.inflight = self.inflight, None
@@ -129,6 +139,8 @@ class Stepper:
 
     def _collect(self, step: InFlight) -> Collected:
         try:
+            if step.launched.deferred is not None:  # its masks never came (a failed step before it): unmasked
+                self.runner.sample_deferred(step.launched, None)
             sampled = self.runner.collect(step.launched)
         except Exception as exc:
             return self._failed(step, exc)

@@ -21,6 +21,8 @@ class RequestError(Exception):
 
 
 PRIORITY_MIN, PRIORITY_MAX = -10, 10
+GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "lark")  # what SamplingParams.grammar may constrain with
+MAX_GRAMMAR_CHARS = 64 * 1024
 MAX_LOGPROBS = 20  # top alternatives a token may carry (OpenAI's top_logprobs bound)  # request priority classes; higher runs first under --policy priority
 
 
@@ -41,6 +43,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and its top k alternatives
+    grammar: tuple[str, str] | None = None  # (kind, text): the output must match it (streamer/grammar.py)
 
     def __post_init__(self) -> None:
         def bad(msg: str):
@@ -69,6 +72,12 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.grammar is not None:
+            g = self.grammar
+            if not (isinstance(g, tuple) and len(g) == 2 and g[0] in GRAMMAR_KINDS and isinstance(g[1], str)):
+                bad(f"grammar must be (kind, text) with kind one of: {', '.join(GRAMMAR_KINDS)}")
+            if len(g[1]) > MAX_GRAMMAR_CHARS:
+                bad(f"a grammar, schema or pattern is at most {MAX_GRAMMAR_CHARS} characters")
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gpu.sampler import SampleSpec, sample, seeded_uniform
+from gpu.sampler import SampleSpec, apply_bitmask, sample, seeded_uniform, token_logprobs
 from tests.test_sampler import LOGITS, MIX, SPECS, N, _chi2_pvalue, _expected, _noise, reference_draw
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -109,3 +109,32 @@ def test_a_batch_of_256_rows_is_a_bounded_number_of_kernels(name):
     # The bound is loose on purpose: the sort's kernel count is cub's business.
     assert large <= 200 and large <= small + 30, (small, large)
     assert _kernels(logits, [SampleSpec()] * 256) <= 2  # all greedy: the argmax
+
+
+def test_logprobs_and_grammar_masks_match_the_cpu_without_waiting_for_the_device():
+    gen = torch.Generator().manual_seed(5)
+    vocab = 151_936
+    logits = torch.randn(64, vocab, generator=gen) * 3
+    ids = torch.randint(vocab, (64,), generator=gen)
+    specs = [SampleSpec(logprobs=i % 4 * 5 if i % 3 else -1) for i in range(64)]
+    rows = list(range(0, 64, 2))
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), (vocab + 31) // 32), generator=gen, dtype=torch.int32)
+    ref_lp, ref_rows = token_logprobs(logits, ids, specs)
+    ref_masked = apply_bitmask(logits, rows, bitmask)
+    cuda_logits, cuda_ids, pinned = logits.cuda(), ids.cuda(), bitmask.pin_memory()
+    token_logprobs(cuda_logits, cuda_ids, specs)  # warm-up: first-call allocations may sync
+    apply_bitmask(cuda_logits, rows, pinned)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lp, lp_rows = token_logprobs(cuda_logits, cuda_ids, specs)
+        masked = apply_bitmask(cuda_logits, rows, pinned)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert lp_rows == ref_rows
+    assert torch.allclose(lp.cpu()[:, :16], ref_lp[:, :16], atol=1e-4)  # log-probabilities (float32)
+    assert torch.equal(lp.cpu()[:, 16:], ref_lp[:, 16:])  # the top ids: random logits have no ties
+    assert torch.equal(masked.cpu().isinf(), ref_masked.isinf()) and torch.equal(masked.cpu(), ref_masked)
+    allowed = ((bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).view(len(rows), -1)[:, :vocab].bool()
+    assert torch.equal(~ref_masked[rows].isinf(), allowed)
+    assert torch.equal(ref_masked[1::2], logits[1::2])  # rows without a grammar are untouched

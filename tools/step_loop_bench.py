@@ -70,7 +70,7 @@ class NullRunner:
     def replays(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= 512
 
-    def launch(self, seqs, swap_out=(), swap_in=()) -> Launched:
+    def launch(self, seqs, swap_out=(), swap_in=(), masks=None) -> Launched:
         mask = [s.sample is not None for s in seqs]
         if self.ids == "A":
             out = torch.full((sum(mask),), 65, dtype=torch.long)
