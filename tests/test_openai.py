@@ -4,6 +4,8 @@ real server (random:tiny-qwen3 on 127.0.0.1 port 0) running in the test's nurser
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -207,3 +209,71 @@ async def test_n_samples_share_the_prompt_and_draw_their_own_streams(tiny_server
         for c in ch.choices:
             streamed[c.index] += c.text
     assert streamed == texts
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                                                           "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+async def test_response_format_json_schema_and_json_object(tiny_server):
+    engine, url = tiny_server
+    oai, model = client(url), engine.model_name
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "why": {"type": "string", "maxLength": 10}},
+              "required": ["answer", "why"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "What is 6 x 7? Answer in JSON."}]
+    with trio.fail_after(TIMEOUT):
+        strict = await in_thread(lambda: oai.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=0.7, seed=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}))
+        loose = await in_thread(lambda: list(oai.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=0.7, seed=2, stream=True,
+            response_format={"type": "json_object"})))
+        with pytest.raises(openai.BadRequestError) as bad:
+            await in_thread(lambda: oai.chat.completions.create(
+                model=model, messages=messages, response_format={"type": "json_schema", "json_schema": {
+                    "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}))
+        with pytest.raises(openai.BadRequestError) as kind:
+            await in_thread(lambda: oai.chat.completions.create(model=model, messages=messages,
+                                                                response_format={"type": "yaml"}))
+    obj = json.loads(strict.choices[0].message.content)
+    assert set(obj) == {"answer", "why"} and isinstance(obj["answer"], int) and strict.choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in loose if c.choices)
+    if [c.choices[0].finish_reason for c in loose if c.choices][-1] == "stop":  # random weights may ramble in a string
+        assert isinstance(json.loads(text), dict)
+    assert text.startswith("{") and "\n" not in text
+    assert bad.value.body["code"] == "invalid_request" and "json_schema" in bad.value.body["message"]
+    assert kind.value.body["param"] == "response_format"
+
+
+async def test_tool_calls_forced_named_and_streamed(tiny_server):
+    engine, url = tiny_server
+    oai, model = client(url), engine.model_name
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    tools = [WEATHER, CLOCK]
+    with trio.fail_after(TIMEOUT):
+        required = await in_thread(lambda: oai.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=200, temperature=0.7, seed=1))
+        named = await in_thread(lambda: list(oai.chat.completions.create(
+            model=model, messages=messages, tools=tools, max_tokens=200, temperature=0.7, seed=4, stream=True,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})))
+        call = required.choices[0].message.tool_calls[0]
+        history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+        after = await in_thread(lambda: oai.chat.completions.create(
+            model=model, messages=history, tools=tools, tool_choice="none", max_tokens=8))
+        with pytest.raises(openai.BadRequestError) as unknown:
+            await in_thread(lambda: oai.chat.completions.create(
+                model=model, messages=messages, tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}))
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert call.type == "function" and call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments), dict)
+    deltas = [d for c in named if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather" and deltas[0].index == 0
+    args = json.loads("".join(d.function.arguments or "" for d in deltas))
+    assert set(args) == {"city"} and len(args["city"]) <= 12
+    assert [c.choices[0].finish_reason for c in named if c.choices][-1] == "tool_calls"
+    assert after.choices[0].message.tool_calls is None and after.choices[0].finish_reason in ("stop", "length")
+    assert unknown.value.body["param"].startswith("tool_choice")

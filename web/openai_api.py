@@ -19,11 +19,12 @@ from quart import Response, request
 from streamer.handle import EngineHandle
 from streamer.request import merge
 from streamer.types import MAX_LOGPROBS, FinishEvent, RequestError, SamplingParams, TokenEvent, check_priority
-from web import intake
+from web import intake, toolcalls
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
           "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "priority", "ignore_eos"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+                        "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 # Fields clients often send with their neutral value; anything else is refused, not ignored.
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "echo": False}
@@ -157,7 +158,50 @@ async def _body() -> dict:
     return body
 
 
-async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, list[int], SamplingParams, int]:
+@dataclass
+class Parsed:
+    body: dict
+    ids: list[int]
+    params: SamplingParams
+    priority: int
+    tools: list[dict]  # the chat's tools, [] when none are offered
+    choice: toolcalls.ToolChoice
+
+
+def _response_format(value: Any) -> tuple[str, str] | None:
+    """The grammar `response_format` asks for: json_object, or json_schema (always enforced strictly)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError("invalid_request", "'response_format.type' must be one of: text, json_object, json_schema",
+                       "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_object", "")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise ApiError("invalid_request", "'response_format.json_schema' must be an object with a 'schema' object",
+                       "response_format.json_schema")
+    return ("json_schema", json.dumps(spec.get("schema", {})))
+
+
+def _chat_prompt(engine: EngineHandle, body: dict) -> tuple[list[int], list[dict], toolcalls.ToolChoice]:
+    """The chat's prompt ids, its tools and tool choice. With tools, or tool turns in the history,
+    the messages go through web/toolcalls.py; otherwise through the model's template as they are."""
+    tools, choice = toolcalls.validate_tools(body.get("tools"), body.get("tool_choice"))
+    messages = body.get("messages")
+    turns = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+    if not tools and not turns:
+        return intake.prompt_ids(engine, messages=_chat_messages(messages)), [], choice
+    ids = toolcalls.render(engine.tokenizer, toolcalls.normalize_messages(messages),
+                           [] if choice.mode == "none" else tools)
+    return ids, tools, choice
+
+
+async def _parse(engine: EngineHandle, config: Any, chat: bool) -> Parsed:
     body = await _body()
     unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
     if unknown:
@@ -177,12 +221,26 @@ async def _parse(engine: EngineHandle, config: Any, chat: bool) -> tuple[dict, l
         priority = check_priority(0 if body.get("priority") is None else body["priority"])
     except RequestError as exc:
         raise ApiError(exc.code, exc.message, "priority") from None
+    tools, choice = [], toolcalls.ToolChoice("none")
     try:
-        ids = intake.prompt_ids(engine, messages=_chat_messages(body.get("messages"))) if chat else \
-            _prompt_ids(engine, body.get("prompt"))
+        if chat:
+            ids, tools, choice = _chat_prompt(engine, body)
+        else:
+            ids = _prompt_ids(engine, body.get("prompt"))
+    except intake.FieldError as exc:
+        raise ApiError(exc.code, exc.message, exc.param) from None
     except RequestError as exc:
         raise ApiError(exc.code, exc.message, "messages" if chat else "prompt") from None
-    return body, ids, params, priority
+    grammar = _response_format(body.get("response_format")) if chat else None
+    forced = toolcalls.call_schema(tools, choice)
+    if forced is not None:
+        if grammar is not None:
+            raise ApiError("invalid_request", "'response_format' cannot be combined with a forced tool call",
+                           "response_format")
+        grammar = toolcalls.call_grammar(forced)
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
+    return Parsed(body, ids, params, priority, tools if choice.mode != "none" else [], choice)
 
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # sample i of a seeded request draws with seed + i * this (mod 2**63)
@@ -279,10 +337,11 @@ class Samples:
 
 async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: Callable[[int], str]) -> Response:
     try:
-        body, ids, params, priority = await _parse(engine, config, chat)
+        parsed = await _parse(engine, config, chat)
+        body, params = parsed.body, parsed.params
         n = _int_field(body, "n", 1, MAX_N) or 1
         # Under --policy fair, each remote address is one client (the API key is one for all).
-        samples = Samples(engine, config, ids, params, n, priority, f"ip:{request.remote_addr}")
+        samples = Samples(engine, config, parsed.ids, params, n, parsed.priority, f"ip:{request.remote_addr}")
     except ApiError as exc:
         return error_response(exc)
     except RequestError as exc:  # the prompt's length, or the engine's refusal
@@ -293,7 +352,7 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: Call
     logprobs = params.logprobs is not None
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        response = Response(_sse(samples, chat, head, include_usage, text_of if logprobs else None),
+        response = Response(_sse(samples, chat, head, include_usage, text_of if logprobs else None, bool(parsed.tools)),
                             content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         response.timeout = None  # a long answer may stream for minutes
         return response
@@ -322,8 +381,12 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: Call
         if logprobs:
             lp = _chat_logprobs(a.tokens, text_of) if chat else _completion_logprobs(a.tokens, text_of, 0)
         if chat:
-            choices.append({"index": a.index, "message": {"role": "assistant", "content": content}, "logprobs": lp,
-                            "finish_reason": _reason(a.finish)})
+            message, reason = {"role": "assistant", "content": content}, _reason(a.finish)
+            if parsed.tools:  # the model may have answered with calls
+                message["content"], calls = toolcalls.parse_tool_calls(content)
+                if calls:
+                    message["tool_calls"], reason = calls, "tool_calls"
+            choices.append({"index": a.index, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             choices.append({"index": a.index, "text": content, "logprobs": lp, "finish_reason": _reason(a.finish)})
     obj = "chat.completion" if chat else "text_completion"
@@ -331,27 +394,31 @@ async def _complete(engine: EngineHandle, config: Any, chat: bool, text_of: Call
 
 
 async def _sse(samples: Samples, chat: bool, head: dict, include_usage: bool,
-               text_of: Callable[[int], str] | None) -> AsyncIterator[bytes]:
+               text_of: Callable[[int], str] | None, tools: bool = False) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per token with text, each naming its sample's index. Tokens
-    with no text of their own (part of a character) ride with the next chunk's logprobs."""
+    with no text of their own (part of a character) ride with the next chunk's logprobs. With
+    `tools`, each sample's text goes through a web/toolcalls.ToolStream: content as it comes,
+    calls as their blocks close."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     n = len(samples.gens)
     answers = [Answer(i) for i in range(n)]
     offsets = [0] * n
+    calls = [toolcalls.ToolStream() for _ in range(n)] if tools else None
 
     def event(payload: dict) -> bytes:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
-    def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> bytes:
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> bytes:
         lp = None
         pending = answers[i].tokens
         if text_of is not None and (pending or finish) and not first:
             lp = _chat_logprobs(pending, text_of) if chat else _completion_logprobs(pending, text_of, offsets[i])
             answers[i].tokens = []
         if chat:
-            delta: dict = {"role": "assistant"} if first else {}
-            if text is not None:
-                delta["content"] = text
+            if delta is None:
+                delta = {"role": "assistant"} if first else {}
+                if text is not None:
+                    delta["content"] = text
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
@@ -369,7 +436,10 @@ async def _sse(samples: Samples, chat: bool, head: dict, include_usage: bool,
             if isinstance(ev, TokenEvent):
                 if ev.logprobs is not None:
                     a.tokens.append(ev)
-                if ev.text:
+                if ev.text and calls is not None:
+                    for delta in calls[i].feed(ev.text):
+                        yield chunk(i, None, None, delta=delta)
+                elif ev.text:
                     yield chunk(i, ev.text, None)
                     offsets[i] += len(ev.text)
             elif ev.finish_reason == "error":
@@ -379,7 +449,12 @@ async def _sse(samples: Samples, chat: bool, head: dict, include_usage: bool,
                 return
             else:
                 a.finish = ev
-                yield chunk(i, None if chat else "", _reason(ev))
+                reason = _reason(ev)
+                if calls is not None:
+                    for delta in calls[i].finish():
+                        yield chunk(i, None, None, delta=delta)
+                    reason = "tool_calls" if calls[i].calls else reason
+                yield chunk(i, None if chat else "", reason)
         if include_usage:
             yield event({**head, "object": obj, "choices": [], "usage": _usage([a.finish for a in answers])})
     finally:

@@ -353,3 +353,10 @@ def call_schema(tools: list[dict], choice: ToolChoice) -> dict | None:
                                "arguments": {"type": "object", **fn.get("parameters", {})}},
                 "required": ["name", "arguments"], "additionalProperties": False} for fn in fns]
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def call_grammar(schema: dict) -> tuple[str, str]:
+    """The grammar (SamplingParams.grammar: a Lark grammar for streamer/grammar.py) of a forced
+    call: call_prefix, a JSON object matching `schema` (compact), call_suffix."""
+    compact = {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}}
+    return ("lark", f"start: {json.dumps(call_prefix)} call {json.dumps(call_suffix)}\ncall: %json {json.dumps(compact)}\n")
