@@ -59,7 +59,7 @@ class Batcher:
         self.max_running = max_running  # the running cap when the controller sets none
         self.requests: dict[str, Request] = {}
         self.compiling: set[str] = set()  # live requests whose grammar is not compiled yet (not scheduled)
-        self.new_bitmask = None  # (rows, width) -> int32 host array the matchers fill (set with the grammars)
+        self.grammars = None  # streamer/grammar.Grammars: the masks' arrays and their filling (the engine sets it)
         self.steps = 0
         self.delivered: list[float] = []  # sent-frame gaps the doors reported, recorded at the next step
         self._last_reap = 0.0
@@ -172,12 +172,9 @@ class Batcher:
         return self._fill_masks(reqs)
 
     def _fill_masks(self, reqs: list[Request]):
-        bitmask = self.new_bitmask(len(reqs))
-        for i, req in enumerate(reqs):
-            if req.seq.request_id in self.requests:
-                req.matcher.fill(bitmask[i])
-            else:  # ended since: its token is dropped anyway
-                bitmask[i] = -1
+        bitmask = self.grammars.new_bitmask(len(reqs))
+        # A request that ended since gets no mask: its token is dropped anyway.
+        self.grammars.fill(bitmask, [r.matcher if r.seq.request_id in self.requests else None for r in reqs])
         return bitmask
 
     # --- what the device computed ------------------------------------------------------------

@@ -387,13 +387,12 @@ class Engine:
     def _matcher(self, grammar: tuple[str, str]):
         """A new matcher of `grammar` (blocking: a worker thread's). The model's grammar compiler
         (streamer/grammar.py) is built at the first grammar."""
-        from streamer.grammar import Grammars, GrammarSpec, new_bitmask
+        from streamer.grammar import Grammars, GrammarSpec
 
         with self._grammar_lock:
             if self._grammar_compiler is None:
-                vocab = self.loaded.model.spec.vocab_size
-                self._grammar_compiler = Grammars(self.tokenizer, vocab, self.loaded.eos_token_ids)
-                self.batcher.new_bitmask = partial(new_bitmask, vocab_size=vocab)
+                grammars = Grammars(self.tokenizer, self.loaded.model.spec.vocab_size, self.loaded.eos_token_ids)
+                self._grammar_compiler = self.batcher.grammars = grammars
         return self._grammar_compiler.compile(GrammarSpec(*grammar)).matcher()
 
     def _close_all(self, reason: str, error: RequestError) -> None:

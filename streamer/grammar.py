@@ -63,10 +63,25 @@ class Grammars:
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the cache only; compiling runs unlocked
+        self._executor = llguidance.LLExecutor()  # fills a step's masks on several threads at once
 
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    def new_bitmask(self, rows: int) -> torch.Tensor:
+        return new_bitmask(rows, self._vocab_size)
+
+    def fill(self, bitmask: torch.Tensor, matchers: list[Matcher | None]) -> None:
+        """Row i of `bitmask` (from `new_bitmask`) gets matchers[i]'s next-token mask, all at once
+        on the executor's threads (the GIL is released); rows of None allow every token."""
+        rows = [(m._m, i) for i, m in enumerate(matchers) if m is not None]
+        for i, m in enumerate(matchers):
+            if m is None:
+                bitmask[i] = -1
+        assert bitmask.is_contiguous() and bitmask.dtype == torch.int32 and bitmask.shape[1] * 32 >= self._vocab_size
+        if rows:
+            self._executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The compiled grammar for ``spec``, or RequestError("invalid_request") naming what is wrong."""

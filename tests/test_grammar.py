@@ -191,3 +191,20 @@ def test_ids_past_the_tokenizer_are_never_allowed():
         if matcher.done:
             break
     assert mask[0].eq(-1).all()  # the other row untouched
+
+
+def test_a_batch_fill_writes_each_matchers_own_mask_and_frees_rows_without_one(smollm2):
+    tok, grammars = smollm2
+    matchers = [grammars.compile(GrammarSpec("json_schema", json.dumps(SCHEMA))).matcher(),
+                None, grammars.compile(GrammarSpec("regex", PATTERN)).matcher()]
+    for token in tok.encode('{"name":"', add_special_tokens=False):
+        assert matchers[0].accept(token)
+    batch = new_bitmask(3, grammars.vocab_size)
+    batch[1] = 0
+    grammars.fill(batch, matchers)
+    for i in (0, 2):
+        one = new_bitmask(1, grammars.vocab_size)
+        matchers[i].fill(one[0])
+        assert np.array_equal(np.asarray(batch[i]), np.asarray(one[0]))
+    assert (np.asarray(batch[1]) == -1).all()
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[2]))
