@@ -55,9 +55,9 @@ def check_swaps(runner) -> list[bool]:
     forward is queued, with what its victim's block held when the swap-out's step was launched."""
     launch, swap_in, saved, checked = runner.launch, runner.swap.swap_in, {}, []
 
-    def launching(seqs, swap_out=(), swap_in=()):
+    def launching(seqs, swap_out=(), swap_in=(), masks=None):
         victims = {slot: kv_of(runner.arena, [block]) for block, slot in swap_out}
-        handle = launch(seqs, swap_out, swap_in)
+        handle = launch(seqs, swap_out, swap_in, masks)
         saved.update(victims)  # after this step's swap-ins: they may read a slot a swap-out reuses
         return handle
 
