@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -477,3 +478,24 @@ async def test_cli_serves_then_exits_cleanly_on_ctrl_c():
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_a_grammar_constrains_the_answer_and_bad_ones_are_refused(server):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    with trio.fail_after(TIMEOUT):
+        async with open_websocket_url(server.ws) as ws:
+            await send(ws, type="generate", id="r", prompt="Code:", max_tokens=40, grammar={"type": "regex", "pattern": "[A-Z]{2}-[0-9]{3}"})
+            regex, done = await read_until_done(ws, "r")
+            await send(ws, type="generate", id="j", prompt="JSON:", max_tokens=60, temperature=0.5, seed=1,
+                       grammar={"type": "json_schema", "schema": schema})
+            js, _ = await read_until_done(ws, "j")
+            await send(ws, type="generate", id="b", prompt="x", grammar={"type": "regex"})
+            missing = await recv(ws)
+            await send(ws, type="generate", id="c", prompt="x", grammar={"type": "json_schema", "schema": {"type": "nope"}})
+            compiled = [await recv(ws), await recv(ws)]
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", "".join(t["text"] for t in regex)) and done["finish_reason"] == "stop"
+    assert set(json.loads("".join(t["text"] for t in js))) == {"n"}
+    assert missing["type"] == "error" and missing["code"] == "invalid_request" and "'pattern'" in missing["message"]
+    assert compiled[0] == {"type": "error", "id": "c", "code": "invalid_request", "message": "invalid json_schema: Invalid type: nope"}
+    assert compiled[1]["type"] == "done" and compiled[1]["finish_reason"] == "error"
+    assert server.kv_all_free()

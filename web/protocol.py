@@ -19,7 +19,7 @@ MAX_ID_CHARS = 128
 MAX_MESSAGES = 512
 GENERATE_FIELDS = frozenset(
     {"type", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
-     "priority", "logprobs"}
+     "priority", "logprobs", "grammar"}
 )
 CANCEL_FIELDS = frozenset({"type", "id"})
 
@@ -126,12 +126,35 @@ def _parse_generate(obj: dict[str, Any], rid: str | None, max_tokens: int | None
         if not isinstance(obj["ignore_eos"], bool):
             raise bad("ignore_eos must be true or false")
         kwargs["ignore_eos"] = obj["ignore_eos"]
+    if obj.get("grammar") is not None:
+        kwargs["grammar"] = _grammar(obj["grammar"], bad)
     try:
         params = intake.sampling_params(**kwargs)
         priority = check_priority(obj.get("priority", 0))
     except RequestError as exc:
         raise ProtocolError(exc.code, exc.message, rid) from None
     return Generate(request_id, prompt, messages, params, priority)
+
+
+def _grammar(value: Any, bad) -> tuple[str, str]:
+    """`{"type": "json_object"}`, `{"type": "json_schema", "schema": {...}}`, `{"type": "regex",
+    "pattern": "..."}` or `{"type": "lark", "grammar": "..."}` -> SamplingParams.grammar."""
+    field = {"json_object": None, "json_schema": "schema", "regex": "pattern", "lark": "grammar"}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in field:
+        raise bad("grammar must be an object whose type is one of: " + ", ".join(field))
+    name = field[kind]
+    if set(value) != {"type"} | ({name} if name else set()):
+        raise bad(f"a {kind} grammar takes " + (f"'type' and '{name}'" if name else "only 'type'"))
+    if kind == "json_object":
+        return (kind, "")
+    if kind == "json_schema":
+        if not isinstance(value[name], dict):
+            raise bad("grammar.schema must be a JSON object")
+        return (kind, json.dumps(value[name]))
+    if not isinstance(value[name], str) or not value[name]:
+        raise bad(f"grammar.{name} must be a non-empty string")
+    return (kind, value[name])
 
 
 def _parse_id(obj: dict[str, Any]) -> str:
