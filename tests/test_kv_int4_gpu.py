@@ -83,9 +83,10 @@ def test_one_launch_per_layer_per_step():
 def test_int4_kernel_logprobs_match_the_int4_torch_backend():
     """300 teacher-forced tokens on random qwen2.5-0.5b weights. Unlike int8, the two paths need
     not see the same codes: their K/V differ in the last bits (fused ops against torch ops), and a
-    value that close to a rounding boundary moves a whole int4 step. So a looser bound than int8's."""
+    value that close to a rounding boundary moves a whole int4 step. So a looser bound than int8's,
+    fitted to 20 draws on an H200: means 0.10-0.17, worsts 0.43-1.05."""
     mean, worst = compare_logprobs("int4")
-    assert mean < 0.15 and worst < 1.5
+    assert mean < 0.25 and worst < 2.0
 
 
 async def test_engine_with_int4_kv_and_cuda_graphs_serves_and_frees_every_block():
