@@ -184,45 +184,78 @@ class Scheduler:
         budget = self.max_batch_tokens
         chunks: list[Chunk] = []
         preempted: list[Sequence] = []
-        scheduled: set[int] = set()
         self._swap_out, self._swap_in = [], []
         # Running requests, least recently scheduled first (a decode deferred last step goes first
         # now): decodes (one token to catch up), then unfinished prefills. With the `first-token`
-        # policy, decodes leave a share of the budget to pending prefills.
+        # policy, decodes leave a share of the budget to pending prefills. A request is scheduled
+        # this step once its `last_step` is this step's number.
         order = sorted(self.running, key=self._order_key)
         keep = self.policy.prefill_reserve(budget, self._pending_prefill(budget)) if self.policy.first_token else 0
-        budget = self._schedule_running(order, True, budget, keep, chunks, scheduled, preempted)
-        budget = self._schedule_running(order, False, budget, 0, chunks, scheduled, preempted)
+        budget, rest = self._schedule_decodes(order, budget, keep, chunks, preempted)
+        budget = self._schedule_prefills(rest, budget, chunks, preempted)
         if not preempted:
-            budget = self._admit(budget, chunks, scheduled)
+            budget = self._admit(budget, chunks)
         if keep:  # budget the prefills could not use goes to the decodes deferred for them
-            self._schedule_running(order, True, budget, 0, chunks, scheduled, preempted)
+            self._schedule_decodes(order, budget, 0, chunks, preempted)
         assert not {b for b, _ in self._swap_out} & {b for _, b in self._swap_in}, "see StepPlan"
         return StepPlan(tuple(chunks), tuple(preempted), tuple(self._swap_out), tuple(self._swap_in))
 
-    def _schedule_running(self, order: list[Sequence], decode: bool, budget: int, keep: int, chunks: list[Chunk],
-                          scheduled: set[int], preempted: list[Sequence]) -> int:
-        """Chunks for the running decodes (or prefills) in `order`, leaving `keep` tokens of the
-        budget unused; returns the budget left."""
-        running = Status.RUNNING
-        for seq in order:
+    def _schedule_decodes(self, order: list[Sequence], budget: int, keep: int, chunks: list[Chunk],
+                          preempted: list[Sequence]) -> tuple[int, list[Sequence]]:
+        """A one-token chunk for each running decode in `order` while the budget stays above
+        `keep`. Returns the budget left and the requests of `order` left for the prefill pass: the
+        running ones with more than one token to compute, and all those after the budget ran out.
+        The hot loop of a decode step: one pass, no call for most requests."""
+        running, step, block_size = Status.RUNNING, self.num_steps, self.block_size
+        rest: list[Sequence] = []
+        for i, seq in enumerate(order):
             if budget <= keep:
+                rest += order[i:]
                 break
-            if seq.status is not running or id(seq) in scheduled:
+            if seq.status is not running or seq.last_step == step:
                 continue
-            todo = len(seq.prompt_ids) + len(seq.output_ids) + seq.pending - seq.num_computed  # (inlined)
-            if (todo == 1) != decode or len(seq.output_ids) + seq.pending >= seq.max_tokens:
-                continue  # (the second: all its tokens are sampled; an update will finish it)
-            length = min(todo, budget - keep)
+            sampled = len(seq.output_ids) + seq.pending
+            start = seq.num_computed
+            todo = len(seq.prompt_ids) + sampled - start
+            if todo != 1:
+                rest.append(seq)
+                continue
+            if sampled >= seq.max_tokens:
+                continue  # all its tokens are sampled; an update will finish it
             # (most decodes: the last block has room, and no call is made)
-            if -(-(seq.num_computed + length) // self.block_size) > len(seq.block_table) and \
-                    not self._grow_or_preempt(seq, length, scheduled, preempted):
+            if start >= len(seq.block_table) * block_size and not self._grow_or_preempt(seq, 1, preempted):
                 continue  # seq itself was preempted
-            self._add_chunk(seq, length, chunks, scheduled)
+            chunks.append(Chunk(seq, start, 1, True))
+            seq.last_step = step
+            if start < seq.computed_high:  # KV freed by a preemption, computed again
+                self.recomputed_tokens += 1
+            else:
+                seq.computed_high = start + 1
+            seq.num_computed = start + 1
+            seq.pending += 1
+            budget -= 1
+        return budget, rest
+
+    def _schedule_prefills(self, order: list[Sequence], budget: int, chunks: list[Chunk],
+                           preempted: list[Sequence]) -> int:
+        """Chunks for the running prefills in `order` while budget lasts; returns the budget left."""
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING or seq.last_step == self.num_steps:
+                continue
+            todo = seq.num_tokens + seq.pending - seq.num_computed
+            if todo <= 1 or len(seq.output_ids) + seq.pending >= seq.max_tokens:
+                continue
+            length = min(todo, budget)
+            if -(-(seq.num_computed + length) // self.block_size) > len(seq.block_table) and \
+                    not self._grow_or_preempt(seq, length, preempted):
+                continue  # seq itself was preempted
+            self._add_chunk(seq, length, chunks)
             budget -= length
         return budget
 
-    def _admit(self, budget: int, chunks: list[Chunk], scheduled: set[int]) -> int:
+    def _admit(self, budget: int, chunks: list[Chunk]) -> int:
         """Admit waiting requests in policy order while budget, slots and blocks last. The first
         request whose blocks do not fit stops admission: nothing overtakes it, so a long prompt
         is not starved by short ones. Returns the budget left."""
@@ -258,7 +291,7 @@ class Scheduler:
                 self._swap_back(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self._add_chunk(seq, length, chunks, scheduled)
+            self._add_chunk(seq, length, chunks)
             budget -= length
             admitted += 1
             if policy.fair:
@@ -271,12 +304,11 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if s.status is Status.WAITING)
         return budget
 
-    def _add_chunk(self, seq: Sequence, length: int, chunks: list[Chunk], scheduled: set[int]) -> None:
+    def _add_chunk(self, seq: Sequence, length: int, chunks: list[Chunk]) -> None:
         start = seq.num_computed
         end = start + length
         sample = end == len(seq.prompt_ids) + len(seq.output_ids) + seq.pending
         chunks.append(Chunk(seq, start, length, sample))
-        scheduled.add(id(seq))
         seq.last_step = self.num_steps
         if start < seq.computed_high:  # KV freed by a preemption, computed again
             self.recomputed_tokens += min(end, seq.computed_high) - start
@@ -332,7 +364,7 @@ class Scheduler:
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def _grow_or_preempt(self, seq: Sequence, length: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
+    def _grow_or_preempt(self, seq: Sequence, length: int, preempted: list[Sequence]) -> bool:
         """Give `seq` blocks for `length` more tokens, preempting running requests not yet scheduled
         this step (`seq` among them) in the policy's victim order: least recently scheduled first,
         then the latest arrival. False if `seq` itself was preempted."""
@@ -340,7 +372,7 @@ class Scheduler:
         if not need:  # most decode steps: the last block has room
             return True
         while not self.allocator.can_allocate(need):
-            victim = min((s for s in self.running if id(s) not in scheduled), key=self.policy.victim_key)
+            victim = min((s for s in self.running if s.last_step != self.num_steps), key=self.policy.victim_key)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:

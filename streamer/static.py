@@ -52,7 +52,7 @@ class StaticScheduler(Scheduler):
                 self._pad_prompts()
         return super().schedule()
 
-    def _admit(self, budget: int, chunks: list[Chunk], scheduled: set[int]) -> int:
+    def _admit(self, budget: int, chunks: list[Chunk]) -> int:
         return budget  # no admission mid-batch: schedule() admits whole batches
 
     def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenOutput]:
@@ -75,12 +75,12 @@ class StaticScheduler(Scheduler):
         else:
             super()._stop_running(seq)
 
-    def _grow_or_preempt(self, seq: Sequence, length: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
+    def _grow_or_preempt(self, seq: Sequence, length: int, preempted: list[Sequence]) -> bool:
         """Padding rows not yet scheduled this step give their blocks up first (in the policy's
         victim order, `seq` among them), dropped, not queued; then requests are preempted."""
         need = self._blocks_needed(seq, seq.num_computed + length)
         while need and not self.allocator.can_allocate(need):
-            rows = [s for s in self.running if s.ghost and id(s) not in scheduled]
+            rows = [s for s in self.running if s.ghost and s.last_step != self.num_steps]
             if not rows:
                 break
             row = min(rows, key=self.policy.victim_key)
@@ -89,7 +89,7 @@ class StaticScheduler(Scheduler):
             row.status = Status.FINISHED
             if row is seq:
                 return False
-        return super()._grow_or_preempt(seq, length, scheduled, preempted)
+        return super()._grow_or_preempt(seq, length, preempted)
 
     # --- padding rows --------------------------------------------------------------------------
     def _pad_prompts(self) -> None:
