@@ -24,10 +24,11 @@ from streamer.metrics import Metrics, StepRecord
 from streamer.request import Request
 from streamer.scheduler import Scheduler, StepPlan, TokenOutput
 from streamer.stepper import Collected
-from streamer.types import FinishEvent, Logprobs, RequestError, Timing, TokenEvent
+from streamer.types import FinishEvent, Logprobs, RequestError, Timing
 
 log = structlog.get_logger("streamer")
 GREEDY = SampleSpec()
+FED = [0]  # a fed decode's token_ids: a placeholder the runner replaces on the device (never mutated)
 REAP_PERIOD_S = 0.05  # how often requests whose reader left are looked for
 
 
@@ -135,29 +136,35 @@ class Batcher:
         rows: dict[int, int] = {}
         grammar: list[tuple[int, Request]] = []
         defer = False
+        get = self.requests.get
         for c in plan.chunks:
             seq = c.seq
-            req = self.requests.get(seq.request_id)  # None: a padding row (padded static batches)
-            if req is not None and req.t_scheduled is None:
+            req = get(seq.request_id)  # None: a padding row (padded static batches)
+            if req is None:
+                spec = GREEDY if c.sample else None
+            elif req.t_scheduled is None:
                 req.t_scheduled = now
                 self.metrics.observe("queue", now - req.t_arrival, now)
-            spec = None
-            fed = c.start + c.length > len(seq.prompt_ids) + len(seq.output_ids)  # a decode of the token in flight
+            end = c.start + c.length
+            fed = end > len(seq.prompt_ids) + len(seq.output_ids)  # a decode of the token in flight
             if c.sample:
-                spec = req.spec if req is not None else GREEDY
-                if spec.seed is not None:  # a seeded draw depends on which completion token it is:
-                    p = req.params        # those known, then those still in flight
-                    spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed, len(seq.output_ids) + seq.pending - 1,
-                                      spec.logprobs)
-                if req is not None and req.matcher is not None:
-                    grammar.append((len(rows), req))
-                    defer = defer or fed
+                if req is not None:
+                    spec = req.spec
+                    if spec.seed is not None:  # a seeded draw depends on which completion token it is:
+                        p = req.params        # those known, then those still in flight
+                        spec = SampleSpec(p.temperature, p.top_k, p.top_p, p.seed,
+                                          len(seq.output_ids) + seq.pending - 1, spec.logprobs)
+                    if req.matcher is not None:
+                        grammar.append((len(rows), req))
+                        defer = defer or fed
                 rows[id(seq)] = len(rows)
+            else:
+                spec = None
             # block_table is not copied: nothing changes it before the launch has read it
             if fed:
-                inputs.append(SeqInput([0], c.start, seq.block_table, spec, in_flight[id(seq)]))
+                inputs.append(SeqInput(FED, c.start, seq.block_table, spec, in_flight[id(seq)]))
             else:
-                inputs.append(SeqInput(seq.token_ids(c.start, c.start + c.length), c.start, seq.block_table, spec))
+                inputs.append(SeqInput(seq.token_ids(c.start, end), c.start, seq.block_table, spec))
         masks = None
         if grammar:
             reqs = [req for _, req in grammar]
@@ -264,42 +271,48 @@ class Batcher:
         now = time.monotonic()
         gaps: list[float] = []
         live = []  # (request, output); ending one request below never ends another, so all are looked up first
+        get = self.requests.get
+        detok = False
         for out in outputs:
-            req = self.requests.get(out.seq.request_id)
+            req = get(out.seq.request_id)
             if req is None:
                 continue  # ended (cancelled, aborted) after its step
-            if req.t_first is None:
+            if req.t_last is not None:
+                gaps.append(now - req.t_last)
+            else:  # its first token
                 req.t_first = now
                 self.metrics.observe("ttft", now - req.t_arrival, now)
                 if self.controller:
                     self.controller.observe_ttft(now - req.t_arrival)
-            elif req.t_last is not None:
-                gaps.append(now - req.t_last)
             req.t_last = now
+            detok = detok or req.detok is not None
             live.append((req, out))
         # Requests with a detokenizer get text (in-process); the core's get ids only.
-        texts = iter(add_batch([(req.detok, out.token_id) for req, out in live if req.detok is not None]))
+        texts = iter(add_batch([(req.detok, out.token_id) for req, out in live if req.detok is not None]) if detok else ())
         for req, out in live:
             reason = out.finish_reason
+            seq = out.seq
             if req.matcher is not None and reason is None:
                 if not req.matcher.accept(out.token_id):
-                    self.end(req.seq.request_id, "error", RequestError("internal", "a token broke the request's grammar"))
+                    self.end(seq.request_id, "error", RequestError("internal", "a token broke the request's grammar"))
                     continue
                 if req.matcher.done:  # nothing may follow: the answer is complete
                     reason = "stop"
-                    self.scheduler.finish(req.seq, reason)
+                    self.scheduler.finish(seq, reason)
             text = ""
             if req.detok is not None:
                 text = next(texts)
                 if req.detok.stopped and reason is None:
                     reason = "stop"
-                    self.scheduler.finish(req.seq, reason)  # its token of the step in flight is dropped
+                    self.scheduler.finish(seq, reason)  # its token of the step in flight is dropped
                 if reason:
                     text += req.detok.finish()
-            self._send(req, TokenEvent(len(req.seq.output_ids) - 1, out.token_id, text,
-                                       logprobs.get(id(out.seq)) if logprobs else None))
-            if reason:
-                self.end(req.seq.request_id, reason)  # a no-op if _send already ended it
+            refused = req.outbox.put_token(len(seq.output_ids) - 1, out.token_id, text,
+                                           logprobs.get(id(seq)) if logprobs else None)
+            if refused is not None:
+                self._refused(req, refused)
+            elif reason:
+                self.end(seq.request_id, reason)
         self.metrics.emitted(len(outputs), gaps, now)
         delivered, self.delivered = self.delivered, []
         self.metrics.gaps("itl_sent", delivered, now)
@@ -322,13 +335,13 @@ class Batcher:
             self.controller.observe_step(t_end, plan.num_tokens, len(s.running), len(s.waiting), oldest,
                                          plan.num_tokens - decode)
 
-    def _send(self, req: Request, event) -> None:
+    def _send(self, req: Request, event: FinishEvent) -> None:
         """Never blocks: the engine does not wait for any client."""
-        outbox = req.outbox
-        if isinstance(event, TokenEvent) and len(outbox) >= outbox.capacity - 1:
-            # A token may take any slot but the last. The client stopped reading: keep the last
-            # slot for the error, abort, free the KV.
+        req.outbox.put(event)
+
+    def _refused(self, req: Request, why: str) -> None:
+        """A request's outbox took no token (`put_token`): its reader left, or stopped reading."""
+        if why == "slow_consumer":  # the outbox kept its last slot for this error; abort, free the KV
             self.end(req.seq.request_id, "error", RequestError("slow_consumer", "the client stopped reading its tokens"))
-            return
-        if not outbox.put(event) and isinstance(event, TokenEvent):  # the reader left: abort now, free the KV
+        else:  # the reader left: abort now, free the KV
             self.end(req.seq.request_id, "cancelled")

@@ -96,6 +96,20 @@ class RemoteOutbox:
         link.kick()
         return True
 
+    def put_token(self, index: int, token_id: int, text: str, logprobs=None) -> str | None:
+        """`put` of a TokenEvent, without building one: the step loop's most frequent call."""
+        link = self.link
+        if link.gone:
+            return "cancelled"
+        if logprobs is not None:
+            link.logprobs.append(ipc.TokenLogprobs(len(link.rids), logprobs.logprob, [i for i, _ in logprobs.top],
+                                                   [v for _, v in logprobs.top]))
+        if not link.rids:  # the first token since the writer last took them
+            link.kick()
+        link.rids.append(self.rid)
+        link.tokens.append(token_id)
+        return None
+
     def close(self) -> None:
         pass
 

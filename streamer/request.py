@@ -71,6 +71,14 @@ class EventQueue:
             self.watcher()
         return True
 
+    def put_token(self, index: int, token_id: int, text: str, logprobs=None) -> str | None:
+        """Queue a token's event. None if queued; else why not, and nothing queued: "cancelled" (the
+        reader left) or "slow_consumer" (a token may take any slot but the last, kept for the
+        error: the reader stopped reading)."""
+        if len(self._events) >= self.capacity - 1:
+            return "slow_consumer"
+        return None if self.put(TokenEvent(index, token_id, text, logprobs)) else "cancelled"
+
     def close(self) -> None:
         """No more events: the reader gets the queued ones, then the end."""
         self.closed = True
