@@ -13,6 +13,11 @@ Like `streamer serve`, it freezes the start-up heap out of the cyclic collector 
 (`--no-freeze`: not; each full collection then walks the ~370k objects of torch, transformers and
 the model, about 0.2 s on the 2-core dev VM, once or twice a run).
 
+`--core` holds the requests as the engine core process does (streamer/core.py): each request's
+outbox is its front end's `Link`, one writer task takes the link's messages after each wake-up
+and encodes them into the frame the core would send (`--frontends` links, requests spread over
+them round-robin); nothing is written to a socket, and no request task runs in this process.
+
 `--ids` picks the tokens the null runner returns (the model's tokenizer is the random models'
 byte tokenizer): `A` (id 65, "A", every time), `text` (each request streams the UTF-8 bytes of a
 multilingual text, so many tokens end mid-character) or `vocab` (ids drawn uniformly from
@@ -40,14 +45,13 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-import uuid  # noqa: E402
-
 from gpu.runner import Launched, ModelRunner  # noqa: E402
+from streamer import ipc  # noqa: E402
 from streamer.build import load_runner  # noqa: E402
 from streamer.config import EngineConfig  # noqa: E402
+from streamer.core import Link, RemoteOutbox  # noqa: E402
 from streamer.engine import Engine, run_engine  # noqa: E402
-from streamer.request import EventQueue  # noqa: E402
-from streamer.types import FinishEvent, SamplingParams  # noqa: E402
+from streamer.types import SamplingParams  # noqa: E402
 
 TEXT = "Crème brûlée, 今日は良い天気ですね。 Emoji: 😀👍🏽 and ✨. The quick brown fox jumps over the lazy dog. "
 
@@ -96,25 +100,36 @@ async def main(args) -> None:
             gc.freeze()
         steps0 = engine.statistics().steps
 
+        def params() -> SamplingParams:
+            return SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+
         async def one(i: int) -> None:
-            prompt, params = [100 + i % 50] * 8, SamplingParams(max_tokens=args.tokens, ignore_eos=True)
-            if args.core:  # as the core process submits: no detokenizer, the events carry ids
-                events = EventQueue(args.tokens + 1)
-                engine.accept(uuid.uuid4().hex, prompt, params, events, None, str(i))
-                while not isinstance(await events.get(), FinishEvent):
-                    pass
-                return
-            async with engine.submit(prompt, params) as gen:
+            async with engine.submit([100 + i % 50] * 8, params()) as gen:
                 async for _ in gen:
                     pass
+
+        async def writer(link: Link) -> None:
+            """The core's writer for one front end, without the socket: one frame per wake-up."""
+            while link.keys:
+                await link.wait()
+                ipc.encode(link.take())
 
         prof = cProfile.Profile() if args.profile else None
         t0, cpu0 = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
         async with trio.open_nursery() as nursery:
-            for i in range(args.requests):
-                nursery.start_soon(one, i)
+            if args.core:  # as the core process accepts a front end's submits: no detokenizer, ids out
+                links = [Link(n, None) for n in range(args.frontends)]
+                for i in range(args.requests):
+                    link = links[i % len(links)]
+                    link.keys[i] = f"f{link.number}/{i}"
+                    engine.accept(link.keys[i], [100 + i % 50] * 8, params(), RemoteOutbox(link, i), None, str(i))
+                for link in links:
+                    nursery.start_soon(writer, link)
+            else:
+                for i in range(args.requests):
+                    nursery.start_soon(one, i)
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -140,5 +155,6 @@ if __name__ == "__main__":
     ap.add_argument("--overlap", action="store_true", help="overlapped steps, as on CUDA (the fake step is done at launch)")
     ap.add_argument("--inline", action="store_true", help="launch on the loop's thread, as on CUDA (else a worker thread)")
     ap.add_argument("--core", action="store_true", help="requests as the core process holds them (no detokenizing)")
+    ap.add_argument("--frontends", type=int, default=2, help="with --core: front-end links the requests spread over")
     ap.add_argument("--profile", action="store_true")
     trio.run(main, ap.parse_args())
