@@ -322,7 +322,7 @@ class Batcher:
 
     def _record_step(self, plan: StepPlan, done: Collected, generated: int) -> None:
         t_end = time.monotonic()
-        decode = sum(c.length for c in plan.chunks if c.length == 1 and c.sample)
+        decode = plan.num_decodes
         kv = self.allocator.statistics()
         s = self.scheduler
         rec = StepRecord(t_end, done.seconds, done.idle_gap, plan.num_tokens - decode, decode, generated,

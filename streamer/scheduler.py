@@ -32,6 +32,7 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from operator import attrgetter
 from typing import ClassVar
 
@@ -110,9 +111,14 @@ class StepPlan:
     swap_out: tuple[tuple[int, int], ...] = ()  # (block, slot)
     swap_in: tuple[tuple[int, int], ...] = ()  # (slot, block)
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
         return sum(c.length for c in self.chunks)
+
+    @cached_property
+    def num_decodes(self) -> int:
+        """Chunks of one token that sample: decodes."""
+        return sum(1 for c in self.chunks if c.length == 1 and c.sample)
 
 
 @dataclass(slots=True)
@@ -432,7 +438,7 @@ class Scheduler:
         """Hash of block i's tokens chained onto its prefix's hash (blake2b: no practical collisions)."""
         tokens = seq.token_ids(i * self.block_size, (i + 1) * self.block_size)
         h = hashlib.blake2b(parent.to_bytes(16, "little"), digest_size=16)
-        h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+        h.update(array("I", tokens).tobytes())  # native byte order: the hashes never leave the process
         return int.from_bytes(h.digest(), "little")
 
     def _reuse_prefix(self, seq: Sequence) -> None:

@@ -67,7 +67,7 @@ class Stepper:
 
     def runs_eagerly(self, plan: StepPlan) -> bool:
         """Whether launching `plan` holds the host for milliseconds (not one decode graph replay)."""
-        return not (all(c.length == 1 and c.sample for c in plan.chunks) and self.runner.replays(len(plan.chunks)))
+        return not (plan.num_decodes == len(plan.chunks) and self.runner.replays(len(plan.chunks)))
 
     async def step(self, plan: StepPlan | None, inputs: list[SeqInput] | None, rows: dict[int, int] | None,
                    masks=None) -> tuple[Collected | None, Exception | None]:
