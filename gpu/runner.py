@@ -222,7 +222,10 @@ class ModelRunner:
         the seq did not sample."""
         if launched.done is not None:
             launched.done.synchronize()
-        it = iter(launched.ids.tolist())
+        ids = launched.ids.tolist()
+        if len(ids) == len(launched.mask):  # every seq sampled (a decode step)
+            return ids
+        it = iter(ids)
         return [next(it) if m else None for m in launched.mask]
 
     @staticmethod
