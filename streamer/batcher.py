@@ -270,13 +270,16 @@ class Batcher:
             return
         now = time.monotonic()
         gaps: list[float] = []
-        live = []  # (request, output); ending one request below never ends another, so all are looked up first
         get = self.requests.get
-        detok = False
-        for out in outputs:
-            req = get(out.seq.request_id)
+        # None: ended (cancelled, aborted) after its step. Ending one request below never ends
+        # another, so all are looked up first.
+        reqs = [get(out.seq.request_id) for out in outputs]
+        # Requests with a detokenizer get text (in-process); the core's get ids only.
+        batch = [(req.detok, out.token_id) for req, out in zip(reqs, outputs, strict=True) if req is not None and req.detok is not None]
+        texts = iter(add_batch(batch) if batch else ())
+        for req, out in zip(reqs, outputs, strict=True):
             if req is None:
-                continue  # ended (cancelled, aborted) after its step
+                continue
             if req.t_last is not None:
                 gaps.append(now - req.t_last)
             else:  # its first token
@@ -285,11 +288,6 @@ class Batcher:
                 if self.controller:
                     self.controller.observe_ttft(now - req.t_arrival)
             req.t_last = now
-            detok = detok or req.detok is not None
-            live.append((req, out))
-        # Requests with a detokenizer get text (in-process); the core's get ids only.
-        texts = iter(add_batch([(req.detok, out.token_id) for req, out in live if req.detok is not None]) if detok else ())
-        for req, out in live:
             reason = out.finish_reason
             seq = out.seq
             if req.matcher is not None and reason is None:
