@@ -22,7 +22,7 @@ import structlog
 import trio
 
 from streamer import ipc
-from streamer.detok import Detokenizer, add_batch
+from streamer.detok import Detokenizer, add_batch, passes
 from streamer.prompt import check_prompt, encode_chat, encode_prompt
 from streamer.request import EventQueue, Generation
 from streamer.types import (
@@ -256,24 +256,32 @@ class EngineClient:
             req = live.get(rid)
             if req is not None and not req.stopping:
                 batch.append((req, token, lps.get(at) if lps else None))
-        texts = add_batch([(req.detok, token) for req, token, _ in batch])
         now = time.monotonic()
-        for (req, token, lp), text in zip(batch, texts, strict=True):
-            if req.detok.stopped:
-                req.stopping = True
-                self._send(ipc.Cancel(req.rid))
-            if req.stopping or req.rid in ending:
-                text += req.detok.finish()
-            if req.t_first is None:
-                req.t_first = now
-            events = req.events
-            if len(events) >= events.capacity - 1:  # the client stopped reading: keep the last slot for the end
-                self._end_here(req.rid, RequestError("slow_consumer", "the client stopped reading its tokens"))
-                continue
-            if not events.put(TokenEvent(req.completion, token, text, lp)):  # the reader left
-                self._end_here(req.rid, None)
-                continue
-            req.completion += 1
+        # A front end that fell behind gets several steps of a request in one frame: they are
+        # taken a step at a time (pass k: each request's k-th token), as if they had come apart.
+        rounds = passes([req.rid for req, _, _ in batch])
+        last = {req.rid: i for i, (req, _, _) in enumerate(batch)} if len(rounds) > 1 else {}
+        for indices in rounds:
+            texts = add_batch([(batch[i][0].detok, batch[i][1]) for i in indices])
+            for i, text in zip(indices, texts, strict=True):
+                req, token, lp = batch[i]
+                if req.stopping or req.rid not in live:
+                    continue  # a stop string (or its end here) came at an earlier token of this frame
+                if req.detok.stopped:
+                    req.stopping = True
+                    self._send(ipc.Cancel(req.rid))
+                if req.stopping or (req.rid in ending and last.get(req.rid, i) == i):
+                    text += req.detok.finish()
+                if req.t_first is None:
+                    req.t_first = now
+                events = req.events
+                if len(events) >= events.capacity - 1:  # the client stopped reading: keep the last slot for the end
+                    self._end_here(req.rid, RequestError("slow_consumer", "the client stopped reading its tokens"))
+                    continue
+                if not events.put(TokenEvent(req.completion, token, text, lp)):  # the reader left
+                    self._end_here(req.rid, None)
+                    continue
+                req.completion += 1
         for f in step.finished:
             req = live.pop(f.rid, None)
             if req is None:

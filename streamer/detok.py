@@ -95,12 +95,41 @@ class Detokenizer:
 
 
 def add_batch(pairs: list[tuple[Detokenizer, int]]) -> list[str]:
-    """Feed one token to each detokenizer (none twice); their deltas, exactly as `add` would
-    give them, with the step's decode windows gathered first and decoded in one pass.
+    """Feed each pair's token to its detokenizer, in order; their deltas, exactly as `add` would
+    give them one at a time. A detokenizer may come more than once (a front end that fell behind
+    gets several steps of a request in one frame): its k-th token goes in the k-th pass.
 
-    Each window is one Rust `decode` call (one `decode_batch` for all of them, through the
-    tokenizers' thread pool, gained nothing). Detokenizers without the first one's Rust backend
-    decode one by one."""
+    In a pass the decode windows are gathered first and decoded together: each window one Rust
+    `decode` call (one `decode_batch` for all of them, through the tokenizers' thread pool, gained
+    nothing). Detokenizers without the first one's Rust backend decode one by one."""
+    rounds = passes([id(d) for d, _ in pairs])
+    if len(rounds) <= 1:
+        return _add_once(pairs)
+    deltas = [""] * len(pairs)
+    for indices in rounds:
+        for i, delta in zip(indices, _add_once([pairs[i] for i in indices]), strict=True):
+            deltas[i] = delta
+    return deltas
+
+
+def passes(keys: list) -> list[list[int]]:
+    """The indices of `keys` split into passes: pass k holds, in order, each key's k-th
+    occurrence. One pass (all of them) when no key repeats."""
+    if len(set(keys)) == len(keys):
+        return [list(range(len(keys)))]
+    seen: dict = {}
+    out: list[list[int]] = []
+    for i, key in enumerate(keys):
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(i)
+    return out
+
+
+def _add_once(pairs: list[tuple[Detokenizer, int]]) -> list[str]:
+    """`add_batch` of pairs whose detokenizers are all different."""
     backend = pairs[0][0]._backend if pairs else None
     if backend is None:
         return [d.add(t) for d, t in pairs]

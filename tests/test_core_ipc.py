@@ -14,7 +14,7 @@ import trio
 from streamer import ipc
 from streamer.client import EngineClient
 from streamer.config import EngineConfig
-from streamer.core import serve_core
+from streamer.core import Link, serve_core
 from streamer.engine import open_engine
 from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent
 
@@ -105,6 +105,35 @@ async def test_a_stop_string_ends_the_stream_in_the_front_end():
         assert (ids_a, text_a, done_a.completion_tokens) == (ids_b, text_b, done_b.completion_tokens)
         assert stop not in text_b and len(ids_b) < 40
         await wait_kv_free(engine)
+
+
+async def test_a_front_end_that_falls_behind_streams_the_same(monkeypatch):
+    """When the core's writer to a front end lags, one frame carries several steps, so the same
+    request several times: its tokens, texts (a stop string too) and finishes are still the
+    engine's. (Such a frame once stopped the front end.)"""
+    wait = Link.wait
+
+    async def lagging(self):
+        await wait(self)
+        await trio.sleep(0.03)  # a few steps pile up meanwhile
+
+    async with core_and_client() as (engine, client, _, _):
+        prompt = engine.encode_prompt("Once upon a time")
+        _, full, _ = await read(engine.submit(prompt, SamplingParams(max_tokens=40, ignore_eos=True)))
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        params = [SamplingParams(max_tokens=24, ignore_eos=True), SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,))]
+        direct = await read_all([engine.submit(engine.encode_prompt(p), sp) for p in [*PROMPTS, "Once upon a time"] for sp in params])
+        monkeypatch.setattr(Link, "wait", lagging)
+        steps = []
+        on_step = client._on_step
+        monkeypatch.setattr(client, "_on_step", lambda step: (steps.append(len(step.rids) - len(set(step.rids))), on_step(step)))
+        remote = await read_all([client.submit(client.encode_prompt(p), sp) for p in [*PROMPTS, "Once upon a time"] for sp in params])
+        assert max(steps) > 0  # some frame did hold a request more than once
+        for (ids_a, text_a, done_a), (ids_b, text_b, done_b) in zip(direct, remote, strict=True):
+            assert (ids_a, text_a, done_a.finish_reason, done_a.completion_tokens) == \
+                   (ids_b, text_b, done_b.finish_reason, done_b.completion_tokens)
+        await wait_kv_free(engine)
+        assert client.live_requests == 0
 
 
 async def test_cancel_and_a_reader_that_left_free_the_kv():

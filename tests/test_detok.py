@@ -151,3 +151,29 @@ def test_ids_that_decode_to_nothing_are_left_out_of_the_windows_without_changing
 
 def test_add_batch_of_nothing():
     assert add_batch([]) == []
+
+
+def test_one_detokenizer_twice_in_a_batch_gets_its_tokens_in_order(smollm2_dir):
+    """A front end that falls behind gets two steps of a request in one frame: add_batch then holds
+    the same detokenizer twice, and must give the deltas of two adds in a row (it once stopped
+    the front end with a StopIteration)."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
+    rng = random.Random(3)
+    for _ in range(20):
+        streams = [text_stream(tokenizer, rng) for _ in range(6)]
+        dets = [Detokenizer(tokenizer, [5, 6]) for _ in streams]
+        out: list[list[str]] = [[] for _ in streams]
+        pos = [0] * len(streams)
+        while any(p < len(s) for p, s in zip(pos, streams, strict=True)):
+            pairs, who = [], []
+            for _ in range(rng.randrange(1, 4)):  # up to three steps' tokens in one frame, step by step
+                for i, s in enumerate(streams):
+                    if pos[i] < len(s) and rng.random() < 0.8:
+                        pairs.append((dets[i], s[pos[i]]))
+                        who.append(i)
+                        pos[i] += 1
+            for i, delta in zip(who, add_batch(pairs), strict=True):
+                out[i].append(delta)
+        for o, d in zip(out, dets, strict=True):
+            o.append(d.finish())
+        assert out == [stream(tokenizer, s, [5, 6], ()) for s in streams]
