@@ -66,11 +66,12 @@ def wait_ready(log: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
     raise SystemExit("server not ready in time")
 
 
-def server_pids(url: str, proc: subprocess.Popen) -> list[int]:
+def server_pids(url: str, proc: subprocess.Popen) -> dict[str, list[int]]:
+    """The server's processes by role: the supervisor, the core, the front ends."""
     procs = get(url, "/stats").get("processes")
     if not procs:  # one process (--frontends 0)
-        return [proc.pid]
-    return [proc.pid, procs["core"]["pid"], *(f["pid"] for f in procs["frontends"])]
+        return {"supervisor": [proc.pid], "core": [], "frontends": []}
+    return {"supervisor": [proc.pid], "core": [procs["core"]["pid"]], "frontends": [f["pid"] for f in procs["frontends"]]}
 
 
 def offline(model: str, extra: str) -> float | None:
@@ -91,7 +92,7 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
     try:
         wait_ready(out / "server.log", proc)
         pids = server_pids(url, proc)
-        cpu0 = cpu_seconds(pids)
+        cpu0 = {role: cpu_seconds(p) for role, p in pids.items()}
         tokens0 = get(url, "/stats")["tokens_generated"]
         load = [sys.executable, "tools/loadgen.py", "--url", url, "--rates", args.rates, "--num-requests",
                 str(args.num_requests), "--processes", str(args.processes), "--out", str(out),
@@ -99,7 +100,7 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
         print(f"$ {shlex.join(load)}", file=sys.stderr)
         subprocess.run(load, cwd=ROOT, check=True, stdout=(out / "loadgen.txt").open("w"))
         stats = get(url, "/stats")
-        cpu = cpu_seconds(pids) - cpu0
+        cpu = {role: cpu_seconds(p) - cpu0[role] for role, p in pids.items()}
         tokens = stats["tokens_generated"] - tokens0
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -111,10 +112,14 @@ def run_config(args, name: str, flags: str, out: Path) -> dict:
     for result in json.loads((out / "loadgen.json").read_text())["results"]:
         rows.append({"name": name, "flags": flags, "rate": result["load"], "tok_s": result["output_tok_s"],
                      "completed": result["completed"], "sent": result["sent"], "errors": result["errors"],
-                     "client": result["client"], "server": result["server"], "processes": len(pids),
+                     "client": result["client"], "server": result["server"], "processes": sum(map(len, pids.values())),
                      "client_cpu": [p["cpu_share"] for p in result["client_processes"]], "idle": result.get("idle_sockets"),
-                     # over every level of the run: the server's CPU (all its processes) per streamed token
-                     "cpu_ms_per_token": round(cpu * 1000 / tokens, 4) if tokens else None})
+                     # over every level of the run: the server's CPU (all its processes) per streamed token,
+                     # and the core's and the front ends' shares of it
+                     "cpu_ms_per_token": round(sum(cpu.values()) * 1000 / tokens, 4) if tokens else None,
+                     "core_ms_per_token": round(cpu["core"] * 1000 / tokens, 4) if tokens and pids["core"] else None,
+                     "frontends_ms_per_token": round(cpu["frontends"] * 1000 / tokens, 4)
+                     if tokens and pids["frontends"] else None})
     return rows
 
 
@@ -145,7 +150,7 @@ def main() -> None:
     print(f"\n{args.model}, {args.num_requests} requests a level (Poisson arrivals), a websocket per request, "
           f"{args.processes} client processes" + (f"; engine offline: {base:,.0f} tok/s" if base else ""))
     print("| server | offered req/s | delivered tok/s | of offline | completed | client TTFT p99 | client ITL p99 | server ITL p99 "
-          "| server CPU / token | client CPU (max) | idle sockets open |")
+          "| server CPU / token (core, front ends) | client CPU (max) | idle sockets open |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c, s = r["client"], r["server"] or {}
@@ -153,7 +158,8 @@ def main() -> None:
         ms = lambda d, k: "-" if not d or d.get(k, {}).get("p99_ms") is None else f"{d[k]['p99_ms']:.1f} ms"  # noqa: E731
         print(f"| {r['name']} (`{r['flags'] or 'defaults'}`, {r['processes']} proc) | {r['rate']:g} | {r['tok_s']:,.0f} | {ratio} | "
               f"{r['completed']}/{r['sent']} | {ms(c, 'ttft')} | {ms(c, 'itl')} | {ms(s, 'itl')} | "
-              f"{r['cpu_ms_per_token']} ms | {max(r['client_cpu'], default=0):.0%} | "
+              f"{r['cpu_ms_per_token']} ms ({r['core_ms_per_token'] or '-'}, {r['frontends_ms_per_token'] or '-'}) | "
+              f"{max(r['client_cpu'], default=0):.0%} | "
               f"{idle_open(r['idle'])} |")
 
 
