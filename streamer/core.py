@@ -10,7 +10,6 @@ cancelled (their KV freed) and the core serves on.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import socket
 import time
@@ -21,7 +20,7 @@ import trio
 
 from streamer import ipc
 from streamer.engine import Engine
-from streamer.types import FinishEvent, RequestError, SamplingParams, TokenEvent
+from streamer.types import FinishEvent, RequestError, SamplingParams
 
 log = structlog.get_logger("streamer.core")
 
@@ -62,42 +61,32 @@ class Link:
 
 
 class RemoteOutbox:
-    """A request's outbox inside the core: its events join its front end's next Step message.
-    Never full (the front end enforces its clients' buffers); gone once the front end is."""
+    """A request's outbox inside the core: its tokens and its finish join its front end's next
+    Step message. Never full (the front end enforces its clients' buffers); gone once the front
+    end is."""
 
     __slots__ = ("link", "rid")
-    capacity = math.inf
 
     def __init__(self, link: Link, rid: int) -> None:
         self.link = link
         self.rid = rid
 
-    def __len__(self) -> int:
-        return 0
-
     @property
     def reader_gone(self) -> bool:
         return self.link.gone
 
-    def put(self, event) -> bool:
+    def put(self, event: FinishEvent) -> bool:
         link = self.link
         if link.gone:
             return False
-        if isinstance(event, TokenEvent):
-            if event.logprobs is not None:
-                lp = event.logprobs
-                link.logprobs.append(ipc.TokenLogprobs(len(link.rids), lp.logprob, [i for i, _ in lp.top],
-                                                       [v for _, v in lp.top]))
-            link.rids.append(self.rid)
-            link.tokens.append(event.token_id)
-        else:
-            link.finished.append(finished(self.rid, event))
-            link.keys.pop(self.rid, None)
+        link.finished.append(finished(self.rid, event))
+        link.keys.pop(self.rid, None)
         link.kick()
         return True
 
     def put_token(self, index: int, token_id: int, text: str, logprobs=None) -> str | None:
-        """`put` of a TokenEvent, without building one: the step loop's most frequent call."""
+        """A token's id joins the Step (None: taken; "cancelled": the front end is gone). The step
+        loop's most frequent call."""
         link = self.link
         if link.gone:
             return "cancelled"
