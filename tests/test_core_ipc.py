@@ -110,7 +110,7 @@ async def test_a_stop_string_ends_the_stream_in_the_front_end():
 async def test_a_front_end_that_falls_behind_streams_the_same(monkeypatch):
     """When the core's writer to a front end lags, one frame carries several steps, so the same
     request several times: its tokens, texts (a stop string too) and finishes are still the
-    engine's. (Such a frame once stopped the front end.)"""
+    engine's."""
     wait = Link.wait
 
     async def lagging(self):

@@ -155,8 +155,7 @@ def test_add_batch_of_nothing():
 
 def test_one_detokenizer_twice_in_a_batch_gets_its_tokens_in_order(smollm2_dir):
     """A front end that falls behind gets two steps of a request in one frame: add_batch then holds
-    the same detokenizer twice, and must give the deltas of two adds in a row (it once stopped
-    the front end with a StopIteration)."""
+    the same detokenizer twice, and must give the deltas of two adds in a row."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
     rng = random.Random(3)
     for _ in range(20):
