@@ -198,7 +198,10 @@ class EngineClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ipc.MalformedFrame, OSError) as exc:
             log.error("core_connection_lost", frontend=self.frontend, error=repr(exc))
         else:
-            log.error("core_connection_lost", frontend=self.frontend, error="closed by the core")
+            if self._accepting or self._live:
+                log.error("core_connection_lost", frontend=self.frontend, error="closed by the core")
+            else:  # both are stopping (a Ctrl-C reaches every process): the core left after the last request
+                log.info("core_closed", frontend=self.frontend)
         return self._stream is stream
 
     async def _write(self, stream: trio.SocketStream) -> None:

@@ -9,6 +9,7 @@ import tempfile
 from contextlib import asynccontextmanager
 
 import pytest
+import structlog
 import trio
 
 from streamer import ipc
@@ -222,6 +223,22 @@ async def test_when_the_core_goes_its_live_requests_end_unavailable():
         with pytest.raises(RequestError):
             await client.health()
         await wait_kv_free(engine)  # the core cancelled what its front end can no longer read
+
+
+async def test_a_core_that_closes_while_its_front_end_drains_is_not_an_error():
+    """A Ctrl-C reaches the core and the front end at once: the core, with nothing live, closes
+    while the front end drains. That is a clean stop (an info line), where a core that closes on a
+    front end still serving is `core_connection_lost`, an error."""
+    for draining in (True, False):
+        with structlog.testing.capture_logs() as logs:
+            async with core_and_client() as (_, client, _, core_scope):
+                if draining:
+                    client.stop_accepting()
+                core_scope.cancel()
+                while not any(e["event"] in ("core_closed", "core_connection_lost") for e in logs):
+                    await trio.sleep(0.01)
+        ends = [(e["event"], e["log_level"]) for e in logs if e["event"] in ("core_closed", "core_connection_lost")]
+        assert ends == ([("core_closed", "info")] if draining else [("core_connection_lost", "error")])
 
 
 async def test_the_cores_figures_count_what_every_door_reports():
