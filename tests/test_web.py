@@ -22,6 +22,7 @@ from streamer.config import EngineConfig
 from streamer.engine import open_engine
 from streamer.types import FinishEvent, RequestError, SamplingParams, Timing, TokenEvent
 from tests.conftest import FakeGeneration
+from web import wswrite
 from web.server import serve
 from web.ws import Connection
 
@@ -181,6 +182,36 @@ async def test_batch_mode_sends_arrays_of_frames_in_order(server):
         assert frames[rid][-1]["type"] == "done" and frames[rid][-1]["usage"]["completion_tokens"] == n
     assert max(sizes) > 1, "streams sharing steps share messages"
     assert server.kv_all_free()
+
+
+async def test_frames_ready_together_go_out_in_one_write_as_separate_messages(server, monkeypatch):
+    """Under hypercorn, frames queued together (three streams sharing steps) are written at once
+    by web/wswrite.py; the client still reads one plain frame a message, in order per id."""
+    import web.app
+    writes: list[int] = []
+
+    def recording(asgi_send):
+        send_texts = wswrite.texts_sender(asgi_send)
+        assert send_texts is not None, "hypercorn's websocket stream is no longer reachable from its ASGI send"
+
+        async def send(texts):
+            writes.append(len(texts))
+            await send_texts(texts)
+        return send
+
+    monkeypatch.setattr(web.app, "texts_sender", recording)
+    with trio.fail_after(TIMEOUT):
+        async with open_websocket_url(server.ws) as ws:
+            for rid, n in (("a", 30), ("b", 25), ("c", 20)):
+                await send(ws, type="generate", id=rid, prompt="Once upon", max_tokens=n, ignore_eos=True)
+            frames: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+            while sum(bool(f) and f[-1]["type"] == "done" for f in frames.values()) < 3:
+                frame = await recv(ws)
+                frames[frame["id"]].append(frame)
+    for rid, n in (("a", 30), ("b", 25), ("c", 20)):
+        assert [f["index"] for f in frames[rid][:-1]] == list(range(n))
+        assert frames[rid][-1]["type"] == "done" and frames[rid][-1]["usage"]["completion_tokens"] == n
+    assert writes and min(writes) > 1, writes  # a lone frame takes the plain path
 
 
 async def test_cancel_mid_stream(server):

@@ -8,7 +8,7 @@ it in a closed loop: one websocket per request, --concurrency at a time. What th
 (user + system CPU, from /proc) over the tokens the clients received is the figure; the core and
 the clients share the host with it, so on a small machine the wall-clock rate is theirs too.
 
-    python tools/frontend_bench.py [--concurrency 128] [--requests 384] [--output 200] [--profile]
+    python tools/frontend_bench.py [--concurrency 128] [--requests 384] [--output 200] [--batch] [--profile]
 
 `--profile` runs the front end under cProfile and prints its busiest functions.
 """
@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=384)
     p.add_argument("--output", type=int, default=200, help="output tokens a request (the workload's, capped)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--batch", action="store_true", help="clients open /v1/stream?batch=1, as the chat page does")
     p.add_argument("--serve-core", metavar="PATH", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_core:
@@ -108,7 +109,7 @@ def main() -> None:
         cpu0 = cpu_seconds(frontend.pid)
         load = [sys.executable, "tools/loadgen.py", "--url", url, "--concurrency", str(args.concurrency),
                 "--num-requests", str(args.requests), "--cap-prompt", "64", "--cap-output", str(args.output),
-                "--drain", "60", "--out", str(tmp)]
+                "--drain", "60", "--out", str(tmp), *(["--batch"] if args.batch else [])]
         print(f"$ {' '.join(load)}", file=sys.stderr)
         subprocess.run(load, cwd=ROOT, check=True, stdout=(tmp / "loadgen.txt").open("w"))
         cpu = cpu_seconds(frontend.pid) - cpu0

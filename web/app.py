@@ -20,6 +20,7 @@ from web import observe, openai_api, security
 from web.config import WebConfig
 from web.lifecycle import Lifecycle
 from web.ws import Connection
+from web.wswrite import texts_sender
 
 STATIC = Path(__file__).parent / "static"
 # Browsers ask every site for /favicon.ico; three lines of a stream, in the pages' blue.
@@ -28,10 +29,24 @@ FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect wi
            'stroke-linecap="round"/></svg>')
 
 
+ASGI_SEND = "streamer.asgi_send"  # scope key: the server's own send callable of a websocket
+
+
+def _keep_asgi_send(asgi_app):
+    """ASGI middleware that leaves each websocket's server send callable in its scope, where
+    /v1/stream finds it for web/wswrite.py."""
+    async def app(scope, receive, send):
+        if scope["type"] == "websocket":
+            scope = {**scope, ASGI_SEND: send}
+        return await asgi_app(scope, receive, send)
+    return app
+
+
 def create_app(engine: EngineHandle, config: WebConfig | None = None, lifecycle: Lifecycle | None = None) -> QuartTrio:
     config = config or WebConfig()
     lifecycle = lifecycle or Lifecycle()
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.asgi_app = _keep_asgi_send(app.asgi_app)
     security.register(app, config, engine)
     # Revalidate the page and its scripts on every load (cheap: ETag), so a browser never pairs
     # a stale app.js with a newer server; quart's default caches them for 12 hours.
@@ -58,7 +73,8 @@ def create_app(engine: EngineHandle, config: WebConfig | None = None, lifecycle:
         await websocket.accept()
         ws = websocket._get_current_object()  # the plain object: Connection knows nothing of quart
         batch = websocket.args.get("batch") in ("1", "true")  # frames batched per message (docs/PROTOCOL.md)
-        close = await Connection(engine, ws.send, config, lifecycle, batch=batch).run(ws.receive)
+        send_texts = texts_sender(websocket.scope.get(ASGI_SEND))
+        close = await Connection(engine, ws.send, config, lifecycle, batch=batch, send_texts=send_texts).run(ws.receive)
         if close is not None:  # the server hangs up: shutting down (1001) or idle (4408)
             await websocket.close(*close)
 

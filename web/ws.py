@@ -22,6 +22,7 @@ from web import intake
 from web.config import WebConfig
 from web.lifecycle import Lifecycle, OpenCount
 from web.protocol import Cancel, Generate, ProtocolError, done_frame, error_frame, parse_frame, token_frame
+from web.wswrite import SendTexts
 
 log = structlog.get_logger(__name__)
 
@@ -45,15 +46,18 @@ Frame = dict[str, Any]
 
 class Connection:
     def __init__(self, engine: EngineHandle, send_text: Callable[[str], Awaitable[None]], config: WebConfig | None = None,
-                 lifecycle: Lifecycle | None = None, batch: bool = False) -> None:
+                 lifecycle: Lifecycle | None = None, batch: bool = False, send_texts: SendTexts | None = None) -> None:
         """`batch` (the client opened /v1/stream?batch=1): every message is a JSON array of the
-        frames that were ready together, in order; one socket write carries many streams' tokens."""
+        frames that were ready together, in order; one socket write carries many streams' tokens.
+        Otherwise each frame is a message, and `send_texts` (web/wswrite.py), where the server
+        offers it, writes the messages that were ready together in one socket write."""
         self.engine = engine
         self.batch = batch
         self.config = config or WebConfig()
         self.lifecycle = lifecycle or Lifecycle()
         self.number = next(_connection_numbers)
         self._send_text = send_text
+        self._send_texts = send_texts
         buffer = FRAMES_PER_LIVE_GENERATION * self.config.max_live_per_connection
         self._frames, self._frames_out = trio.open_memory_channel[Frame](buffer)
         self._live: dict[str, Any] = {}  # client id -> Generation, until its done frame is queued
@@ -193,37 +197,47 @@ class Connection:
         await self._frames.send(done_frame(cid, ev))
 
     async def _write_frames(self) -> None:
-        """The only task that writes to the socket, so frames never interleave. In batch mode it
-        sends every frame queued by now in one message (a JSON array), else one frame a message."""
+        """The only task that writes to the socket, so frames never interleave. Each wake it takes
+        every frame queued by now: in batch mode they go in one message (a JSON array), else one
+        frame a message, in one socket write where `send_texts` allows."""
         async with self._frames_out:
             async for frame in self._frames_out:
                 frames = [frame]
-                if self.batch:
-                    while frame.get("type") != "_close":
-                        try:
-                            frame = self._frames_out.receive_nowait()
-                        except trio.WouldBlock:
-                            break
-                        frames.append(frame)
+                while frame.get("type") != "_close":
+                    try:
+                        frame = self._frames_out.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    frames.append(frame)
                 close = frames.pop() if frames[-1].get("type") == "_close" else None
                 self._last_frame = trio.current_time()
-                try:
-                    if self.batch and frames:
-                        await self._send_text(json.dumps(frames, ensure_ascii=False))
-                    else:
-                        for f in frames:
-                            await self._send_text(json.dumps(f, ensure_ascii=False))
-                except Exception as exc:  # the peer is gone: nothing left to stream to
-                    log.debug("ws_send_failed", conn=self.number, error=repr(exc))
-                    assert self._nursery is not None
-                    self._nursery.cancel_scope.cancel()
-                    return
-                self._report_sent(frames)
+                # One write for them all, except where the server takes one message a write.
+                writes = [frames] if self.batch or self._send_texts is not None else [[f] for f in frames]
+                for write in writes:
+                    try:
+                        await self._write(write)
+                    except Exception as exc:  # the peer is gone: nothing left to stream to
+                        log.debug("ws_send_failed", conn=self.number, error=repr(exc))
+                        assert self._nursery is not None
+                        self._nursery.cancel_scope.cancel()
+                        return
+                    self._report_sent(write)
                 if close is not None:
                     self._close = close.get("code", CLOSE_GOING_AWAY)
                     assert self._nursery is not None
                     self._nursery.cancel_scope.cancel()
                     return
+
+    async def _write(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        if self.batch:
+            await self._send_text(json.dumps(frames, ensure_ascii=False))
+        elif len(frames) == 1:
+            await self._send_text(json.dumps(frames[0], ensure_ascii=False))
+        else:
+            assert self._send_texts is not None
+            await self._send_texts([json.dumps(f, ensure_ascii=False) for f in frames])
 
     def _report_sent(self, frames: list[Frame]) -> None:
         """Tell the engine each token frame's gap since its stream's previous one, as sent: what
