@@ -8,7 +8,8 @@ it in a closed loop: one websocket per request, --concurrency at a time. What th
 (user + system CPU, from /proc) over the tokens the clients received is the figure; the core and
 the clients share the host with it, so on a small machine the wall-clock rate is theirs too.
 
-    python tools/frontend_bench.py [--concurrency 128] [--requests 384] [--output 200] [--batch] [--profile]
+    python tools/frontend_bench.py [--concurrency 128] [--requests 384] [--output 200] [--step-ms 0] [--batch]
+        [--profile]
 
 `--profile` runs the front end under cProfile and prints its busiest functions.
 """
@@ -33,12 +34,18 @@ MODEL = "random:tiny-qwen3"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def serve_core(path: str) -> None:
-    """The engine core with a model that computes nothing, on the Unix socket `path`."""
+def serve_core(path: str, step_ms: float) -> None:
+    """The engine core with a model that computes nothing, on the Unix socket `path`; each step
+    takes at least `step_ms` (the core's thread sleeps, as it would wait on a device)."""
     import trio
 
     sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
     from step_loop_bench import NullRunner
+
+    class PacedRunner(NullRunner):
+        def launch(self, *args, **kwargs):
+            time.sleep(step_ms / 1000)
+            return super().launch(*args, **kwargs)
 
     from streamer.build import load_runner
     from streamer.config import EngineConfig
@@ -49,7 +56,7 @@ def serve_core(path: str) -> None:
         config = EngineConfig(model=MODEL, device="cpu", kv_blocks=60000, max_running=256, max_batch_tokens=8192,
                               max_waiting=10000, overlap=True, launch="inline")
         loaded, runner, num_blocks, max_running = await trio.to_thread.run_sync(load_runner, config)
-        engine = Engine(config, loaded, NullRunner(runner, "text"), num_blocks, max_running=max_running)
+        engine = Engine(config, loaded, (PacedRunner if step_ms else NullRunner)(runner, "text"), num_blocks, max_running=max_running)
         async with run_engine(engine), trio.open_nursery() as nursery:
             await nursery.start(serve, engine, path)
             print("core ready", flush=True)
@@ -84,16 +91,18 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=384)
     p.add_argument("--output", type=int, default=200, help="output tokens a request (the workload's, capped)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--step-ms", type=float, default=0, help="pace the core: each step takes at least this long "
+                   "(0: as fast as the host goes)")
     p.add_argument("--batch", action="store_true", help="clients open /v1/stream?batch=1, as the chat page does")
-    p.add_argument("--serve-core", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--serve-core", nargs=2, metavar=("PATH", "STEP_MS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_core:
-        serve_core(args.serve_core)
+        serve_core(args.serve_core[0], float(args.serve_core[1]))
         return
     tmp = Path(tempfile.mkdtemp(prefix="frontend-bench-"))
     path = str(tmp / "core.sock")
     core_log = tmp / "core.log"
-    core = subprocess.Popen([sys.executable, __file__, "--serve-core", path], cwd=ROOT,
+    core = subprocess.Popen([sys.executable, __file__, "--serve-core", path, str(args.step_ms)], cwd=ROOT,
                             stdout=core_log.open("w"), stderr=subprocess.STDOUT)
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -122,7 +131,8 @@ def main() -> None:
     result = json.loads((tmp / "loadgen.json").read_text())["results"][0]
     tokens = result["output_tok_s"] * result["wall_s"]
     itl = result["client"].get("itl", {})
-    print(f"\none front end, {MODEL} ids from a core that computes nothing; {result['completed']}/{result['sent']} "
+    pace = f", a step every {args.step_ms:g} ms at least" if args.step_ms else ""
+    print(f"\none front end, {MODEL} ids from a core that computes nothing{pace}; {result['completed']}/{result['sent']} "
           f"requests of up to {args.output} tokens, {args.concurrency} at a time ({os.cpu_count()} cores)\n")
     print("| clients | tokens | tok/s (all on this host) | front-end CPU / token | client ITL p99 |")
     print("|---:|---:|---:|---:|---:|")
