@@ -8,12 +8,16 @@ Works on a ragged, flattened batch of T tokens from many requests; attention goe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from gpu.attention import AttentionBackend, AttnMetadata
 from gpu.fused_ops import CudaOps, TorchOps, apply_rope, rms_norm
+
+if TYPE_CHECKING:
+    from gpu.parallel import TensorParallel
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -72,9 +76,20 @@ def rope_tables(config, max_position: int, device) -> tuple[torch.Tensor, torch.
 
 
 class Transformer:
-    """Fused weights on one device plus the forward pass; holds no per-request state."""
+    """Fused weights on one device plus the forward pass; holds no per-request state.
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], hf_config, device, dtype) -> None:
+    With `tp` (gpu/parallel.py) it is one rank's part of a tensor-parallel model: `weights` are
+    the whole checkpoint's, of which it keeps its slices, and `spec` becomes the rank's shapes
+    (its heads, its slice of the MLP; the vocabulary stays whole)."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], hf_config, device, dtype,
+                 tp: TensorParallel | None = None) -> None:
+        self.tp = tp
+        self.vocab_start = 0
+        if tp is not None:
+            weights = tp.shard(spec, weights)
+            self.vocab_start = tp.vocab_range(spec)[0]
+            spec = tp.local_spec(spec)
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
@@ -143,7 +158,7 @@ class Transformer:
         # torch ops: their gathered cos/sin, once per step.
         fused_rope = not s.qk_norm and ops.name == "cuda" and backend.fuses_rope(meta, s.num_heads)
         rope = None if fused_rope else self.rope(positions, ops)
-        x, delta = self.embed[input_ids], None  # the residual stream (T, H) and what the last block adds
+        x, delta = self.embed_tokens(input_ids), None  # the residual stream (T, H) and what the last block adds
         for i in range(s.num_layers):
             if fused_rope:
                 x, qkv = self.qkv(i, x, delta, ops)
@@ -156,6 +171,16 @@ class Transformer:
 
     # The pieces of `forward`, in order, for callers that run the layers between attention launches
     # themselves (gpu/piecewise.py captures them in CUDA graphs).
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) ids -> (T, H) rows of the embedding; under `tp`, each rank's vocabulary slice
+        looks up its ids (zeros for the others' ids) and an all-reduce completes the rows."""
+        if self.tp is None:
+            return self.embed[input_ids]
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed.shape[0])
+        x = self.embed[local.clamp(0, self.embed.shape[0] - 1)] * mine[:, None].to(self.embed.dtype)
+        return self.tp.all_reduce(x)
+
     def rope(self, positions: torch.Tensor, ops):
         """The step's RoPE operand for `attention_inputs`."""
         return (self.torch_ops if self.spec.qk_norm else ops).rope(positions, self.dtype)
@@ -183,16 +208,20 @@ class Transformer:
     def mlp_block(self, i: int, x, attn, ops):
         """Layer i after its attention: o projection, residual add and norm, MLP. (x, delta)."""
         s, layer = self.spec, self.layers[i]
-        x, h = ops.add_rms_norm(x, ops.residual_linear(attn.reshape(-1, s.num_heads * s.head_dim), layer["o"]),
-                                layer["ln2"], s.rms_eps)
-        return x, ops.residual_linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
+        o = ops.residual_linear(attn.reshape(-1, s.num_heads * s.head_dim), layer["o"])
+        if self.tp is not None:  # each rank's heads give a partial sum of the projection
+            o = self.tp.all_reduce(o)
+        x, h = ops.add_rms_norm(x, o, layer["ln2"], s.rms_eps)
+        down = ops.residual_linear(ops.silu_mul(F.linear(h, layer["gate_up"])), layer["down"])
+        return x, down if self.tp is None else self.tp.all_reduce(down)
 
     def head(self, x, delta, logit_rows, ops):
         """Final residual add, norm and LM head, at `logit_rows` only (None: every row)."""
         if logit_rows is not None:  # only the rows that sample; delta may be split-K partials (S, T, H)
             x, delta = x[logit_rows], delta[logit_rows] if delta.dim() == 2 else delta[:, logit_rows]
         _, x = ops.add_rms_norm(x, delta, self.norm, self.spec.rms_eps)
-        return F.linear(x, self.lm_head)  # (S, V)
+        logits = F.linear(x, self.lm_head)  # (S, V), or (S, V / tp.size) of this rank's vocabulary
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def _split_norm_rope(self, qkv, layer, rope):
         s = self.spec

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gpu.model import SUPPORTED_ARCHS, ModelSpec, Transformer
+from gpu.parallel import TensorParallel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
@@ -57,8 +58,8 @@ def random_model_names() -> list[str]:
     return sorted(json.loads(WORKLOAD_FILE.read_text())["models"]) + sorted(TINY_MODELS)
 
 
-def load_model(name: str, device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
-    """Resolve ``name`` and load it onto ``device`` in ``dtype``."""
+def load_model(name: str, device, dtype: torch.dtype, seed: int = 0, tp: TensorParallel | None = None) -> LoadedModel:
+    """Resolve ``name`` and load it onto ``device`` in ``dtype``; with `tp`, this rank's part of it."""
     if name.startswith("random:"):
         config, weights = random_weights(name.removeprefix("random:"), seed, device, dtype)
         tokenizer = byte_tokenizer()
@@ -66,7 +67,7 @@ def load_model(name: str, device, dtype: torch.dtype, seed: int = 0) -> LoadedMo
         folder = ensure_smollm2() if name == "smollm2" else Path(name)
         config, weights, tokenizer = read_hf_folder(folder)
     spec = ModelSpec.from_hf_config(config)
-    return LoadedModel(name, Transformer(spec, weights, config, device, dtype), config, tokenizer)
+    return LoadedModel(name, Transformer(spec, weights, config, device, dtype, tp), config, tokenizer)
 
 
 def load_tokenizer(name: str):

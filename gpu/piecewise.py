@@ -59,7 +59,7 @@ class PiecewiseGraphs:
         m, ops = self.model, self.ops
         if i == 0:
             rope = m.rope(self.pos[:b], ops)
-            x, delta = m.embed[self.ids[:b]], None
+            x, delta = m.embed_tokens(self.ids[:b]), None
         else:
             x, _, rope = state
             x, delta = m.mlp_block(i - 1, x, self.attn[:b], ops)

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "bucketed by token count (CUDA only; steps over 8192 tokens run eagerly)")
     serve.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=defaults["overlap"],
                        help="plan and launch the next step while the device runs this one (default: on for CUDA)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=defaults["tensor_parallel_size"],
+                       help="split the model over this many processes (torch.distributed; gloo on the CPU "
+                            "only so far; steps run without overlap)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--frontends", type=int, default=None,
                        help="front-end processes (websockets, HTTP, tokenizing) beside the engine core's "

@@ -11,6 +11,7 @@ import torch
 
 from gpu.arena import ArenaShape
 from gpu.models import LoadedModel, load_model
+from gpu.parallel import Group
 from gpu.runner import ModelRunner, SeqInput
 from gpu.sampler import SampleSpec
 from streamer.config import EngineConfig
@@ -92,16 +93,42 @@ def load_runner(config: EngineConfig) -> tuple[LoadedModel, ModelRunner, int, in
     """Load the model, size the KV arena and the swap pool, build and warm the runner: (model,
     runner, KV blocks, most requests in a step)."""
     device, dtype, attention = resolve_device(config)
-    loaded = load_model(config.model, device, dtype, seed=config.seed)
+    group = start_tensor_parallel(config, device)
+    try:
+        return _load_runner(config, device, dtype, attention, group)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+
+
+def start_tensor_parallel(config: EngineConfig, device: torch.device) -> Group | None:
+    """With --tensor-parallel-size N > 1, start the N - 1 other ranks (this process is rank 0)."""
+    n = config.tensor_parallel_size
+    if n == 1:
+        return None
+    if device.type != "cpu":
+        raise ValueError("--tensor-parallel-size runs over gloo on the CPU so far; on CUDA it needs NCCL and "
+                         "graphs that capture its all-reduces, not built yet")
+    return Group(n, threads=torch.get_num_threads())
+
+
+def _load_runner(config: EngineConfig, device: torch.device, dtype: torch.dtype, attention: str,
+                 group: Group | None) -> tuple[LoadedModel, ModelRunner, int, int]:
+    loaded = load_model(config.model, device, dtype, seed=config.seed, tp=group.tp if group else None)
     kv_dtype = kv_storage_dtype(config, dtype)
     num_blocks = kv_blocks(config, loaded, device, kv_dtype)
     max_running = running_limit(config, num_blocks)
     graphs = config.cuda_graphs and device.type == "cuda" and attention == "cuda"
     pieces = graphs and config.mixed_graphs
+    slots = swap_slots(config, loaded, device, kv_dtype, num_blocks)
     runner = ModelRunner(loaded.model, num_blocks, config.block_size, attention,
-                         graph_batch=min(max_running, 512) if graphs else 0, kv_dtype=kv_dtype,
-                         swap_slots=swap_slots(config, loaded, device, kv_dtype, num_blocks),
+                         graph_batch=min(max_running, 512) if graphs else 0, kv_dtype=kv_dtype, swap_slots=slots,
                          graph_tokens=min(config.max_batch_tokens or MAX_GRAPH_TOKENS, MAX_GRAPH_TOKENS) if pieces else 0)
+    if group is not None:  # the other ranks build theirs alike: the same blocks, their own heads
+        runner = group.runner(runner, model=config.model, dtype=str(dtype).removeprefix("torch."), seed=config.seed,
+                              num_blocks=num_blocks, block_size=config.block_size, attention=attention,
+                              kv_dtype=kv_dtype, swap_slots=slots)
     warmup(runner, scratch_block=num_blocks)
     return loaded, runner, num_blocks, max_running
 

@@ -66,6 +66,7 @@ class EngineConfig:
     aging_s: float = 10.0  # priority: seconds of waiting worth one class; length: end of the length penalty
     preemption: str | None = None  # "swap" or "recompute"; None: swap on CUDA, else recompute
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (used by preemption "swap")
+    tensor_parallel_size: int = 1  # ranks the model is split over (gpu/parallel.py): processes, gloo on the CPU
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -106,3 +107,7 @@ class EngineConfig:
             raise ValueError("preemption 'swap' needs swap_space > 0")
         if self.max_buffered_events < 2:
             raise ValueError("max_buffered_events must be >= 2")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and self.overlap:
+            raise ValueError("tensor parallelism runs steps without overlap: each step's ids go to every rank")

@@ -432,7 +432,7 @@ async def run_engine(engine: Engine):
              block_size=engine.block_size, kv_tokens=engine.allocator.num_blocks * engine.block_size,
              device=str(engine.runner.device), attention=engine.runner.backend.name,
              max_batch_tokens=engine.scheduler.max_batch_tokens, budget_source=engine.budget_source,
-             max_running=engine.max_running)
+             max_running=engine.max_running, tensor_parallel=engine.config.tensor_parallel_size)
     try:
         async with trio.open_nursery() as nursery:
             engine._tasks = nursery
@@ -446,3 +446,6 @@ async def run_engine(engine: Engine):
         sys.setswitchinterval(interval)
         # The step loop has exited (its step finished first), so its state is ours to close.
         engine._close_all("error", RequestError("shutting_down", "the engine stopped"))
+        close = getattr(engine.runner, "close", None)  # tensor parallel: stops the other ranks
+        if close is not None:
+            close()

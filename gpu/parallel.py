@@ -1,0 +1,252 @@
+"""Tensor parallelism over torch.distributed: which slice of each weight a rank holds, and the
+collectives a rank's forward pass runs (gpu/model.py calls them).
+
+Megatron-style, over `size` ranks:
+- q, k and v projections split by heads (the output rows of one head stay together); where there
+  are fewer KV heads than ranks, each KV head is replicated on `size / num_kv_heads` ranks, as
+  each rank's q heads need theirs;
+- gate and up split by rows, so each rank's MLP runs on its slice of the intermediate size;
+- the o and down projections split by columns: each rank's product is a partial sum of the
+  layer's output, completed by an all-reduce;
+- the embedding and the LM head split over the vocabulary: each rank looks up the ids in its
+  range (zeros elsewhere) and an all-reduce completes the rows; the logits of all ranks are
+  gathered along the vocabulary.
+
+A rank's arena then holds only its own KV heads, and its attention runs on its own q heads.
+Norms (and qk-norm weights) are replicated.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpu.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in a tensor-parallel group; `group` None is torch.distributed's default."""
+
+    rank: int
+    size: int
+    group: Any = None
+
+    def check(self, spec: ModelSpec) -> None:
+        """Raise ValueError, naming the shape, where `spec` does not split over `size` ranks."""
+        n = self.size
+        kv = spec.num_kv_heads
+        bad = [f"{name} {value}" for name, value in (("attention heads", spec.num_heads),
+                                                      ("intermediate size", spec.intermediate_size),
+                                                      ("vocabulary", spec.vocab_size)) if value % n]
+        if (kv % n if kv >= n else n % kv):
+            bad.append(f"KV heads {kv}")
+        if bad:
+            raise ValueError(f"tensor parallel size {n} does not divide this model's {', '.join(bad)}")
+
+    def local_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The shapes one rank computes with (its heads, its slice of the MLP); the vocabulary
+        stays whole, since the logits are gathered."""
+        self.check(spec)
+        n = self.size
+        return replace(spec, num_heads=spec.num_heads // n, num_kv_heads=max(1, spec.num_kv_heads // n),
+                       intermediate_size=spec.intermediate_size // n)
+
+    def vocab_range(self, spec: ModelSpec) -> tuple[int, int]:
+        per = spec.vocab_size // self.size
+        return self.rank * per, (self.rank + 1) * per
+
+    def shard(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of a checkpoint's weights (Hugging Face names, whole model `spec`)."""
+        self.check(spec)
+        n, r, d = self.size, self.rank, spec.head_dim
+        q = _part(spec.num_heads * d, n, r)
+        if spec.num_kv_heads >= n:
+            kv = _part(spec.num_kv_heads * d, n, r)
+        else:  # fewer KV heads than ranks: rank r uses the KV head its q heads belong to
+            head = r * spec.num_kv_heads // n
+            kv = slice(head * d, (head + 1) * d)
+        mlp = _part(spec.intermediate_size, n, r)
+        vocab = slice(*self.vocab_range(spec))
+        out = {}
+        for name, w in weights.items():
+            short = name.rsplit(".", 2)[-2:]  # ("q_proj", "weight"), ("embed_tokens", "weight") ...
+            module = short[0]
+            if module == "q_proj":
+                w = w[q]
+            elif module in ("k_proj", "v_proj"):
+                w = w[kv]
+            elif module in ("gate_proj", "up_proj"):
+                w = w[mlp]
+            elif module == "o_proj":
+                w = w[:, q]
+            elif module == "down_proj":
+                w = w[:, mlp]
+            elif module in ("embed_tokens", "lm_head"):
+                w = w[vocab]
+            out[name] = w.contiguous()
+        return out
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place; returns it."""
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """(S, V / size) on each rank -> (S, V), the ranks' slices in rank order."""
+        parts = [torch.empty_like(logits) for _ in range(self.size)]
+        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _part(length: int, n: int, r: int) -> slice:
+    per = length // n
+    return slice(r * per, (r + 1) * per)
+
+
+# --- a group of processes ------------------------------------------------------------------------
+# Rank 0 is the engine's own process: its runner broadcasts each step's launch to the other ranks,
+# worker processes it starts (`python -m gpu.parallel`, rendezvous by env:// as torchrun's), which
+# build their part of the model and arena from what it broadcasts first and run every step it
+# sends. Gloo on the CPU; a step's whole input is one pickled broadcast.
+
+
+class Group:
+    """Rank 0's handle on its tensor-parallel workers (gloo, this host)."""
+
+    def __init__(self, size: int, threads: int) -> None:
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a torch.distributed group")
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(size),
+               "STREAMER_TP_PARENT": str(os.getpid()), "STREAMER_TP_THREADS": str(threads)}
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.size = size
+        self.workers = [subprocess.Popen([sys.executable, "-m", "gpu.parallel"], env={**env, "RANK": str(rank)})
+                        for rank in range(1, size)]
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size,
+                                    timeout=timedelta(seconds=RENDEZVOUS_S))
+        except Exception:
+            self._reap()
+            raise
+        self.tp = TensorParallel(0, size)
+        self._closing = False
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def runner(self, runner, **build) -> RankZeroRunner:
+        """Wrap rank 0's ModelRunner; the workers build theirs from `build` (gpu/runner.ModelRunner's
+        arguments plus `model`, `dtype` and `seed` for gpu/models.load_model)."""
+        _broadcast(("build", build))
+        return RankZeroRunner(runner, self)
+
+    def close(self) -> None:
+        self._closing = True
+        if dist.is_initialized():
+            try:
+                _broadcast(("stop",))
+            finally:
+                dist.destroy_process_group()
+        self._reap()
+
+    def _watch(self) -> None:
+        """A rank that dies leaves the group unable to compute a step: exit at once (status 1),
+        as a crashed engine does, rather than fail every step that follows or hang in one."""
+        while not self._closing:
+            for rank, p in enumerate(self.workers, start=1):
+                if p.poll() is not None and not self._closing:
+                    print(f"tensor-parallel rank {rank} exited with status {p.returncode}; stopping",
+                          file=sys.stderr, flush=True)
+                    os._exit(1)
+            time.sleep(0.2)
+
+    def _reap(self) -> None:
+        for p in self.workers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class RankZeroRunner:
+    """Rank 0's ModelRunner: each launch goes to the other ranks first, then runs here. Everything
+    else (collecting ids, timing, deferred sampling) is rank 0's runner's alone."""
+
+    def __init__(self, runner, group: Group) -> None:
+        self.runner = runner
+        self.group = group
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def launch(self, seqs, swap_out=(), swap_in=(), masks=None):
+        _broadcast(("launch", seqs, swap_out, swap_in))
+        return self.runner.launch(seqs, swap_out, swap_in, masks)
+
+    def step(self, seqs):
+        return self.runner.collect(self.launch(seqs))
+
+    def close(self) -> None:
+        self.group.close()
+
+
+RENDEZVOUS_S = 120
+
+
+def _broadcast(message: tuple) -> tuple:
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def serve_rank() -> None:
+    """A worker rank: join the group, build this rank's model part and runner, run every step
+    rank 0 sends until it says stop."""
+    from gpu.models import load_model
+    from gpu.runner import ModelRunner
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _exit_with(int(os.environ["STREAMER_TP_PARENT"]))
+    torch.set_num_threads(int(os.environ.get("STREAMER_TP_THREADS", "1")))
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=RENDEZVOUS_S))
+    _, build = _broadcast((None,))
+    model = load_model(build.pop("model"), "cpu", getattr(torch, build.pop("dtype")), seed=build.pop("seed"),
+                       tp=TensorParallel(rank, size)).model
+    runner = ModelRunner(model, **build)
+    while True:
+        message = _broadcast((None,))
+        if message[0] == "stop":
+            break
+        _, seqs, swap_out, swap_in = message
+        runner.collect(runner.launch(seqs, swap_out, swap_in))
+    dist.destroy_process_group()
+
+
+def _exit_with(parent: int) -> None:
+    """Exit at once when the process that started this rank is gone (it can no longer send)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+if __name__ == "__main__":
+    serve_rank()
