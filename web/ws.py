@@ -7,12 +7,12 @@ web/app.py creates one per socket and hands it the socket's receive and send fun
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 
@@ -40,6 +40,14 @@ CLOSE_IDLE = (4408, "idle timeout")
 _CLOSE = {"type": "_close"}  # writer sentinel: every frame queued before it is sent first
 
 _connection_numbers = itertools.count(1)
+# Frames as JSON text: msgspec's encoder takes about a fifteenth of json.dumps's time a frame, and
+# writes a non-finite float as null (json.dumps would write NaN, which is not JSON).
+_json_encode = msgspec.json.Encoder().encode
+
+
+def _json(value) -> str:
+    return _json_encode(value).decode()
+
 
 Frame = dict[str, Any]
 
@@ -232,12 +240,12 @@ class Connection:
         if not frames:
             return
         if self.batch:
-            await self._send_text(json.dumps(frames, ensure_ascii=False))
+            await self._send_text(_json(frames))
         elif len(frames) == 1:
-            await self._send_text(json.dumps(frames[0], ensure_ascii=False))
+            await self._send_text(_json(frames[0]))
         else:
             assert self._send_texts is not None
-            await self._send_texts([json.dumps(f, ensure_ascii=False) for f in frames])
+            await self._send_texts([_json(f) for f in frames])
 
     def _report_sent(self, frames: list[Frame]) -> None:
         """Tell the engine each token frame's gap since its stream's previous one, as sent: what
