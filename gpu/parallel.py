@@ -118,8 +118,8 @@ def _part(length: int, n: int, r: int) -> slice:
 # --- a group of processes ------------------------------------------------------------------------
 # Rank 0 is the engine's own process: its runner broadcasts each step's launch to the other ranks,
 # worker processes it starts (`python -m gpu.parallel`, rendezvous by env:// as torchrun's), which
-# build their part of the model and arena from what it broadcasts first and run every step it
-# sends. Gloo on the CPU; a step's whole input is one pickled broadcast.
+# build their part of the model and arena from what it broadcasts first (pickled, once) and run
+# every step it sends. Gloo on the CPU.
 
 
 class Group:
@@ -158,7 +158,8 @@ class Group:
         self._closing = True
         if dist.is_initialized():
             try:
-                _broadcast(("stop",))
+                _send_stop()
+                dist.barrier()  # every rank is past its last collective before any tears down
             finally:
                 dist.destroy_process_group()
         self._reap()
@@ -195,7 +196,7 @@ class RankZeroRunner:
         return getattr(self.runner, name)
 
     def launch(self, seqs, swap_out=(), swap_in=(), masks=None):
-        _broadcast(("launch", seqs, swap_out, swap_in))
+        _send_step(seqs, swap_out, swap_in)
         return self.runner.launch(seqs, swap_out, swap_in, masks)
 
     def step(self, seqs):
@@ -214,6 +215,56 @@ def _broadcast(message: tuple) -> tuple:
     return box[0]
 
 
+# A step goes to the other ranks as two broadcasts of int64 tensors, no pickling: a header
+# (sequences, token ids, block-table entries, swap pairs; -1 sequences: stop), then the body:
+# per sequence (start position, token count, table length, samples), the token ids, the block
+# tables, the swap-out and swap-in pairs. The other ranks need no sampling options: their
+# sampled ids go unused, so a sampling sequence draws greedily there.
+_HEADER = 5
+
+
+def _send_step(seqs, swap_out, swap_in) -> None:
+    per, tokens, tables = [], [], []
+    for s in seqs:
+        assert s.feed < 0, "tensor parallel steps carry their token ids (no overlap)"
+        per += (s.start_pos, len(s.token_ids), len(s.block_table), s.sample is not None)
+        tokens += s.token_ids
+        tables += s.block_table
+    swaps = [x for pair in (*swap_out, *swap_in) for x in pair]
+    header = torch.tensor([len(seqs), len(tokens), len(tables), len(swap_out), len(swap_in)], dtype=torch.int64)
+    dist.broadcast(header, src=0)
+    dist.broadcast(torch.tensor(per + tokens + tables + swaps, dtype=torch.int64), src=0)
+
+
+def _send_stop() -> None:
+    dist.broadcast(torch.tensor([-1] + [0] * (_HEADER - 1), dtype=torch.int64), src=0)
+
+
+def _receive_step():
+    """(seqs, swap_out, swap_in) of rank 0's next step, or None when it says stop."""
+    from gpu.runner import SeqInput
+    from gpu.sampler import SampleSpec
+
+    header = torch.empty(_HEADER, dtype=torch.int64)
+    dist.broadcast(header, src=0)
+    n, n_tokens, n_tables, n_out, n_in = header.tolist()
+    if n < 0:
+        return None
+    body = torch.empty(4 * n + n_tokens + n_tables + 2 * (n_out + n_in), dtype=torch.int64)
+    dist.broadcast(body, src=0)
+    values = body.tolist()
+    per, rest = values[:4 * n], values[4 * n:]
+    tokens, tables, swaps = rest[:n_tokens], rest[n_tokens:n_tokens + n_tables], rest[n_tokens + n_tables:]
+    greedy = SampleSpec()
+    seqs, t, b = [], 0, 0
+    for i in range(n):
+        start, length, table, sample = per[4 * i:4 * i + 4]
+        seqs.append(SeqInput(tokens[t:t + length], start, tables[b:b + table], greedy if sample else None))
+        t, b = t + length, b + table
+    pairs = [tuple(swaps[j:j + 2]) for j in range(0, len(swaps), 2)]
+    return seqs, tuple(pairs[:n_out]), tuple(pairs[n_out:])
+
+
 def serve_rank() -> None:
     """A worker rank: join the group, build this rank's model part and runner, run every step
     rank 0 sends until it says stop."""
@@ -229,12 +280,9 @@ def serve_rank() -> None:
     model = load_model(build.pop("model"), "cpu", getattr(torch, build.pop("dtype")), seed=build.pop("seed"),
                        tp=TensorParallel(rank, size)).model
     runner = ModelRunner(model, **build)
-    while True:
-        message = _broadcast((None,))
-        if message[0] == "stop":
-            break
-        _, seqs, swap_out, swap_in = message
-        runner.collect(runner.launch(seqs, swap_out, swap_in))
+    while (step := _receive_step()) is not None:
+        runner.collect(runner.launch(*step))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -63,7 +63,7 @@ def test_a_size_that_does_not_divide_the_model_is_refused_naming_the_shapes():
         TensorParallel(0, 3).check(spec)
 
 
-async def engine_tokens(config: EngineConfig, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+async def engine_tokens(config: EngineConfig, prompts: list[list[int]]) -> tuple[list[list[int]], int, int]:
     out = [[] for _ in prompts]
     async with open_engine(config) as engine:
         workers = getattr(engine.runner, "group", None)
@@ -75,21 +75,25 @@ async def engine_tokens(config: EngineConfig, prompts: list[list[int]]) -> tuple
                     nursery.start_soon(read_tokens, gen, tokens)
         kv = engine.kv_statistics()
         assert kv.free_blocks == kv.total_blocks
-        preemptions = engine.statistics().preemptions
+        stats = engine.statistics()
     if workers is not None:  # leaving the engine stopped its other rank
         assert [p.poll() for p in workers.workers] == [0]
-    return out, preemptions
+    return out, stats.preemptions, stats.swaps_out
 
 
-async def test_an_engine_over_two_ranks_streams_the_tokens_of_one():
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+async def test_an_engine_over_two_ranks_streams_the_tokens_of_one(preemption):
     """Chunked prefill (a 32-token step budget), eight requests sharing steps, and preemption (an
-    arena of 16 blocks for eight requests of up to 90 tokens)."""
+    arena of 16 blocks for eight requests of up to 90 tokens), recomputed or swapped out and back
+    (each rank swaps its own KV heads)."""
     rng = random.Random(3)
     prompts = [[rng.randrange(320) for _ in range(rng.randrange(20, 60))] for _ in range(8)]
-    config = dict(model="random:tiny-llama", kv_blocks=16, max_batch_tokens=32, max_running=8)
-    want, preempted_one = await engine_tokens(EngineConfig(**config), prompts)
-    got, preempted_two = await engine_tokens(EngineConfig(**config, tensor_parallel_size=2), prompts)
+    config = dict(model="random:tiny-llama", kv_blocks=16, max_batch_tokens=32, max_running=8, preemption=preemption,
+                  swap_space=0.01)
+    want, preempted_one, swapped_one = await engine_tokens(EngineConfig(**config), prompts)
+    got, preempted_two, swapped_two = await engine_tokens(EngineConfig(**config, tensor_parallel_size=2), prompts)
     assert preempted_one and preempted_two  # the arena really was under pressure
+    assert bool(swapped_one) == bool(swapped_two) == (preemption == "swap")
     assert got == want
 
 

@@ -29,6 +29,7 @@ def main() -> None:
         tokens = greedy_script(loaded.model)
         if rank == 0:
             Path(out).write_text(json.dumps(tokens))
+        dist.barrier()  # both past their last collective before either tears down
     finally:
         dist.destroy_process_group()
 
