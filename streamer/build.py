@@ -110,7 +110,9 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device) -> Group |
     if device.type != "cpu":
         raise ValueError("--tensor-parallel-size runs over gloo on the CPU so far; on CUDA it needs NCCL and "
                          "graphs that capture its all-reduces, not built yet")
-    return Group(n, threads=torch.get_num_threads())
+    threads = max(1, torch.get_num_threads() // n)  # the ranks share this process's CPU threads
+    torch.set_num_threads(threads)
+    return Group(n, threads=threads)
 
 
 def _load_runner(config: EngineConfig, device: torch.device, dtype: torch.dtype, attention: str,

@@ -81,15 +81,15 @@ async def engine_tokens(config: EngineConfig, prompts: list[list[int]]) -> tuple
     return out, stats.preemptions, stats.swaps_out
 
 
-@pytest.mark.parametrize("preemption", ["recompute", "swap"])
-async def test_an_engine_over_two_ranks_streams_the_tokens_of_one(preemption):
+@pytest.mark.parametrize(("preemption", "kv_dtype"), [("recompute", "auto"), ("swap", "auto"), ("recompute", "int8")])
+async def test_an_engine_over_two_ranks_streams_the_tokens_of_one(preemption, kv_dtype):
     """Chunked prefill (a 32-token step budget), eight requests sharing steps, and preemption (an
     arena of 16 blocks for eight requests of up to 90 tokens), recomputed or swapped out and back
-    (each rank swaps its own KV heads)."""
+    (each rank swaps its own KV heads); an int8 arena too (each rank quantizes its own heads)."""
     rng = random.Random(3)
     prompts = [[rng.randrange(320) for _ in range(rng.randrange(20, 60))] for _ in range(8)]
     config = dict(model="random:tiny-llama", kv_blocks=16, max_batch_tokens=32, max_running=8, preemption=preemption,
-                  swap_space=0.01)
+                  swap_space=0.01, kv_dtype=kv_dtype)
     want, preempted_one, swapped_one = await engine_tokens(EngineConfig(**config), prompts)
     got, preempted_two, swapped_two = await engine_tokens(EngineConfig(**config, tensor_parallel_size=2), prompts)
     assert preempted_one and preempted_two  # the arena really was under pressure
