@@ -19,6 +19,7 @@ Norms (and qk-norm weights) are replicated.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -118,8 +119,8 @@ def _part(length: int, n: int, r: int) -> slice:
 # --- a group of processes ------------------------------------------------------------------------
 # Rank 0 is the engine's own process: its runner broadcasts each step's launch to the other ranks,
 # worker processes it starts (`python -m gpu.parallel`, rendezvous by env:// as torchrun's), which
-# build their part of the model and arena from what it broadcasts first (pickled, once) and run
-# every step it sends. Gloo on the CPU.
+# build their part of the model and arena from what it broadcasts first and run every step it
+# sends. Gloo on the CPU.
 
 
 class Group:
@@ -136,22 +137,25 @@ class Group:
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.size = size
+        self.tp = TensorParallel(0, size)
+        self._closing = False
         self.workers = [subprocess.Popen([sys.executable, "-m", "gpu.parallel"], env={**env, "RANK": str(rank)})
                         for rank in range(1, size)]
+        threading.Thread(target=self._watch, daemon=True).start()  # from the rendezvous on
         try:
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size,
                                     timeout=timedelta(seconds=RENDEZVOUS_S))
         except Exception:
+            self._closing = True
             self._reap()
             raise
-        self.tp = TensorParallel(0, size)
-        self._closing = False
-        threading.Thread(target=self._watch, daemon=True).start()
 
     def runner(self, runner, **build) -> RankZeroRunner:
         """Wrap rank 0's ModelRunner; the workers build theirs from `build` (gpu/runner.ModelRunner's
         arguments plus `model`, `dtype` and `seed` for gpu/models.load_model)."""
-        _broadcast(("build", build))
+        data = torch.frombuffer(bytearray(pickle.dumps(build)), dtype=torch.uint8)
+        dist.broadcast(torch.tensor([_BUILD, data.numel(), 0, 0, 0], dtype=torch.int64), src=0)
+        dist.broadcast(data, src=0)
         return RankZeroRunner(runner, self)
 
     def close(self) -> None:
@@ -209,18 +213,14 @@ class RankZeroRunner:
 RENDEZVOUS_S = 120
 
 
-def _broadcast(message: tuple) -> tuple:
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# A step goes to the other ranks as two broadcasts of int64 tensors, no pickling: a header
-# (sequences, token ids, block-table entries, swap pairs; -1 sequences: stop), then the body:
-# per sequence (start position, token count, table length, samples), the token ids, the block
-# tables, the swap-out and swap-in pairs. The other ranks need no sampling options: their
-# sampled ids go unused, so a sampling sequence draws greedily there.
-_HEADER = 5
+# Rank 0 talks to the other ranks in pairs of broadcasts: a header of five int64s, then a body.
+# Header [n >= 0, token ids, block-table entries, swap-outs, swap-ins]: a step of n sequences,
+# its body of int64s: per sequence (start position, token count, table length, samples), the
+# token ids, the block tables, the swap pairs. [_BUILD, bytes, ...]: what to build, pickled, in a
+# uint8 body (once, first). [_STOP, ...]: no body; every rank meets at a barrier, then leaves.
+# The other ranks need no sampling options: their sampled ids go unused, so a sampling sequence
+# draws greedily there.
+_HEADER, _STOP, _BUILD = 5, -1, -2
 
 
 def _send_step(seqs, swap_out, swap_in) -> None:
@@ -237,19 +237,23 @@ def _send_step(seqs, swap_out, swap_in) -> None:
 
 
 def _send_stop() -> None:
-    dist.broadcast(torch.tensor([-1] + [0] * (_HEADER - 1), dtype=torch.int64), src=0)
+    dist.broadcast(torch.tensor([_STOP] + [0] * (_HEADER - 1), dtype=torch.int64), src=0)
 
 
-def _receive_step():
-    """(seqs, swap_out, swap_in) of rank 0's next step, or None when it says stop."""
+def _receive() -> tuple:
+    """Rank 0's next message: ("step", seqs, swap_out, swap_in), ("build", kwargs) or ("stop",)."""
     from gpu.runner import SeqInput
     from gpu.sampler import SampleSpec
 
     header = torch.empty(_HEADER, dtype=torch.int64)
     dist.broadcast(header, src=0)
     n, n_tokens, n_tables, n_out, n_in = header.tolist()
-    if n < 0:
-        return None
+    if n == _STOP:
+        return ("stop",)
+    if n == _BUILD:
+        data = torch.empty(n_tokens, dtype=torch.uint8)
+        dist.broadcast(data, src=0)
+        return ("build", pickle.loads(data.numpy().tobytes()))
     body = torch.empty(4 * n + n_tokens + n_tables + 2 * (n_out + n_in), dtype=torch.int64)
     dist.broadcast(body, src=0)
     values = body.tolist()
@@ -262,7 +266,7 @@ def _receive_step():
         seqs.append(SeqInput(tokens[t:t + length], start, tables[b:b + table], greedy if sample else None))
         t, b = t + length, b + table
     pairs = [tuple(swaps[j:j + 2]) for j in range(0, len(swaps), 2)]
-    return seqs, tuple(pairs[:n_out]), tuple(pairs[n_out:])
+    return ("step", seqs, tuple(pairs[:n_out]), tuple(pairs[n_out:]))
 
 
 def serve_rank() -> None:
@@ -276,12 +280,14 @@ def serve_rank() -> None:
     torch.set_num_threads(int(os.environ.get("STREAMER_TP_THREADS", "1")))
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,
                             timeout=timedelta(seconds=RENDEZVOUS_S))
-    _, build = _broadcast((None,))
-    model = load_model(build.pop("model"), "cpu", getattr(torch, build.pop("dtype")), seed=build.pop("seed"),
-                       tp=TensorParallel(rank, size)).model
-    runner = ModelRunner(model, **build)
-    while (step := _receive_step()) is not None:
-        runner.collect(runner.launch(*step))
+    message = _receive()
+    if message[0] == "build":  # (a stop first: rank 0 failed before it could say what to build)
+        build = message[1]
+        model = load_model(build.pop("model"), "cpu", getattr(torch, build.pop("dtype")), seed=build.pop("seed"),
+                           tp=TensorParallel(rank, size)).model
+        runner = ModelRunner(model, **build)
+        while (message := _receive())[0] == "step":
+            runner.collect(runner.launch(*message[1:]))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ through chunked prefill, shared steps and a preempted request computed again; th
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -105,7 +106,6 @@ def test_tensor_parallel_with_overlap_is_refused():
 def test_a_lost_rank_stops_the_server_with_status_1(tmp_path):
     """kill -9 of the other rank: the server (one process here) exits 1 at once instead of failing
     every step after or hanging in a collective."""
-    import os
     import signal
     import time
 
@@ -129,3 +129,13 @@ def test_a_lost_rank_stops_the_server_with_status_1(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+async def test_a_model_that_does_not_split_fails_to_build_at_once_and_leaves_no_rank():
+    """Rank 0 finds the shapes do not divide after the other ranks started: it tells them to stop
+    before they build anything, and the engine's error is the shapes'."""
+    with trio.fail_after(60), pytest.raises(ValueError, match="tensor parallel size 3 does not divide"):
+        async with open_engine(EngineConfig(model="random:tiny-qwen3", tensor_parallel_size=3)):
+            pass
+    found = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "gpu.parallel"], capture_output=True, text=True)
+    assert found.stdout == ""
