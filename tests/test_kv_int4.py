@@ -33,14 +33,9 @@ def test_two_codes_a_byte_low_nibble_first():
     assert torch.equal(unpack_int4(pack_int4(pairs)), pairs)
 
 
-def _reference(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpacked codes and float16 scales, by division in float64: per group, scale = absmax / 7
-    rounded to float16, codes = round(x / scale) clamped to [-7, 7]."""
-    g = x.double().unflatten(-1, (-1, group))
-    scale = (g.abs().amax(-1) / 7).half()
-    s = scale.double().unsqueeze(-1)
-    codes = torch.where(s > 0, g / s, 0.0).round().clamp(-7, 7).to(torch.int8).flatten(-2)
-    return codes, scale
+def _reference_scale(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Float16 scales by division in float64: per group, absmax / 7 rounded to float16."""
+    return (x.double().unflatten(-1, (-1, group)).abs().amax(-1) / 7).half()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -53,11 +48,18 @@ def test_quantize_matches_a_float64_reference_and_errors_are_half_a_step(dtype, 
     codes, scale = INT4.quantize(x)
     assert codes.shape == (50, 3, d // 2) and codes.dtype == torch.uint8
     assert scale.shape == (50, 3, groups) and scale.dtype == torch.float16
-    want_codes, want_scale = _reference(x, 32)
-    assert torch.equal(scale, want_scale), f"seed={seed}"
+    want_scale = _reference_scale(x, 32)
+    # absmax * (1/7) in float32, then float16, against absmax / 7 in float64, then float16: at most
+    # one float16 step apart (where float32's rounding moves a value across a float16 tie)
+    assert ((scale.double() - want_scale.double()).abs() <= want_scale.double() * 2**-10).all(), f"seed={seed}"
     got = unpack_int4(codes)
-    # x * (1/scale) against x / scale: they may round apart only at a tie (a few in a million)
-    assert (got != want_codes).sum() <= 2 and (got - want_codes).abs().max() <= 1, f"seed={seed}"
+    # x * (1/scale) in float32 against x / scale in float64, over the scales it chose: they may
+    # round apart only where the quotient is within float32's error of a tie (n.5), by one step
+    g, s = x.double().unflatten(-1, (-1, 32)), scale.double().unsqueeze(-1)
+    q = torch.where(s > 0, g / s, 0.0).flatten(-2)
+    want_codes = q.round().clamp(-7, 7).to(torch.int8)
+    near_tie = (q.abs() - q.abs().floor() - 0.5).abs() < 1e-5
+    assert not ((got != want_codes) & ~near_tie).any() and (got - want_codes).abs().max() <= 1, f"seed={seed}"
     assert got.abs().unflatten(-1, (groups, 32)).amax(-1).eq(7).all(), f"seed={seed}"  # absmax -> +-7
     s = scale.float().repeat_interleave(32, -1)
     err = (INT4.dequantize(codes, scale, torch.float32) - x.float()).abs()
