@@ -19,6 +19,7 @@ import trio
 
 from streamer.config import KV_DTYPES, EngineConfig
 from streamer.logging import LEVELS, configure_logging
+from streamer.router import POLICIES
 from streamer.supervisor import (
     Supervisor,
     bind_listener,
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=int, default=defaults["tensor_parallel_size"],
                        help="split the model over this many processes (torch.distributed; gloo on the CPU "
                             "only so far; steps run without overlap)")
+    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="engine cores, each with its own GPU (CUDA) and its own copy of the model, behind "
+                            "every front end's router")
+    serve.add_argument("--router", choices=POLICIES, default="cache-aware",
+                       help="with --data-parallel-size: send each request to the core holding the longest "
+                            "prefix of it while the cores' loads are in balance, else the least loaded "
+                            "(cache-aware); or to each core in turn (round-robin)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--frontends", type=int, default=None,
                        help="front-end processes (websockets, HTTP, tokenizing) beside the engine core's "
@@ -155,6 +163,29 @@ def web_config_from_args(args: argparse.Namespace) -> WebConfig:
         ping_interval=args.ws_ping_interval or None, idle_timeout=args.ws_idle_timeout or None,
         drain_timeout=args.drain_timeout,
     )
+
+
+def core_environments(cores: int, device: str | None) -> list[dict[str, str]]:
+    """Each data-parallel core's environment: on CUDA, `CUDA_VISIBLE_DEVICES` naming its own GPU
+    (the i-th of those visible here), so every core runs on its `cuda:0`."""
+    if cores == 1:
+        return [{}]
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ValueError(f"--data-parallel-size gives each core a GPU of its own: use --device cuda, not {device}")
+    if device == "cpu":
+        return [{} for _ in range(cores)]
+    import torch  # the supervisor's only use of it: how many GPUs there are
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        if device == "cuda":
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        return [{} for _ in range(cores)]
+    if count < cores:
+        raise ValueError(f"--data-parallel-size {cores} needs {cores} GPUs, one a core; {count} visible")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
+    return [{"CUDA_VISIBLE_DEVICES": names[i]} for i in range(cores)]
 
 
 def _port(text: str) -> int:
@@ -272,6 +303,7 @@ async def run_frontend(config: EngineConfig, web: WebConfig, args: argparse.Name
     """A front-end process: the web app on the supervisor's listening socket, over an EngineClient."""
     from gpu.models import load_tokenizer
     from streamer.client import EngineClient
+    from streamer.router import RoutePolicy, Router
     from web.lifecycle import Lifecycle, drain
     from web.server import serve
 
@@ -283,7 +315,9 @@ async def run_frontend(config: EngineConfig, web: WebConfig, args: argparse.Name
             await root.start(_watch_signals, shutdown, root.cancel_scope, log)
             root.start_soon(_watch_supervisor, args.parent_pid, shutdown, root.cancel_scope)
             tokenizer = await trio.to_thread.run_sync(load_tokenizer, config.model)
-            client = EngineClient(args.ipc, tokenizer, args.frontend_id, config.max_buffered_events)
+            clients = [EngineClient(path, tokenizer, args.frontend_id, config.max_buffered_events)
+                       for path in args.ipc.split(",")]
+            client = clients[0] if len(clients) == 1 else Router(clients, RoutePolicy(args.router))
             async with trio.open_nursery() as nursery:
                 await nursery.start(client.run)
                 lifecycle = Lifecycle()
@@ -364,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     frontends = default_frontends() if args.frontends is None else args.frontends
     if frontends < 0:
         parser.error("--frontends must be >= 0")
+    if args.data_parallel_size < 1:
+        parser.error("--data-parallel-size must be >= 1")
+    if args.data_parallel_size > 1 and frontends == 0:
+        parser.error("--data-parallel-size needs front-end processes: --frontends 0 runs one engine in one process")
     configure_logging(args.log_level)
     raise_fd_limit()  # every websocket is a file descriptor; 1024 is a common soft limit
     status = 0
@@ -373,15 +411,19 @@ def main(argv: list[str] | None = None) -> int:
             # starve them (docs/BENCHMARKS.md, "Online against offline").
             import torch
 
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - frontends))
+            torch.set_num_threads(max(1, ((os.cpu_count() or 1) - frontends) // args.data_parallel_size))
             trio.run(run_core, config, args.ipc, args.ready_fd, web.drain_timeout + 5, args.parent_pid)
         elif args.role == "frontend":
             trio.run(run_frontend, config, web, args)
         elif frontends == 0:
             trio.run(run_server, config, args.host, args.port, web)
         else:
+            try:
+                core_env = core_environments(args.data_parallel_size, config.device)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
             supervisor = Supervisor(child_argv(sys.argv[1:] if argv is None else argv), frontends, args.host,
-                                    args.port, config.model)
+                                    args.port, config.model, core_env)
             try:
                 status = trio.run(supervisor.run)
             except OSError as exc:  # the port: taken, or not ours to bind

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SeqType
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +54,8 @@ class Live:
     completion: int = 0
     t_first: float | None = None
     stopping: bool = False  # a stop string matched: the core is asked to cancel, its tokens are dropped
+    prompt: list[int] | None = None  # with the output ids, kept only for an `on_finish` hook
+    output: list[int] | None = None
 
 
 class EngineClient:
@@ -74,6 +77,9 @@ class EngineClient:
         self._nonces = itertools.count(1)
         self._accepting = True
         self._drained = trio.Event()
+        # Called with (prompt ids, output ids) when a request finishes in the core (the router
+        # learns what that core's prefix cache holds); None keeps no ids.
+        self.on_finish: Callable[[list[int], list[int]], None] | None = None
 
     # --- the EngineHandle the doors use ------------------------------------------------------------
     @property
@@ -111,7 +117,10 @@ class EngineClient:
         rid = next(self._rids)
         max_tokens = min(params.max_tokens, w.capacity - len(ids))
         events = EventQueue(min(max_tokens + 1, self.max_buffered_events))
-        self._live[rid] = Live(rid, events, Detokenizer(self.tokenizer, ids, params.stop), len(ids), time.monotonic())
+        live = self._live[rid] = Live(rid, events, Detokenizer(self.tokenizer, ids, params.stop), len(ids),
+                                      time.monotonic())
+        if self.on_finish is not None:
+            live.prompt, live.output = ids, []
         self._send(ipc.Submit(rid, ids, max_tokens, params.temperature, params.top_k, params.top_p, params.seed,
                               params.ignore_eos, priority, client, request_id or f"fe{self.frontend}/{rid}",
                               params.logprobs, params.grammar))
@@ -152,8 +161,9 @@ class EngineClient:
             self._end_here(rid, error)
 
     # --- the connection ------------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a connection to the core (dialling again if it drops); started once connected."""
+    async def run(self, *, persistent: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection to the core (dialling again if it drops); started once connected. The
+        first dial's failure raises, unless `persistent` (then it dials until the core is there)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_loop)
             nursery.start_soon(self._report_and_reap)
@@ -162,7 +172,7 @@ class EngineClient:
                 try:
                     stream = await trio.open_unix_socket(self.path)
                 except OSError:
-                    if not started:
+                    if not started and not persistent:
                         raise
                     await trio.sleep(RECONNECT_S)
                     continue
@@ -285,6 +295,8 @@ class EngineClient:
                     self._end_here(req.rid, None)
                     continue
                 req.completion += 1
+                if req.output is not None:
+                    req.output.append(token)
         for f in step.finished:
             req = live.pop(f.rid, None)
             if req is None:
@@ -294,6 +306,8 @@ class EngineClient:
             req.events.put(FinishEvent(reason, f.prompt_tokens, completion,
                                        Timing(f.queue_ms, f.ttft_ms, f.total_ms, f.tpot_ms), error))
             req.events.close()
+            if req.output is not None and self.on_finish is not None:
+                self.on_finish(req.prompt, req.output)
         if step.finished:
             self._check_drained()
 

@@ -233,6 +233,8 @@ class CoreServer:
 async def serve_core(engine: Engine, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Accept front ends on the Unix socket `path` until cancelled; reports the CoreServer as started."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(path):  # left by this core's predecessor, killed (the supervisor restarts a core)
+        os.unlink(path)
     await sock.bind(path)
     sock.listen(128)
     core = CoreServer(engine)

@@ -1,12 +1,14 @@
-"""`streamer serve` as several processes: one engine core and N front ends, started, watched and
-stopped by this one.
+"""`streamer serve` as several processes: one engine core (or one per data-parallel replica) and
+N front ends, started, watched and stopped by this one.
 
 The supervisor binds the listening socket itself (so a busy port fails at once) and hands it to
-every front end, which all accept from it. It starts the core, waits for its ready line, then the
-front ends. A front end that dies is started again (the core cancels its requests, so their KV
-comes back); if the core dies the front ends answer `unavailable` and the server exits 1. SIGTERM
-or Ctrl-C drains the front ends, then stops the core, and exits 0; a second signal hurries the
-drain. A child whose supervisor died stops by itself (`watch_parent`), so none is orphaned.
+every front end, which all accept from it. It starts the cores, waits for their ready lines, then
+the front ends, each of which dials every core. A front end that dies is started again (the cores
+cancel its requests, so their KV comes back). A core that dies takes its own requests with it
+(`unavailable`); with several cores it is started again while the others serve, and with one the
+server exits 1. SIGTERM or Ctrl-C drains the front ends, then stops the cores, and exits 0; a
+second signal hurries the drain. A child whose supervisor died stops by itself (`watch_parent`),
+so none is orphaned.
 """
 
 from __future__ import annotations
@@ -75,10 +77,12 @@ def bind_listener(host: str, port: int) -> socket.socket:
 class Child:
     """One child process and its ready pipe."""
 
-    def __init__(self, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, name: str, argv: list[str], pass_fds: tuple[int, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.pass_fds = pass_fds
+        self.env = env  # set over the supervisor's own environment
         self.process: trio.Process | None = None
         self.started_at = 0.0
 
@@ -89,7 +93,8 @@ class Child:
         try:
             self.process = await trio.lowlevel.open_process(
                 [*self.argv, "--ready-fd", str(wfd), "--parent-pid", str(os.getpid())],
-                pass_fds=(*self.pass_fds, wfd), start_new_session=True)
+                pass_fds=(*self.pass_fds, wfd), start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None)
         finally:
             os.close(wfd)
         log.info("process_started", process=self.name, pid=self.process.pid)
@@ -115,9 +120,11 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, child_argv: list[str], frontends: int, host: str, port: int, model: str) -> None:
+    def __init__(self, child_argv: list[str], frontends: int, host: str, port: int, model: str,
+                 core_env: list[dict[str, str]] | None = None) -> None:
         self.child_argv = child_argv
         self.frontends = frontends
+        self.core_env = core_env or [{}]  # one per core: how many there are, and each one's GPU
         self.host, self.port, self.model = host, port, model
         self.stop = trio.Event()  # set by a signal, the core's death, or a front end that keeps dying
         self.status = 0
@@ -126,15 +133,17 @@ class Supervisor:
         listener = bind_listener(self.host, self.port)  # OSError (port in use) before anything starts
         tmp = Path(tempfile.mkdtemp(prefix="streamer-"))
         try:
-            return await self._run(listener, str(tmp / "core.sock"))
+            return await self._run(listener, [str(tmp / f"core-{i}.sock") for i in range(len(self.core_env))])
         finally:
             listener.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _run(self, listener: socket.socket, ipc_path: str) -> int:
+    async def _run(self, listener: socket.socket, ipc_paths: list[str]) -> int:
         url = _page_url(listener.getsockname(), self.host)
-        core = Child("core", [*self.child_argv, "--role", "core", "--ipc", ipc_path])
-        fes = [Child(f"frontend-{i}", [*self.child_argv, "--role", "frontend", "--ipc", ipc_path,
+        cores = [Child("core" if len(ipc_paths) == 1 else f"core-{i}",
+                       [*self.child_argv, "--role", "core", "--ipc", path], env=self.core_env[i])
+                 for i, path in enumerate(ipc_paths)]
+        fes = [Child(f"frontend-{i}", [*self.child_argv, "--role", "frontend", "--ipc", ",".join(ipc_paths),
                                        "--listen-fd", str(listener.fileno()), "--frontend-id", str(i)],
                      (listener.fileno(),))
                for i in range(1, self.frontends + 1)]
@@ -143,71 +152,86 @@ class Supervisor:
                 nursery.start_soon(self._on_signals, signals, fes)
                 with trio.CancelScope() as starting:
                     nursery.start_soon(_cancel_when, self.stop, starting)
-                    if not await core.ready(await core.start()):
-                        code = await core.process.wait()
-                        log.error("core_failed_to_start", status=code)
-                        self.status = code or 1
-                        self.stop.set()
-                    else:
-                        nursery.start_soon(self._watch_core, core)
+                    if await self._start_cores(cores):
+                        for core in cores:
+                            nursery.start_soon(self._keep, core, len(cores) > 1)
                         async with trio.open_nursery() as group:
                             for fe in fes:
-                                group.start_soon(self._start_frontend, fe)
+                                group.start_soon(self._restart, fe)
                         if sys.stdout.isatty():
                             print(f"Streamer ready: open {url}", flush=True)
                         else:
-                            log.info(f"Streamer ready: open {url}", url=url, model=self.model, frontends=len(fes))
+                            log.info(f"Streamer ready: open {url}", url=url, model=self.model, frontends=len(fes),
+                                     cores=len(cores))
                         for fe in fes:
-                            nursery.start_soon(self._keep_frontend, fe)
+                            nursery.start_soon(self._keep, fe, True)
                 await self.stop.wait()
-                await self._shut_down(core, fes)
+                await self._shut_down(cores, fes)
                 nursery.cancel_scope.cancel()
         return self.status
 
-    async def _shut_down(self, core: Child, fes: list[Child]) -> None:
-        """Front ends first (each drains its streams), then the core; SIGKILL for what hangs."""
+    async def _start_cores(self, cores: list[Child]) -> bool:
+        """Start every core at once and wait for all; False (the server stops) if one fails."""
+        failed: list[int] = []
+
+        async def one(core: Child) -> None:
+            if not await core.ready(await core.start()):
+                code = await core.process.wait()
+                log.error("core_failed_to_start", process=core.name, status=code)
+                failed.append(code or 1)
+
+        async with trio.open_nursery() as nursery:
+            for core in cores:
+                nursery.start_soon(one, core)
+        if failed:
+            self.status = failed[0]
+            self.stop.set()
+        return not failed
+
+    async def _shut_down(self, cores: list[Child], fes: list[Child]) -> None:
+        """Front ends first (each drains its streams), then the cores; SIGKILL for what hangs."""
         for fe in fes:
             fe.signal(signal.SIGTERM)
         for fe in fes:
             if fe.process is not None:
                 await fe.process.wait()
-        if core.process is None:
-            return
-        core.signal(signal.SIGTERM)
-        with trio.move_on_after(CORE_STOP_S):
+        for core in cores:
+            core.signal(signal.SIGTERM)
+        for core in cores:
+            if core.process is None:
+                continue
+            with trio.move_on_after(CORE_STOP_S):
+                await core.process.wait()
+                continue
+            log.error("core_did_not_stop", process=core.name, pid=core.process.pid)
+            core.signal(signal.SIGKILL)
             await core.process.wait()
-            return
-        log.error("core_did_not_stop", pid=core.process.pid)
-        core.signal(signal.SIGKILL)
-        await core.process.wait()
 
-    async def _start_frontend(self, fe: Child) -> None:
-        if not await fe.ready(await fe.start()):
-            log.error("frontend_failed_to_start", process=fe.name, status=await fe.process.wait())
+    async def _restart(self, child: Child) -> None:
+        """Start a child and wait for its ready line."""
+        if not await child.ready(await child.start()):
+            log.error("failed_to_start", process=child.name, status=await child.process.wait())
 
-    async def _keep_frontend(self, fe: Child) -> None:
-        """Start a front end again whenever it dies, unless the server is stopping."""
+    async def _keep(self, child: Child, restart: bool) -> None:
+        """Start a child again whenever it dies, unless the server is stopping; one that is not
+        restarted (the only core), or keeps dying, stops the server with status 1."""
         failures = 0
         while not self.stop.is_set():
-            code = await fe.process.wait()
+            code = await child.process.wait()
             if self.stop.is_set():
                 return
-            lived = time.monotonic() - fe.started_at
+            lived = time.monotonic() - child.started_at
             failures = failures + 1 if lived < RESTART_WINDOW_S else 1
-            log.error("frontend_died", process=fe.name, status=code, lived_s=round(lived, 3), restarts=failures)
-            if failures > RESTART_LIMIT:
-                log.error("frontend_keeps_dying", process=fe.name)
+            what = "core" if child.name.startswith("core") else "frontend"
+            log.error(f"{what}_died", process=child.name, status=code, lived_s=round(lived, 3),
+                      restarts=failures if restart else None)
+            if not restart or failures > RESTART_LIMIT:
+                if restart:
+                    log.error(f"{what}_keeps_dying", process=child.name)
                 self.status = 1
                 self.stop.set()
                 return
-            await self._start_frontend(fe)
-
-    async def _watch_core(self, core: Child) -> None:
-        code = await core.process.wait()
-        if not self.stop.is_set():
-            log.error("core_died", status=code)
-            self.status = 1
-            self.stop.set()
+            await self._restart(child)
 
     async def _on_signals(self, signals, fes: list[Child]) -> None:
         async for signum in signals:

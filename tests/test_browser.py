@@ -170,3 +170,37 @@ def test_dashboard_charts_update(page, browser, url):
     assert page.locator("#t-procs-label").text_content() == "process (one serves everything)"  # in-process server
     points = page.evaluate("document.body.dataset.updates")
     assert int(points) >= before + 2
+
+
+def test_dashboard_shows_each_data_parallel_core(browser):
+    """Two cores behind one front end: a tile each, with its load."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--model", "random:tiny-qwen3", "--port", "0",
+                             "--kv-memory", "0.05", "--data-parallel-size", "2", "--frontends", "1"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if "Streamer ready" in line:
+                server = json.loads(line)["url"].rstrip("/")
+                break
+        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # keep the pipe drained
+        page = browser.new_page()
+        page.set_default_timeout(WAIT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server + "/dashboard")
+        page.wait_for_function("Number(document.body.dataset.updates || 0) >= 2")
+        tiles = page.locator("#cores .tile")
+        assert tiles.count() == 2
+        assert [tiles.nth(i).locator("span").text_content().split(":")[0] for i in range(2)] == ["core 0", "core 1"]
+        assert page.locator("#t-procs-label").text_content().startswith("2 cores + 1 front ends")
+        page.close()
+        assert not errors, errors
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

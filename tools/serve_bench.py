@@ -71,7 +71,8 @@ def server_pids(url: str, proc: subprocess.Popen) -> dict[str, list[int]]:
     procs = get(url, "/stats").get("processes")
     if not procs:  # one process (--frontends 0)
         return {"supervisor": [proc.pid], "core": [], "frontends": []}
-    return {"supervisor": [proc.pid], "core": [procs["core"]["pid"]], "frontends": [f["pid"] for f in procs["frontends"]]}
+    cores = procs.get("cores") or [procs["core"]]  # one per data-parallel replica
+    return {"supervisor": [proc.pid], "core": [c["pid"] for c in cores], "frontends": [f["pid"] for f in procs["frontends"]]}
 
 
 def offline(model: str, extra: str) -> float | None:

@@ -116,15 +116,38 @@ function onSnapshot(snap) {
   // The core and its front ends (absent when one process serves everything): the worst event
   // loop's lag P99, the wait a busy process adds to each of its streams.
   const p = snap.processes;
-  const lags = p ? [p.core.loop_lag_p99_ms, ...p.frontends.map((f) => f.loop_lag_p99_ms)] : [];
-  document.getElementById("t-procs").textContent = p ? 1 + p.frontends.length : 1;
+  const cores = p ? (p.cores || [p.core]) : [];
+  const lags = p ? [...cores.map((c) => c.loop_lag_p99_ms), ...p.frontends.map((f) => f.loop_lag_p99_ms)] : [];
+  document.getElementById("t-procs").textContent = p ? cores.length + p.frontends.length : 1;
   document.getElementById("t-procs-label").textContent = p
-    ? `core + ${p.frontends.length} front ends; worst loop lag P99 ${fmt(Math.max(0, ...lags.filter((v) => v != null)), " ms")}`
+    ? `${cores.length === 1 ? "core" : cores.length + " cores"} + ${p.frontends.length} front ends; ` +
+      `worst loop lag P99 ${fmt(Math.max(0, ...lags.filter((v) => v != null)), " ms")}`
     : "process (one serves everything)";
+  showCores(snap.cores, fmt);
   document.getElementById("model").textContent =
     `${snap.model} · ${snap.requests_finished} requests · up ${Math.round(snap.uptime_s)} s`;
   prev = snap;
   document.body.dataset.updates = ++updates;  // browser tests watch this
+}
+
+// Data-parallel cores (--data-parallel-size), one tile each: its own load, or that it is down.
+function showCores(cores, fmt) {
+  const box = document.getElementById("cores");
+  box.hidden = !cores;
+  if (!cores) return;
+  box.replaceChildren(...cores.map((c) => {
+    const tile = document.createElement("div");
+    tile.className = c.up ? "tile" : "tile down";
+    const head = document.createElement("b");
+    head.textContent = c.up ? `${fmt(c.throughput_tok_s, "")} tok/s` : "down";
+    const line = document.createElement("span");
+    line.textContent = c.up
+      ? `core ${c.core}: ${c.running} running, ${c.waiting} waiting, KV ${fmt(100 * c.kv_usage, " %")}, ` +
+        `${c.requests_finished} finished`
+      : `core ${c.core}: restarting or gone; its requests ended with errors`;
+    tile.append(head, line);
+    return tile;
+  }));
 }
 
 // A server started with --api-key: the key comes as /dashboard#api_key=KEY, or from the chat
