@@ -225,3 +225,31 @@ def test_a_busy_port_fails_at_once_in_one_line():
                                 text=True, timeout=30)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "address already in use" in result.stderr.strip().splitlines()[-1].lower()
+
+
+async def test_each_finished_request_logs_one_json_line_with_its_figures():
+    """Off a TTY every line is JSON: the engine's canonical line per request, and the stdlib's too."""
+    command = [sys.executable, "-m", "streamer", "serve", "--model", "random:tiny-qwen3", "--port", "0",
+               "--kv-memory", "0.05", "--frontends", "0"]
+    proc = await trio.lowlevel.open_process(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                            stdout=subprocess.PIPE)
+    try:
+        with trio.fail_after(TIMEOUT):
+            url = (await ready_url(proc)).rstrip("/")
+            record: dict = {}
+            await stream(url.replace("http://", "ws://") + "/v1/stream", "u", 5, record)
+            buffered = b""
+            while b'"request_finished"' not in buffered:
+                buffered += await proc.stdout.receive_some()
+            proc.send_signal(signal.SIGTERM)
+            while chunk := await proc.stdout.receive_some():
+                buffered += chunk
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    lines = [json.loads(line) for line in buffered.decode().splitlines() if line.strip()]  # every line parses
+    [done] = [line for line in lines if line["event"] == "request_finished"]
+    assert done["completion_tokens"] == 5 and done["finish_reason"] == "length" and done["ttft_ms"] > 0
+    assert done["level"] == "info" and done["logger"] == "streamer" and done["timestamp"].endswith("Z")
+    assert any(line["event"] == "shutting_down" and line["signal"] == "SIGTERM" for line in lines)

@@ -9,7 +9,8 @@ the next step, so it sets the step rate whenever it takes longer than a device s
 wall time and the process's CPU time (both threads) a token; on a busy machine the CPU figure is
 the steadier. `--profile` adds a cProfile table.
 
-Like `streamer serve`, it freezes the start-up heap out of the cyclic collector before the run
+Logging is configured as `streamer serve` configures it off a TTY (a JSON line per finished
+request), with the lines sent to /dev/null. Like `streamer serve`, it freezes the start-up heap out of the cyclic collector before the run
 (`--no-freeze`: not; each full collection then walks the ~370k objects of torch, transformers and
 the model, about 0.2 s on the 2-core dev VM, once or twice a run).
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import os
 import pstats
 import sys
 import time
@@ -51,6 +53,7 @@ from streamer.build import load_runner  # noqa: E402
 from streamer.config import EngineConfig  # noqa: E402
 from streamer.core import Link, RemoteOutbox  # noqa: E402
 from streamer.engine import Engine, run_engine  # noqa: E402
+from streamer.logging import configure_logging  # noqa: E402
 from streamer.types import SamplingParams  # noqa: E402
 
 TEXT = "Crème brûlée, 今日は良い天気ですね。 Emoji: 😀👍🏽 and ✨. The quick brown fox jumps over the lazy dog. "
@@ -138,12 +141,13 @@ async def main(args) -> None:
     tokens = args.requests * args.tokens
     print(f"{args.requests} requests x {args.tokens} tokens ({args.ids}): {steps} steps in {wall:.2f} s = "
           f"{wall / steps * 1e3:.2f} ms a step, {wall / tokens * 1e6:.1f} us a token, {tokens / wall:,.0f} tok/s; "
-          f"CPU (both threads) {cpu / tokens * 1e6:.1f} us a token")
+          f"CPU (both threads) {cpu / tokens * 1e6:.1f} us a token", file=OUT)
     lag, itl = since["loop_lag"], since["itl"]
     print(f"ITL p50/p99/max {itl['p50_ms']}/{itl['p99_ms']}/{itl['max_ms']} ms; event loop lag (a 10 ms sleep's "
-          f"overshoot) p50/p99/max {lag['p50_ms']}/{lag['p99_ms']}/{lag['max_ms']} ms over {lag['count']} samples")
+          f"overshoot) p50/p99/max {lag['p50_ms']}/{lag['p99_ms']}/{lag['max_ms']} ms over {lag['count']} samples",
+          file=OUT)
     if prof:
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=OUT).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
@@ -157,4 +161,7 @@ if __name__ == "__main__":
     ap.add_argument("--core", action="store_true", help="requests as the core process holds them (no detokenizing)")
     ap.add_argument("--frontends", type=int, default=2, help="with --core: front-end links the requests spread over")
     ap.add_argument("--profile", action="store_true")
-    trio.run(main, ap.parse_args())
+    args = ap.parse_args()
+    OUT, sys.stdout = sys.stdout, open(os.devnull, "w")  # the log lines go nowhere; the figures to OUT
+    configure_logging("info", json=True)
+    trio.run(main, args)
