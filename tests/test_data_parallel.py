@@ -14,7 +14,7 @@ import pytest
 import torch
 import trio
 from netutil import http
-from test_multiprocess import ROOT, TIMEOUT, get_json, server_process, until
+from test_multiprocess import ROOT, TIMEOUT, alive, get_json, server_process, until
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from streamer.__main__ import core_environments
@@ -49,9 +49,11 @@ def finished(rows: list[dict]) -> list[int]:
 
 async def test_requests_spread_over_both_cores_and_a_repeated_prefix_stays_on_one():
     with trio.fail_after(TIMEOUT):
-        async with server_process(*DP) as (_, url):
+        async with server_process(*DP) as (proc, url):
             ws_url = url.replace("http://", "ws://") + "/v1/stream"
-            assert [c["up"] for c in await cores(url)] == [True, True]
+            rows = await cores(url)
+            assert [c["up"] for c in rows] == [True, True]
+            pids = [c["pid"] for c in rows] + [f["pid"] for f in (await get_json(url, "/stats"))[1]["processes"]["frontends"]]
             for i in range(8):  # short prompts, no full block to match: the idle cores take turns
                 frames = await generate(ws_url, f"hello {i}", 4)
                 assert frames[-1]["finish_reason"] == "length"
@@ -74,6 +76,9 @@ async def test_requests_spread_over_both_cores_and_a_repeated_prefix_stays_on_on
             status, health = await get_json(url, "/healthz")
             assert status == 200 and health["cores"] == {"serving": 2, "total": 2}
             assert health["kv"]["free_blocks"] == health["kv"]["total_blocks"]
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert not any(alive(pid) for pid in pids)  # both cores and the front end stopped
 
 
 async def test_a_killed_core_ends_only_its_own_requests_and_is_started_again():
