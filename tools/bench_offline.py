@@ -115,13 +115,17 @@ def floor_seconds(s: ModelSpec, items: list[Item], bw: float, flops: float) -> f
 # --- systems ---------------------------------------------------------------------------------
 async def run_engine(name: str, items: list[Item], args, system: str) -> tuple[float, int]:
     static = system.startswith("static")
-    config = EngineConfig(model=f"random:{name}", kv_memory=args.kv_memory, max_running=args.max_running,
-                          max_batch_tokens=args.max_batch_tokens, static_batch=64 if static else None,
+    knobs = {} if args.defaults else {"kv_memory": args.kv_memory, "max_running": args.max_running,
+                                      "max_batch_tokens": args.max_batch_tokens}
+    config = EngineConfig(model=f"random:{name}", **knobs, static_batch=64 if static else None,
                           static_padding=system == "static-padded",
                           max_waiting=max(1024, len(items) + 1), overlap=False if system == "serial" else None,
                           mixed_graphs=system != "eager-mixed",
                           launch="thread" if system == "threaded" else None)  # threaded: as on the CPU
     async with open_engine(config) as engine:
+        b = engine.batching()
+        print(f"{system}: step budget {b['max_batch_tokens']} ({b['source']}), running cap {engine.scheduler.max_running}, "
+              f"{engine.allocator.num_blocks} KV blocks; auto-tune {b['auto_tune']}", file=sys.stderr)
         gc.collect()
         gc.freeze()  # as `streamer serve` does once ready: full collections skip the start-up heap
         walls, produced = [], 0
@@ -292,6 +296,9 @@ def main() -> None:
     ap.add_argument("--kv-memory", type=float, default=0.85)
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--defaults", action="store_true",
+                    help="our systems with `streamer serve`'s defaults for the three flags above (KV arena, running "
+                         "cap, auto-tuned step budget)")
     ap.add_argument("--no-decode-step", action="store_true")
     ap.add_argument("--repeat", type=int, default=1,
                     help="passes over the workload for each of our systems, in one engine; the median is reported")
