@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-parallel-size", type=int, default=1,
                        help="engine cores, each with its own GPU (CUDA) and its own copy of the model, behind "
                             "every front end's router")
+    serve.add_argument("--share-gpus", action="store_true",
+                       help="with --data-parallel-size: allow more cores than GPUs (core i on GPU i mod count; "
+                            "give --kv-memory in GiB per core)")
     serve.add_argument("--router", choices=POLICIES, default="cache-aware",
                        help="with --data-parallel-size: send each request to the core holding the longest "
                             "prefix of it while the cores' loads are in balance, else the least loaded "
@@ -165,9 +168,12 @@ def web_config_from_args(args: argparse.Namespace) -> WebConfig:
     )
 
 
-def core_environments(cores: int, device: str | None) -> list[dict[str, str]]:
+def core_environments(cores: int, device: str | None, share: bool = False,
+                      kv_memory: float = 1.0) -> list[dict[str, str]]:
     """Each data-parallel core's environment: on CUDA, `CUDA_VISIBLE_DEVICES` naming its own GPU
-    (the i-th of those visible here), so every core runs on its `cuda:0`."""
+    (the i-th of those visible here), so every core runs on its `cuda:0`. With `share`, more cores
+    than GPUs: core i on GPU i mod count, each arena `kv_memory` GiB (a fraction of free memory
+    would be measured by cores starting together on one GPU, each seeing it all free)."""
     if cores == 1:
         return [{}]
     if device is not None and device not in ("cpu", "cuda"):
@@ -181,11 +187,14 @@ def core_environments(cores: int, device: str | None) -> list[dict[str, str]]:
         if device == "cuda":
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
         return [{} for _ in range(cores)]
-    if count < cores:
-        raise ValueError(f"--data-parallel-size {cores} needs {cores} GPUs, one a core; {count} visible")
+    if count < cores and not share:
+        raise ValueError(f"--data-parallel-size {cores} needs {cores} GPUs, one a core; {count} visible "
+                         f"(--share-gpus puts several cores on one)")
+    if count < cores and kv_memory <= 1:
+        raise ValueError("--share-gpus needs --kv-memory in GiB (> 1) for each core's KV arena")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = [v.strip() for v in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
-    return [{"CUDA_VISIBLE_DEVICES": names[i]} for i in range(cores)]
+    return [{"CUDA_VISIBLE_DEVICES": names[i % count]} for i in range(cores)]
 
 
 def _port(text: str) -> int:
@@ -419,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_server, config, args.host, args.port, web)
         else:
             try:
-                core_env = core_environments(args.data_parallel_size, config.device)
+                core_env = core_environments(args.data_parallel_size, config.device, args.share_gpus,
+                                             config.kv_memory)
             except ValueError as exc:
                 raise StartupError(str(exc)) from None
             supervisor = Supervisor(child_argv(sys.argv[1:] if argv is None else argv), frontends, args.host,

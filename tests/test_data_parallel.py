@@ -142,6 +142,10 @@ def test_each_core_gets_its_own_gpu(monkeypatch):
     assert core_environments(1, "cuda:2") == [{}]
     with pytest.raises(ValueError, match="needs 4 GPUs, one a core; 3 visible"):
         core_environments(4, None)
+    assert core_environments(4, None, share=True, kv_memory=20) == [
+        {"CUDA_VISIBLE_DEVICES": v} for v in ("4", "6", "7", "4")]
+    with pytest.raises(ValueError, match="--share-gpus needs --kv-memory in GiB"):
+        core_environments(4, None, share=True, kv_memory=0.5)
     with pytest.raises(ValueError, match="use --device cuda, not cuda:1"):
         core_environments(2, "cuda:1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
