@@ -152,3 +152,28 @@ def test_each_core_gets_its_own_gpu(monkeypatch):
     assert core_environments(2, None) == [{}, {}]
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
         core_environments(2, "cuda")
+
+
+async def test_cores_split_by_tensor_parallel_ranks_answer_as_one_process():
+    """--data-parallel-size 2 --tensor-parallel-size 2 on the CPU: four model processes, two per
+    core; greedy answers equal those of one core in one process."""
+    prompts = [f"hello {i}" for i in range(4)]
+
+    async def answers(*flags: str) -> tuple[list[list[int]], list[int]]:
+        async with server_process("--model", "random:tiny-llama", *flags) as (proc, url):
+            ws_url = url.replace("http://", "ws://") + "/v1/stream"
+            out = []
+            for prompt in prompts:
+                frames = await generate(ws_url, prompt, 8)
+                assert frames[-1]["finish_reason"] == "length", frames[-1]
+                out.append([f["token_id"] for f in frames if f["type"] == "token"])
+            rows = (await get_json(url, "/stats"))[1].get("cores") or []
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            return out, [c["requests_finished"] for c in rows]
+
+    with trio.fail_after(2 * TIMEOUT):
+        split, per_core = await answers(*DP, "--tensor-parallel-size", "2")
+        whole, _ = await answers("--frontends", "0")
+    assert split == whole
+    assert per_core == [2, 2]
