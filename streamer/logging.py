@@ -36,9 +36,9 @@ def _json(event_dict: dict, **_) -> str:
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger; ``json`` None means "unless stdout is a TTY".
 
-    Our own lines go straight from structlog to stdout (no stdlib `LogRecord`s: the engine core
-    writes one line per finished request, about 10 us this way against over 100 through the stdlib
-    handler); stdlib loggers (hypercorn, quart, transformers) render the same way through theirs."""
+    Our own lines go straight from structlog to stdout, without stdlib `LogRecord`s (the engine
+    core writes one per finished request, on the step loop's thread); stdlib loggers (hypercorn,
+    quart, transformers) render the same way through the root handler."""
     if level.lower() not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
     level_no = getattr(logging, level.upper())

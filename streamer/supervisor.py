@@ -157,7 +157,7 @@ class Supervisor:
                             nursery.start_soon(self._keep, core, len(cores) > 1)
                         async with trio.open_nursery() as group:
                             for fe in fes:
-                                group.start_soon(self._restart, fe)
+                                group.start_soon(self._start, fe)
                         if sys.stdout.isatty():
                             print(f"Streamer ready: open {url}", flush=True)
                         else:
@@ -175,9 +175,8 @@ class Supervisor:
         failed: list[int] = []
 
         async def one(core: Child) -> None:
-            if not await core.ready(await core.start()):
-                code = await core.process.wait()
-                log.error("core_failed_to_start", process=core.name, status=code)
+            code = await self._start(core)
+            if code is not None:
                 failed.append(code or 1)
 
         async with trio.open_nursery() as nursery:
@@ -207,10 +206,13 @@ class Supervisor:
             core.signal(signal.SIGKILL)
             await core.process.wait()
 
-    async def _restart(self, child: Child) -> None:
-        """Start a child and wait for its ready line."""
-        if not await child.ready(await child.start()):
-            log.error("failed_to_start", process=child.name, status=await child.process.wait())
+    async def _start(self, child: Child) -> int | None:
+        """Start a child and wait for its ready line; its exit status if it died first, else None."""
+        if await child.ready(await child.start()):
+            return None
+        code = await child.process.wait()
+        log.error("failed_to_start", process=child.name, status=code)
+        return code
 
     async def _keep(self, child: Child, restart: bool) -> None:
         """Start a child again whenever it dies, unless the server is stopping; one that is not
@@ -231,7 +233,7 @@ class Supervisor:
                 self.status = 1
                 self.stop.set()
                 return
-            await self._restart(child)
+            await self._start(child)
 
     async def _on_signals(self, signals, fes: list[Child]) -> None:
         async for signum in signals:
